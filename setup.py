@@ -1,0 +1,54 @@
+"""ament_python packaging for sonic_voice (colcon on a robot, pip -e in the venv)."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "sonic_voice"
+
+# Executables: console scripts for pip, and the same entry points under lib/<package>/
+# (via setup.cfg's script_dir for colcon) so `ros2 run` and launch_ros find them.
+CONSOLE_SCRIPTS = [
+    "audio_io = sonic_voice.nodes.audio_io:main",
+]
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["test", "test.*", "bench"]),
+    package_data={PACKAGE: ["py.typed"]},
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        # Also under lib/<package>/ so `ros2 run` and launch_ros find them even when the
+        # installer ignores setup.cfg's script_dir (pip does).
+        (f"lib/{PACKAGE}", glob("bin/*")),
+    ],
+    python_requires=">=3.12",
+    install_requires=[
+        "numpy",
+        "pyyaml",
+        "jsonschema",
+        "soxr",
+        "sounddevice",
+        "boto3",
+        "aiortc",
+        "aiohttp",
+        "websockets",
+        "h2",
+        "cryptography",
+        "aws-sdk-bedrock-runtime",
+        "awscrt",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-asyncio", "pytest-timeout", "ruff"],
+    },
+    zip_safe=False,
+    maintainer="sonic_voice maintainers",
+    maintainer_email="maintainers@sonic-voice.invalid",
+    description="Amazon Nova Sonic voice for ROS 2 robots, local audio and KVS WebRTC.",
+    license="Apache-2.0",
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
+)

@@ -1,0 +1,240 @@
+"""PortAudio device streams (sounddevice) for the robot's own microphone and speaker.
+
+Both streams work at the rates the rest of the package speaks (16 kHz in, 24 kHz out).
+When a device cannot open at that rate, it is opened at its own default rate and the
+audio is converted with :class:`StreamResampler`: on capture inside the callback path
+(the consumer still gets exact blocks), on playback before the audio is queued (the
+device callback only copies).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import sounddevice as sd
+
+from sonic_voice.audio.pcm import FrameChunker, apply_gain, as_pcm16, samples_per_block
+from sonic_voice.audio.playback import PlaybackBuffer
+from sonic_voice.audio.resample import StreamResampler
+
+log = logging.getLogger(__name__)
+
+
+class DeviceNotFoundError(LookupError):
+    """No device matches the requested name or index; the message lists what exists."""
+
+
+def list_devices(kind: str) -> list[str]:
+    """Human-readable list of devices usable for ``kind`` ('input' or 'output')."""
+    key = "max_input_channels" if kind == "input" else "max_output_channels"
+    out = []
+    for i, d in enumerate(sd.query_devices()):
+        if d[key] > 0:
+            out.append(f"[{i}] {d['name']} ({int(d['default_samplerate'])} Hz)")
+    return out
+
+
+def refresh_devices() -> None:
+    """Re-scan PortAudio's device list (a device may have come or gone)."""
+    sd._terminate()
+    sd._initialize()
+
+
+def resolve_device(spec: str | int | None, kind: str) -> int:
+    """Find a device by index, exact name, or case-insensitive substring.
+
+    ``None``/``""``/``"default"`` mean the system default. Raises
+    :class:`DeviceNotFoundError` naming the devices present when nothing matches.
+    """
+    if kind not in ("input", "output"):
+        raise ValueError(f"kind must be 'input' or 'output', not {kind!r}")
+    key = "max_input_channels" if kind == "input" else "max_output_channels"
+    devices = sd.query_devices()
+    present = list_devices(kind)
+
+    def fail(why: str) -> DeviceNotFoundError:
+        listing = "\n  ".join(present) if present else "(none: is a sound server running?)"
+        return DeviceNotFoundError(f"{kind} device {spec!r}: {why}. Devices present:\n  {listing}")
+
+    if spec in (None, "", "default"):
+        idx = sd.default.device[0 if kind == "input" else 1]
+        if idx is None or idx < 0:
+            raise fail("no default device")
+        return int(idx)
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
+        idx = int(spec)
+        if not 0 <= idx < len(devices) or devices[idx][key] <= 0:
+            raise fail(f"no {kind} device with index {idx}")
+        return idx
+    matches = [i for i, d in enumerate(devices) if d[key] > 0 and d["name"] == spec]
+    if not matches:
+        low = str(spec).lower()
+        matches = [i for i, d in enumerate(devices) if d[key] > 0 and low in d["name"].lower()]
+    if not matches:
+        raise fail("not found")
+    return matches[0]
+
+
+def _supports(device: int, kind: str, rate: int) -> bool:
+    try:
+        if kind == "input":
+            sd.check_input_settings(device=device, samplerate=rate, channels=1, dtype="int16")
+        else:
+            sd.check_output_settings(device=device, samplerate=rate, channels=1, dtype="int16")
+        return True
+    except (sd.PortAudioError, ValueError):
+        return False
+
+
+@dataclass
+class StreamSettings:
+    device: str | int | None = None
+    rate: int = 16000
+    block_ms: float = 32.0
+    gain: float = 1.0
+    latency: str | float = "low"
+    # 0: open the device at ``rate`` when it can, else at its default rate. Any other
+    # value forces that device rate (converted to/from ``rate`` here).
+    device_rate: int = 0
+
+
+class CaptureStream:
+    """Microphone capture delivering exact ``block_ms`` blocks of int16 at ``rate``.
+
+    ``on_block`` is called from PortAudio's thread with each block; keep it short
+    (hand the block to a queue or an event loop).
+    """
+
+    def __init__(self, settings: StreamSettings, on_block: Callable[[np.ndarray], None]) -> None:
+        self.settings = settings
+        self.on_block = on_block
+        self.device_index = resolve_device(settings.device, "input")
+        self.block = samples_per_block(settings.rate, settings.block_ms)
+        info = sd.query_devices(self.device_index)
+        if settings.device_rate:
+            self.device_rate = settings.device_rate
+        elif _supports(self.device_index, "input", settings.rate):
+            self.device_rate = settings.rate
+        else:
+            self.device_rate = int(info["default_samplerate"])
+            log.info(
+                "input device %s cannot open at %d Hz; capturing at %d Hz and resampling",
+                info["name"],
+                settings.rate,
+                self.device_rate,
+            )
+        self.device_name = info["name"]
+        self._resampler = StreamResampler(self.device_rate, settings.rate)
+        self._chunker = FrameChunker(self.block)
+        self.last_callback = 0.0
+        self.status_flags = 0
+        self._stream = sd.RawInputStream(
+            device=self.device_index,
+            samplerate=self.device_rate,
+            channels=1,
+            dtype="int16",
+            blocksize=samples_per_block(self.device_rate, settings.block_ms),
+            latency=settings.latency,
+            callback=self._callback,
+        )
+
+    def _callback(self, indata, frames, time_info, status) -> None:
+        self.last_callback = time.monotonic()
+        if status:
+            self.status_flags += 1
+        samples = np.frombuffer(bytes(indata), dtype=np.int16)
+        samples = self._resampler.process(samples)
+        samples = apply_gain(samples, self.settings.gain)
+        for blk in self._chunker.push(samples):
+            self.on_block(blk)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._stream.active)
+
+    def start(self) -> None:
+        self.last_callback = time.monotonic()
+        self._stream.start()
+
+    def close(self) -> None:
+        try:
+            self._stream.abort(ignore_errors=True)
+        finally:
+            self._stream.close(ignore_errors=True)
+
+
+class PlaybackStream:
+    """Speaker playback from a :class:`PlaybackBuffer`, fed with int16 at ``rate``.
+
+    ``write()`` accepts PCM16 chunks of any size from any thread; ``flush()`` drops
+    everything not yet handed to the device.
+    """
+
+    def __init__(self, settings: StreamSettings) -> None:
+        self.settings = settings
+        self.device_index = resolve_device(settings.device, "output")
+        info = sd.query_devices(self.device_index)
+        self.device_name = info["name"]
+        if settings.device_rate:
+            self.device_rate = settings.device_rate
+        elif _supports(self.device_index, "output", settings.rate):
+            self.device_rate = settings.rate
+        else:
+            self.device_rate = int(info["default_samplerate"])
+            log.info(
+                "output device %s cannot open at %d Hz; resampling to %d Hz",
+                info["name"],
+                settings.rate,
+                self.device_rate,
+            )
+        self.buffer = PlaybackBuffer(self.device_rate)
+        self._resampler = StreamResampler(settings.rate, self.device_rate)
+        self._write_lock = threading.Lock()
+        self.last_callback = 0.0
+        self.status_flags = 0
+        self._stream = sd.OutputStream(
+            device=self.device_index,
+            samplerate=self.device_rate,
+            channels=1,
+            dtype="int16",
+            blocksize=samples_per_block(self.device_rate, settings.block_ms),
+            latency=settings.latency,
+            callback=self._callback,
+        )
+
+    def _callback(self, outdata, frames, time_info, status) -> None:
+        self.last_callback = time.monotonic()
+        if status.output_underflow:
+            self.status_flags += 1
+        self.buffer.read_into(outdata[:, 0])
+
+    def write(self, pcm: bytes | np.ndarray) -> None:
+        samples = as_pcm16(pcm)
+        with self._write_lock:
+            samples = self._resampler.process(samples)
+            samples = apply_gain(samples, self.settings.gain)
+            self.buffer.write(samples)
+
+    def flush(self) -> int:
+        with self._write_lock:
+            self._resampler.reset()
+            return self.buffer.flush()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._stream.active)
+
+    def start(self) -> None:
+        self.last_callback = time.monotonic()
+        self._stream.start()
+
+    def close(self) -> None:
+        try:
+            self._stream.abort(ignore_errors=True)
+        finally:
+            self._stream.close(ignore_errors=True)

@@ -1,0 +1,128 @@
+"""Topic names, QoS and small helpers shared by the nodes.
+
+Audio topics carry raw PCM16LE mono in ``std_msgs/msg/UInt8MultiArray``; the rate is
+fixed per topic:
+
+=================  ========  ==============================================
+topic              rate      meaning
+=================  ========  ==============================================
+``audio/mic``      16 kHz    robot microphone, 32 ms blocks (audio_io)
+``audio/remote``   16 kHz    remote viewer speech, 32 ms blocks (kvs_webrtc)
+``audio/out``      24 kHz    what the robot says, any chunk size (sonic_session)
+``audio/flush``    --        ``std_msgs/msg/Empty``: drop queued output now
+=================  ========  ==============================================
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from std_msgs.msg import String, UInt8MultiArray
+
+MIC_TOPIC = "audio/mic"
+REMOTE_TOPIC = "audio/remote"
+OUT_TOPIC = "audio/out"
+FLUSH_TOPIC = "audio/flush"
+MIC_RATE = 16000
+OUT_RATE = 24000
+
+# Audio: reliable (a lost block is speech the model never hears) and deep enough for
+# seconds of burst output; volatile, since stale audio is worse than none.
+AUDIO_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=200,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
+# Control (flush) and events (state, transcript): reliable, small.
+EVENT_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=50,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
+# Latest state for late joiners (e.g. a dashboard started after the robot).
+LATCHED_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+
+
+def pcm_msg(samples: np.ndarray) -> UInt8MultiArray:
+    """int16 samples -> UInt8MultiArray holding their little-endian bytes."""
+    msg = UInt8MultiArray()
+    msg.data = samples.astype("<i2", copy=False).tobytes()
+    return msg
+
+
+def msg_pcm(msg: UInt8MultiArray) -> np.ndarray:
+    """UInt8MultiArray -> int16 samples (a view when possible)."""
+    data = msg.data
+    raw = data.tobytes() if hasattr(data, "tobytes") else bytes(data)
+    return np.frombuffer(raw, dtype="<i2")
+
+
+def json_msg(payload: dict[str, Any]) -> String:
+    return String(data=json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+
+
+def descriptor(
+    description: str,
+    *,
+    read_only: bool = False,
+    int_range: tuple[int, int, int] | None = None,
+    float_range: tuple[float, float, float] | None = None,
+    additional_constraints: str = "",
+) -> ParameterDescriptor:
+    """A ParameterDescriptor with description and optional range (lo, hi, step)."""
+    d = ParameterDescriptor(
+        description=description,
+        read_only=read_only,
+        additional_constraints=additional_constraints,
+    )
+    if int_range is not None:
+        d.integer_range = [
+            IntegerRange(from_value=int_range[0], to_value=int_range[1], step=int_range[2])
+        ]
+    if float_range is not None:
+        d.floating_point_range = [
+            FloatingPointRange(
+                from_value=float_range[0], to_value=float_range[1], step=float_range[2]
+            )
+        ]
+    return d
+
+
+def run_node(factory: Callable[..., Any], args: list[str] | None = None) -> None:
+    """The entry-point idiom: init, spin, swallow Ctrl-C / external shutdown, clean exit.
+
+    ``factory`` builds the node (lifecycle nodes bring themselves up when ``autostart``).
+    The executor runs in this thread; it is shut down and the node destroyed before
+    rclpy shuts down, so the process exits cleanly.
+    """
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    rclpy.init(args=args)
+    node = None
+    executor = MultiThreadedExecutor()
+    try:
+        node = factory()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None and hasattr(node, "shutdown_resources"):
+            node.shutdown_resources()
+        executor.shutdown()
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()

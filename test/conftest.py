@@ -1,0 +1,68 @@
+"""Session-wide isolation and shared fixtures.
+
+- ROS: discovery limited to localhost, ROS_HOME and logs in a temp dir, a fresh
+  ROS_DOMAIN_ID per graph (see harness.ros). As root, scripts/test.sh runs the whole
+  session inside a private network namespace; ``test_isolation`` checks that it did.
+- Audio: one private PulseAudio server per session (harness.pulse), exported through
+  PULSE_SERVER before PortAudio opens any stream.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+_ros_home = tempfile.mkdtemp(prefix="sv-roshome-")
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["ROS_HOME"] = _ros_home
+os.environ["ROS_LOG_DIR"] = os.path.join(_ros_home, "log")
+os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+# Never reach a real AWS endpoint from a test, whatever the developer's shell holds.
+for var in (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+):
+    os.environ.pop(var, None)
+os.environ["AWS_CONFIG_FILE"] = os.path.join(_ros_home, "aws-config-none")
+os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.path.join(_ros_home, "aws-credentials-none")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+
+@pytest.fixture(scope="session")
+def pulse() -> Iterator:
+    from test.harness.pulse import PulseServer
+
+    server = PulseServer()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    import sounddevice
+
+    # PortAudio enumerated devices at import; look again now that the server is up.
+    sounddevice._terminate()
+    sounddevice._initialize()
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.close()
+
+
+@pytest.fixture
+def ros_graph() -> Iterator:
+    from test.harness.ros import RosGraph
+
+    graph = RosGraph()
+    try:
+        yield graph
+    finally:
+        graph.close()

@@ -1,0 +1,173 @@
+"""A private PulseAudio server: a null-sink speaker and a virtual microphone.
+
+- ``speaker``: a null sink, the default output; what the package plays is recorded from
+  ``speaker.monitor``.
+- ``mic``: the default input, a source remapped from the monitor of the null sink
+  ``micfeed``; whatever a test plays into ``micfeed`` is what the microphone hears.
+
+PortAudio reaches it through ALSA's pulse plugin (libasound2-plugins), so capture and
+playback go through the same code path as on a robot with a real sound card.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONFIG = """
+load-module module-native-protocol-unix auth-anonymous=1 socket={socket}
+load-module module-null-sink sink_name=speaker rate=48000 channels=2 sink_properties=device.description=Speaker
+load-module module-null-sink sink_name=micfeed rate=48000 channels=2 sink_properties=device.description=MicFeed
+load-module module-remap-source source_name=mic master=micfeed.monitor source_properties=device.description=Microphone
+set-default-sink speaker
+set-default-source mic
+"""
+
+
+class PulseServer:
+    """Starts ``pulseaudio`` in a temp dir; ``env`` holds what clients need."""
+
+    def __init__(self) -> None:
+        if not shutil.which("pulseaudio"):
+            raise RuntimeError("pulseaudio is not installed (run scripts/setup.sh)")
+        self.dir = Path(tempfile.mkdtemp(prefix="sv-pulse-"))
+        self.socket = self.dir / "native"
+        (self.dir / "default.pa").write_text(CONFIG.format(socket=self.socket))
+        self.env = {
+            "PULSE_SERVER": f"unix:{self.socket}",
+            "PULSE_RUNTIME_PATH": str(self.dir),
+            "PULSE_STATE_PATH": str(self.dir),
+            "PULSE_COOKIE": str(self.dir / "cookie"),
+        }
+        penv = {**os.environ, **self.env, "HOME": str(self.dir), "XDG_RUNTIME_DIR": str(self.dir)}
+        self._log = open(self.dir / "pulse.log", "wb")
+        self.proc = subprocess.Popen(
+            [
+                "pulseaudio",
+                "-n",
+                "-F",
+                str(self.dir / "default.pa"),
+                "--daemonize=no",
+                "--exit-idle-time=-1",
+                "--use-pid-file=no",
+                "--disable-shm=yes",
+                "--system=no",
+            ],
+            env=penv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pulseaudio exited: {(self.dir / 'pulse.log').read_text()}")
+            if self.pactl("info", check=False).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("pulseaudio did not come up in 10 s")
+
+    def client_env(self) -> dict[str, str]:
+        return {**os.environ, **self.env}
+
+    def pactl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["pactl", *args], env=self.client_env(), capture_output=True, text=True, check=check
+        )
+
+    def play_into_mic(self, samples: np.ndarray, rate: int) -> subprocess.Popen:
+        """Start playing int16 mono ``samples`` into the virtual microphone (returns at once)."""
+        proc = subprocess.Popen(
+            [
+                "pacat",
+                "--playback",
+                "-d",
+                "micfeed",
+                "--raw",
+                "--format=s16le",
+                f"--rate={rate}",
+                "--channels=1",
+                "--latency-msec=20",
+            ],
+            env=self.client_env(),
+            stdin=subprocess.PIPE,
+        )
+        threading.Thread(
+            target=_feed, args=(proc, samples.astype("<i2").tobytes()), daemon=True
+        ).start()
+        return proc
+
+    def record_speaker(self, rate: int) -> Recorder:
+        """Record what the speaker plays, as int16 mono at ``rate``."""
+        return Recorder(self, "speaker.monitor", rate)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _feed(proc: subprocess.Popen, data: bytes) -> None:
+    try:
+        proc.stdin.write(data)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+
+
+class Recorder:
+    """``parec`` from a source; ``stop()`` returns the samples recorded so far."""
+
+    def __init__(self, server: PulseServer, source: str, rate: int) -> None:
+        self.rate = rate
+        self.proc = subprocess.Popen(
+            [
+                "parec",
+                "-d",
+                source,
+                "--raw",
+                "--format=s16le",
+                f"--rate={rate}",
+                "--channels=1",
+                "--latency-msec=10",
+            ],
+            env=server.client_env(),
+            stdout=subprocess.PIPE,
+        )
+        self._chunks: list[bytes] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            b = self.proc.stdout.read1(4096)
+            if not b:
+                return
+            self._chunks.append(b)
+
+    def samples(self) -> np.ndarray:
+        data = b"".join(self._chunks)
+        return np.frombuffer(data[: len(data) // 2 * 2], dtype="<i2")
+
+    def stop(self) -> np.ndarray:
+        self.proc.terminate()
+        self.proc.wait(5)
+        self._thread.join(5)
+        return self.samples()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.stop()

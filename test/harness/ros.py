@@ -1,0 +1,75 @@
+"""Isolated ROS 2 graphs for tests.
+
+Each :class:`RosGraph` has its own rclpy ``Context`` on its own ``ROS_DOMAIN_ID``, with
+discovery limited to localhost, and an executor spinning in a thread that is joined on
+close (a daemon thread still spinning at interpreter exit aborts the process with
+"terminate called without an active exception").
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import rclpy
+from rclpy.context import Context
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+
+# Domain ids 1..100, a different base per test process so parallel runs do not meet.
+_domains = itertools.count(1 + (os.getpid() % 50))
+
+
+def next_domain_id() -> int:
+    return 1 + (next(_domains) - 1) % 100
+
+
+class RosGraph:
+    def __init__(self, domain_id: int | None = None, threads: int = 4) -> None:
+        self.domain_id = domain_id if domain_id is not None else next_domain_id()
+        self.context = Context()
+        rclpy.init(context=self.context, domain_id=self.domain_id)
+        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
+        self.nodes: list[Node] = []
+        self._thread = threading.Thread(target=self._spin, name="ros-graph", daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        try:
+            self.executor.spin()
+        except Exception:  # noqa: BLE001 - shutdown races end the spin
+            pass
+
+    def node(self, name: str, **kwargs) -> Node:
+        """A plain helper node on this graph."""
+        return self.add(Node(name, context=self.context, **kwargs))
+
+    def add(self, node: Node) -> Node:
+        self.nodes.append(node)
+        self.executor.add_node(node)
+        return node
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=5)
+        self._thread.join(10)
+        for n in reversed(self.nodes):
+            try:
+                if hasattr(n, "shutdown_resources"):
+                    n.shutdown_resources()
+                n.destroy_node()
+            except Exception:  # noqa: BLE001
+                pass
+        self.context.try_shutdown()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:
+    """Wait until ``predicate()`` is true; for conditions that have no event to await."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
