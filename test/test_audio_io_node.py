@@ -84,13 +84,12 @@ def test_out_plays_continuously_from_odd_chunks(pulse, ros_graph) -> None:
     src = speech_like(2.0, rate, seed=7, level=0.4) | 1  # odd samples: never exactly 0
     rng = np.random.default_rng(11)
     with pulse.record_speaker(rate) as rec:
-        time.sleep(0.3)
         i = 0
         while i < len(src):
             n = int(rng.integers(7, 2001))
             pub.publish(pcm_msg(src[i : i + n]))
             i += n
-        assert wait_for(lambda: node.playback.buffer.queued_samples == 0, 10)
+        assert wait_for(lambda: node.playback.buffer.played_samples >= len(src), 10)
         time.sleep(0.4)
         got = rec.stop()
     lag, ncc = best_alignment(src, got)
@@ -114,7 +113,6 @@ def test_flush_stops_playback_and_output_resumes(pulse, ros_graph) -> None:
     rate = 24000
     long_utt = speech_like(4.0, rate, seed=2, level=0.4) | 1
     with pulse.record_speaker(rate) as rec:
-        time.sleep(0.2)
         out.publish(pcm_msg(long_utt))
         assert wait_for(lambda: node.playback.buffer.played_samples > rate // 2, 5)
         flush.publish(Empty())

@@ -97,7 +97,7 @@ class StreamSettings:
     rate: int = 16000
     block_ms: float = 32.0
     gain: float = 1.0
-    latency: str | float = "low"
+    latency: str | float = 0.03
     # 0: open the device at ``rate`` when it can, else at its default rate. Any other
     # value forces that device rate (converted to/from ``rate`` here).
     device_rate: int = 0

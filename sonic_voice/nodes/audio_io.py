@@ -111,8 +111,11 @@ class AudioIONode(LifecycleNode):
         )
         self.declare_parameter(
             "latency",
-            "low",
-            descriptor("PortAudio latency: 'low', 'high' or seconds as a number string."),
+            "0.03",
+            descriptor(
+                "PortAudio suggested latency: 'low', 'high' or seconds ('0.03'). Bounds how "
+                "much audio is already in the device when a flush comes."
+            ),
         )
         self.declare_parameter(
             "input_gain", 1.0, descriptor("Microphone gain.", float_range=(0.0, 8.0, 0.0))

@@ -69,9 +69,31 @@ class PulseServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pulseaudio exited: {(self.dir / 'pulse.log').read_text()}")
             if self.pactl("info", check=False).returncode == 0:
-                return
+                break
             time.sleep(0.05)
-        raise RuntimeError("pulseaudio did not come up in 10 s")
+        else:
+            raise RuntimeError("pulseaudio did not come up in 10 s")
+        # A null sink with no client does not run its clock: the microphone would deliver
+        # nothing and the speaker would drain irregularly. Real cards always run, so keep
+        # one silent client on each (zeros add nothing to what tests play or record).
+        self._room = [self._silence_into(sink) for sink in ("micfeed", "speaker")]
+
+    def _silence_into(self, sink: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [
+                "pacat",
+                "--playback",
+                "-d",
+                sink,
+                "--raw",
+                "--format=s16le",
+                "--rate=48000",
+                "--channels=2",
+                "--latency-msec=50",
+            ],
+            env=self.client_env(),
+            stdin=open("/dev/zero", "rb"),
+        )
 
     def client_env(self) -> dict[str, str]:
         return {**os.environ, **self.env}
@@ -108,6 +130,10 @@ class PulseServer:
         return Recorder(self, "speaker.monitor", rate)
 
     def close(self) -> None:
+        for p in self._room:
+            p.kill()
+            p.wait()
+            p.stdin and p.stdin.close()
         self.proc.terminate()
         try:
             self.proc.wait(5)
@@ -155,6 +181,14 @@ class Recorder:
                 return
             self._chunks.append(b)
 
+    def wait_started(self, timeout: float = 5.0) -> None:
+        """Return once audio flows (parec's first stream on a fresh daemon takes ~0.5 s)."""
+        deadline = time.monotonic() + timeout
+        while not self._chunks:
+            if time.monotonic() > deadline:
+                raise TimeoutError("parec delivered nothing")
+            time.sleep(0.01)
+
     def samples(self) -> np.ndarray:
         data = b"".join(self._chunks)
         return np.frombuffer(data[: len(data) // 2 * 2], dtype="<i2")
@@ -166,6 +200,7 @@ class Recorder:
         return self.samples()
 
     def __enter__(self) -> Recorder:
+        self.wait_started()
         return self
 
     def __exit__(self, *exc: object) -> None:
