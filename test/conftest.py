@@ -46,6 +46,7 @@ def pulse() -> Iterator:
     # PortAudio enumerated devices at import; look again now that the server is up.
     sounddevice._terminate()
     sounddevice._initialize()
+    server.warm_up()
     try:
         yield server
     finally:

@@ -97,7 +97,9 @@ class StreamSettings:
     rate: int = 16000
     block_ms: float = 32.0
     gain: float = 1.0
-    latency: str | float = 0.03
+    # Suggested device latency: what PortAudio and the sound server hold beyond our
+    # queue, so also the floor of flush-to-silence (bench/audio_flush.py: ~24 ms at 15 ms).
+    latency: str | float = 0.015
     # 0: open the device at ``rate`` when it can, else at its default rate. Any other
     # value forces that device rate (converted to/from ``rate`` here).
     device_rate: int = 0
@@ -221,6 +223,9 @@ class PlaybackStream:
             self.buffer.write(samples)
 
     def flush(self) -> int:
+        """Drop everything queued. What the device already holds (``latency``) still plays:
+        aborting the stream would drop it too, but ALSA's pulse plugin garbles the audio
+        that follows an abort/restart, so the bound is kept small instead."""
         with self._write_lock:
             self._resampler.reset()
             return self.buffer.flush()

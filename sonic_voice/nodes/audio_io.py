@@ -104,14 +104,14 @@ class AudioIONode(LifecycleNode):
         )
         self.declare_parameter(
             "output_block_ms",
-            10.0,
+            5.0,
             descriptor(
                 "Speaker callback block; smaller flushes faster.", float_range=(2.5, 50.0, 0.0)
             ),
         )
         self.declare_parameter(
             "latency",
-            "0.03",
+            "0.015",
             descriptor(
                 "PortAudio suggested latency: 'low', 'high' or seconds ('0.03'). Bounds how "
                 "much audio is already in the device when a flush comes."

@@ -95,6 +95,15 @@ class PulseServer:
             stdin=open("/dev/zero", "rb"),
         )
 
+    def warm_up(self) -> None:
+        """Open and run one PortAudio stream: the first stream of a fresh daemon stalls
+        for a while (measured here), which would otherwise land in whichever test is first.
+        Call with this server's environment already exported."""
+        import sounddevice as sd
+
+        with sd.OutputStream(samplerate=24000, channels=1, dtype="int16", latency=0.02):
+            time.sleep(0.6)
+
     def client_env(self) -> dict[str, str]:
         return {**os.environ, **self.env}
 
