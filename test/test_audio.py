@@ -10,6 +10,7 @@ import soxr
 
 from sonic_voice.audio import FrameChunker, PlaybackBuffer, StreamResampler, samples_per_block
 from sonic_voice.audio.pcm import apply_gain, as_pcm16, float_to_pcm16, pcm16_to_float
+
 from test.harness.signals import best_alignment, speech_like
 
 

@@ -23,6 +23,7 @@ from sonic_voice.nodes.common import (
     msg_pcm,
     pcm_msg,
 )
+
 from test.harness.ros import wait_for
 from test.harness.signals import best_alignment, longest_silent_run, silence, speech_like
 
