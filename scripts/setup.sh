@@ -57,3 +57,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
+
+# Interface fixtures (nav2_msgs' NavigateToPose for the tools tests and the offline demo's
+# simulated base): built with CMake into the venv, cached by a stamp of their sources.
+bash "$ROOT/scripts/build_interfaces.sh"
