@@ -1,0 +1,416 @@
+"""The Bedrock transport: one duplex ``InvokeModelWithBidirectionalStream`` call.
+
+Built on the official ``aws-sdk-bedrock-runtime`` with the awscrt HTTP/2 client (the SDK's
+default aiohttp transport cannot stream both ways). What this module adds, and why:
+
+- **credentials** come from botocore's standard chain (environment, profiles, SSO,
+  ``credential_process`` such as the IoT credentials provider on robots, container/IMDS),
+  bridged into the SDK's identity resolver and refreshed by botocore before they expire;
+- **a private CA** (the local stand-in, corporate proxies) is trusted for this client only,
+  not for the whole process (``SSL_CERT_FILE`` would replace the process trust store);
+- **TCP_NODELAY** is forced on the CRT's socket: awscrt leaves Nagle on, which holds small
+  audio frames back for ~40 ms (shared/reference/bedrock-sdk-notes.md, "Timings");
+- **fast failure**: a TLS or connection failure is reported within ``open_timeout_s``
+  instead of the SDK's silent 11-29 s wait;
+- **error classification** into recoverable (rotate/reconnect with history) or not.
+
+Pins: aws-sdk-bedrock-runtime 0.12.0, awscrt 0.38.1, smithy-* as in requirements.lock; the
+SDK is pre-1.0 and the CA hook uses a private attribute of ``AWSCRTHTTPClient`` (tested).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REGION = "us-east-1"
+
+
+@dataclass
+class BedrockSettings:
+    """Where and as whom to talk to Bedrock."""
+
+    region: str = DEFAULT_REGION
+    model_id: str = "amazon.nova-2-sonic-v1:0"
+    # e.g. https://127.0.0.1:8443 for the stand-in, or a VPC endpoint; None = the region's.
+    endpoint_uri: str | None = None
+    # PEM file of a CA to trust for this client only (stand-in, corporate TLS proxy).
+    ca_bundle: str | None = None
+    # A named profile of ~/.aws/config; None = the default chain.
+    profile: str | None = None
+    # Static keys (tests and the offline demo); None = the standard chain.
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    open_timeout_s: float = 15.0
+    connect_timeout_ms: int = 5000
+
+
+class SonicStreamError(Exception):
+    """A failed stream, classified: ``recoverable`` errors are retried with history."""
+
+    def __init__(self, kind: str, recoverable: bool, message: str, throttled: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.recoverable = recoverable
+        self.message = message
+        self.throttled = throttled
+
+    def __repr__(self) -> str:
+        return f"SonicStreamError({self.kind!r}, recoverable={self.recoverable}, {self.message!r})"
+
+
+# Substrings of in-stream validation messages that the service means as "start again"
+# (nova-sonic-protocol.md §13: InternalErrorCode=531, "System instability").
+_RECOVERABLE_VALIDATION = (
+    "system instability",
+    "internalerrorcode=531",
+    "rst_stream",
+    "tool response parsing error",
+    "timed out",
+)
+
+_KINDS: dict[str, tuple[bool, bool]] = {
+    # exception class name -> (recoverable, throttled)
+    "ModelTimeoutException": (True, False),
+    "ModelStreamErrorException": (True, False),
+    "ModelErrorException": (True, False),
+    "InternalServerException": (True, False),
+    "ServiceUnavailableException": (True, False),
+    "ThrottlingException": (True, True),
+    "ModelNotReadyException": (True, True),
+    "ServiceQuotaExceededException": (False, False),
+    "AccessDeniedException": (False, False),
+    "ResourceNotFoundException": (False, False),
+    "UnrecognizedClientException": (False, False),
+    "InvalidSignatureException": (False, False),
+    "ExpiredTokenException": (True, False),  # credentials refresh, then retry
+    "InvalidEventBytes": (True, False),
+}
+
+_HINTS = {
+    "AccessDeniedException": (
+        "access denied: the credentials need bedrock:InvokeModelWithBidirectionalStream on "
+        "the model, and model access must be granted in the Bedrock console for this region"
+    ),
+    "ResourceNotFoundException": (
+        "model not found: check model_id and that the region offers Nova Sonic"
+    ),
+    "UnrecognizedClientException": "the access key is not valid (check the credentials)",
+    "InvalidSignatureException": "request signature rejected: the secret key is wrong",
+}
+
+
+def classify_error(exc: BaseException) -> SonicStreamError:
+    """Map an SDK/CRT/transport exception to a :class:`SonicStreamError`."""
+    if isinstance(exc, SonicStreamError):
+        return exc
+    name = type(exc).__name__
+    message = str(getattr(exc, "message", "") or exc) or name
+    low = message.lower()
+    code = str(getattr(exc, "code", "") or getattr(exc, "error_code", "") or "")
+    for key in (name, code):
+        if key in _KINDS:
+            recoverable, throttled = _KINDS[key]
+            text = _HINTS.get(key, f"{key}: {message}")
+            if key in _HINTS:
+                text = f"{text} ({message})"
+            return SonicStreamError(key, recoverable, text, throttled)
+    if name == "ValidationException" or code == "ValidationException":
+        recoverable = any(s in low for s in _RECOVERABLE_VALIDATION)
+        return SonicStreamError("ValidationException", recoverable, f"validation: {message}")
+    if "signature" in low and ("does not match" in low or "invalid" in low):
+        return SonicStreamError(
+            "InvalidSignatureException", False, _HINTS["InvalidSignatureException"]
+        )
+    if "security token" in low or "unrecognizedclient" in low:
+        return SonicStreamError(
+            "UnrecognizedClientException", False, _HINTS["UnrecognizedClientException"]
+        )
+    if name == "NoCredentialsError" or "unable to locate credentials" in low:
+        return SonicStreamError(
+            "NoCredentials",
+            False,
+            "no AWS credentials found (environment, ~/.aws profiles, SSO or credential_process); "
+            "run without credentials for the offline stand-in",
+        )
+    if "tls" in low or "certificate" in low or "handshake" in low:
+        return SonicStreamError("TLS", False, f"TLS failed: {message}")
+    if name in ("UnmodeledEventError",):
+        recoverable = any(s in low for s in _RECOVERABLE_VALIDATION) or "internal" in low
+        return SonicStreamError("UnmodeledError", recoverable, f"service error: {message}")
+    if isinstance(exc, (ConnectionError, OSError, TimeoutError, asyncio.TimeoutError)):
+        return SonicStreamError("Connection", True, f"connection: {message}")
+    if name.startswith("AwsCrtError") or "AWS_" in message:
+        return SonicStreamError("Connection", True, f"transport: {message}")
+    return SonicStreamError(name, True, f"{name}: {message}")
+
+
+# --------------------------------------------------------------------------- credentials
+class BotocoreCredentialsResolver:
+    """The SDK's identity resolver backed by botocore's standard credential chain.
+
+    botocore handles environment, profiles, SSO, ``credential_process`` and IMDS, and
+    refreshes temporary credentials before they expire; each stream asks it again.
+    """
+
+    def __init__(self, profile: str | None = None) -> None:
+        import botocore.session
+
+        self._session = botocore.session.Session(profile=profile)
+        self._creds: Any = None
+
+    async def get_identity(self, *, properties: Any = None) -> Any:
+        from smithy_aws_core.identity import AWSCredentialsIdentity
+
+        def load() -> Any:
+            if self._creds is None:
+                self._creds = self._session.get_credentials()
+            if self._creds is None:
+                raise SonicStreamError(
+                    "NoCredentials",
+                    False,
+                    "no AWS credentials found (environment, ~/.aws profiles, SSO or "
+                    "credential_process); run without AWS configuration for the offline demo",
+                )
+            return self._creds.get_frozen_credentials(), getattr(self._creds, "_expiry_time", None)
+
+        frozen, expiry = await asyncio.to_thread(load)
+        if isinstance(expiry, datetime):
+            expiry = expiry.astimezone(UTC)
+        return AWSCredentialsIdentity(
+            access_key_id=frozen.access_key,
+            secret_access_key=frozen.secret_key,
+            session_token=frozen.token,
+            expiration=expiry if isinstance(expiry, datetime) else None,
+        )
+
+
+def have_credentials(profile: str | None = None) -> bool:
+    """True when the standard chain yields credentials (used to choose offline mode)."""
+    import botocore.session
+
+    try:
+        return botocore.session.Session(profile=profile).get_credentials() is not None
+    except Exception:  # noqa: BLE001 - a broken profile means "no usable credentials"
+        return False
+
+
+# --------------------------------------------------------------------------- transport
+def _force_nodelay(port: int) -> int:
+    """Set TCP_NODELAY on this process's TCP sockets connected to ``port``.
+
+    awscrt exposes no socket option for it and no file descriptor; on Linux the sockets are
+    visible in /proc/self/fd, and setsockopt on a duplicate descriptor changes the shared
+    socket. Returns how many sockets were changed (0 elsewhere: latency, not correctness).
+    """
+    changed = 0
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0
+    for name in fds:
+        try:
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            for family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    s = socket.socket(family, socket.SOCK_STREAM, fileno=os.dup(fd))
+                except OSError:
+                    continue
+                try:
+                    if s.family not in (socket.AF_INET, socket.AF_INET6):
+                        break
+                    peer = s.getpeername()
+                    if peer[1] == port and not s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
+                        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        changed += 1
+                    break
+                except OSError:
+                    break
+                finally:
+                    s.close()
+        except (OSError, ValueError):
+            continue
+    return changed
+
+
+def _make_http_client(settings: BedrockSettings) -> Any:
+    from awscrt import io as crt_io
+    from smithy_http.aio.crt import AWSCRTHTTPClient, AWSCRTHTTPClientConfig
+
+    class _Client(AWSCRTHTTPClient):
+        """awscrt HTTP/2 with an optional private CA and Nagle off."""
+
+        def __init__(self) -> None:
+            super().__init__(client_config=AWSCRTHTTPClientConfig(force_http_2=True))
+            if settings.ca_bundle:
+                opts = crt_io.TlsContextOptions()
+                opts.override_default_trust_store_from_path(ca_filepath=settings.ca_bundle)
+                self._tls_ctx = crt_io.ClientTlsContext(opts)
+            self._socket_options.connect_timeout_ms = settings.connect_timeout_ms
+            # Set when the connection cannot be made (TLS, refused, not HTTP/2): the SDK
+            # itself reports that only when its output future times out, 11-29 s later.
+            self.failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.failure.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        async def _create_connection(self, url: Any) -> Any:
+            try:
+                return await super()._create_connection(url)
+            except Exception as exc:
+                if not self.failure.done():
+                    self.failure.set_exception(exc)
+                raise
+
+        async def _build_new_connection(self, url: Any) -> Any:
+            conn = await super()._build_new_connection(url)
+            port = url.port or (443 if url.scheme == "https" else 80)
+            n = _force_nodelay(port)
+            log.debug("TCP_NODELAY set on %d socket(s) to port %d", n, port)
+            return conn
+
+    return _Client()
+
+
+class SonicStream:
+    """One open bidirectional stream: ``send`` event JSON, ``receive`` event JSON."""
+
+    def __init__(self, duplex: Any, client: Any, http: Any) -> None:
+        self._duplex = duplex
+        self._client = client
+        self._http = http
+        self._output: Any = None
+        self._closed = False
+        self.opened_at = asyncio.get_running_loop().time()
+
+    async def _ready(self, limit_s: float) -> None:
+        _, self._output = await asyncio.wait_for(self._duplex.await_output(), limit_s)
+
+    async def send(self, event: bytes) -> None:
+        """Send one Nova Sonic input event (its JSON bytes)."""
+        from aws_sdk_bedrock_runtime.models import (
+            BidirectionalInputPayloadPart,
+            InvokeModelWithBidirectionalStreamInputChunk,
+        )
+
+        if self._closed:
+            raise SonicStreamError("closed", True, "send on a closed stream")
+        await self._duplex.input_stream.send(
+            InvokeModelWithBidirectionalStreamInputChunk(
+                value=BidirectionalInputPayloadPart(bytes_=event)
+            )
+        )
+
+    async def receive(self) -> bytes | None:
+        """The next output event's JSON bytes; None when the service ended the stream.
+
+        Modeled exceptions raise; never cancel this (a cancelled receive kills the stream).
+        """
+        from aws_sdk_bedrock_runtime.models import InvokeModelWithBidirectionalStreamOutputChunk
+
+        while True:
+            item = await self._output.receive()
+            if item is None:
+                return None
+            if isinstance(item, InvokeModelWithBidirectionalStreamOutputChunk):
+                return item.value.bytes_ or b""
+            value = getattr(item, "value", None)
+            if isinstance(value, BaseException):
+                raise value
+            log.debug("unknown output member %s ignored", type(item).__name__)
+
+    async def close_input(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._duplex.input_stream.close()
+
+    async def close(self) -> None:
+        """Close the input, let the receiver drain, release the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.close_input()
+        with contextlib.suppress(Exception):
+            if self._output is not None:
+                await self._output.close()
+        with contextlib.suppress(Exception):
+            await self._http.close()
+
+
+async def open_stream(settings: BedrockSettings) -> SonicStream:
+    """Open a stream and wait until the service is ready to receive events.
+
+    Raises :class:`SonicStreamError` (classified) on failure, within ``open_timeout_s``.
+    """
+    from aws_sdk_bedrock_runtime.client import AsyncBedrockRuntimeClient
+    from aws_sdk_bedrock_runtime.config import AsyncBedrockRuntimeConfig
+    from aws_sdk_bedrock_runtime.models import InvokeModelWithBidirectionalStreamOperationInput
+
+    http = _make_http_client(settings)
+    overrides: dict[str, Any] = {"region": settings.region, "transport": http}
+    if settings.endpoint_uri:
+        overrides["endpoint_uri"] = settings.endpoint_uri
+    if settings.access_key_id and settings.secret_access_key:
+        from smithy_aws_core.identity import AWSCredentialsIdentity
+        from smithy_aws_core.identity.static import StaticCredentialsResolver
+
+        overrides["aws_credentials_identity_resolver"] = StaticCredentialsResolver(
+            AWSCredentialsIdentity(
+                access_key_id=settings.access_key_id,
+                secret_access_key=settings.secret_access_key,
+                session_token=settings.session_token,
+            )
+        )
+    else:
+        overrides["aws_credentials_identity_resolver"] = _resolver(settings.profile)
+    try:
+        config = await AsyncBedrockRuntimeConfig.resolve(**overrides)
+        client = AsyncBedrockRuntimeClient(config=config)
+        duplex = await asyncio.wait_for(
+            client.invoke_model_with_bidirectional_stream(
+                InvokeModelWithBidirectionalStreamOperationInput(model_id=settings.model_id)
+            ),
+            settings.open_timeout_s,
+        )
+        stream = SonicStream(duplex, client, http)
+        ready = asyncio.ensure_future(stream._ready(settings.open_timeout_s))
+        await asyncio.wait({ready, http.failure}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            http.failure.result()  # raises the connection failure
+        ready.result()
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await http.close()
+        raise
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await http.close()
+        if isinstance(exc, TimeoutError):
+            raise SonicStreamError(
+                "timeout",
+                True,
+                f"no answer from {settings.endpoint_uri or 'Bedrock'} within "
+                f"{settings.open_timeout_s:.0f} s (TLS, proxy or network problem?)",
+            ) from exc
+        raise classify_error(exc) from exc
+    return stream
+
+
+_RESOLVERS: dict[str | None, BotocoreCredentialsResolver] = {}
+
+
+def _resolver(profile: str | None) -> BotocoreCredentialsResolver:
+    # One per profile: botocore keeps refreshable credentials and refreshes them itself.
+    if profile not in _RESOLVERS:
+        _RESOLVERS[profile] = BotocoreCredentialsResolver(profile)
+    return _RESOLVERS[profile]
