@@ -1,0 +1,507 @@
+"""RosToolProvider: the session's tool calls run as ROS 2 action goals, service calls and
+topic messages.
+
+Threads: ``run``/``cancel_all`` are awaited on the session's asyncio loop; rclpy futures
+complete on the executor thread that spins the node. Every crossing goes through
+:func:`_bridge` (an rclpy done-callback that hands the outcome to the loop with
+``call_soon_threadsafe``), so neither side ever blocks on the other.
+
+Every call ends in exactly one ToolResult with words the model can relay: invalid input
+(no ROS call made), server absent, goal rejected, aborted, timeout (the goal is cancelled),
+cancelled (barge-in, a stop tool, session end, shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from action_msgs.msg import GoalStatus
+from rclpy.action import ActionClient
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.node import Node
+
+from sonic_voice.sonic.tools_seam import ProgressFn, ToolResult, ToolUse
+from sonic_voice.tools.config import ToolConfig, ToolDef
+from sonic_voice.tools.mapping import MappingError, extract, set_path, table_names
+
+log = logging.getLogger(__name__)
+
+CANCEL_ACK_S = 3.0  # how long a cancel waits for the server's answer
+SERVER_POLL_S = 0.02
+
+
+class _Interrupted(Exception):
+    def __init__(self, why: str, reason: str = "") -> None:
+        super().__init__(why)
+        self.why = why  # "cancelled" | "timeout"
+        self.reason = reason
+
+
+@dataclass
+class _Call:
+    """One running tool call (registered while it may move the robot)."""
+
+    tool: ToolDef
+    use_id: str
+    loop: asyncio.AbstractEventLoop
+    cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = ""
+    goal_handle: Any = None
+    last_progress: float = -1e9
+    last_spoken: float = -1e9
+    feedback_count: int = 0
+    stop_msg: Any = None  # topic tools: sent when a timed publication ends early
+
+
+def _bridge(loop: asyncio.AbstractEventLoop, rfut: Any) -> asyncio.Future:
+    """An rclpy Future -> an asyncio Future on ``loop`` (completed thread-safely)."""
+    afut: asyncio.Future = loop.create_future()
+
+    def settle(f: Any) -> None:
+        if afut.done():
+            return
+        if f.cancelled():
+            afut.cancel()
+        elif f.exception() is not None:
+            afut.set_exception(f.exception())
+        else:
+            afut.set_result(f.result())
+
+    def done(f: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(settle, f)
+        except RuntimeError:  # loop closed: nobody waits any more
+            pass
+
+    rfut.add_done_callback(done)
+    return afut
+
+
+class RosToolProvider:
+    """Implements the session's ToolProvider with ROS 2 clients on ``node``."""
+
+    def __init__(self, node: Node, config: ToolConfig, allowlist: list[str] | None = None) -> None:
+        self.node = node
+        self.config = config
+        allowed = set(config.tools)
+        if config.allow is not None:
+            allowed &= set(config.allow)
+        if allowlist:
+            allowed &= set(allowlist)
+        self.tools: dict[str, ToolDef] = {n: t for n, t in config.tools.items() if n in allowed}
+        self.blocked = sorted(set(config.tools) - allowed)
+        self._group = ReentrantCallbackGroup()
+        self._clients: dict[str, Any] = {}
+        self._active: dict[str, _Call] = {}
+        self._closed = False
+        # Latency marks for bench/tool_latency.py: tool_use_id -> {mark: perf_counter}.
+        self.marks: dict[str, dict[str, float]] = {}
+        self.keep_marks = False
+        for t in self.tools.values():
+            b = t.binding
+            if b.kind == "action":
+                self._clients[t.name] = ActionClient(
+                    node, b.cls, b.name, callback_group=self._group
+                )
+            elif b.kind == "service":
+                self._clients[t.name] = node.create_client(
+                    b.cls, b.name, callback_group=self._group
+                )
+            elif b.kind == "topic":
+                self._clients[t.name] = node.create_publisher(b.cls, b.name, b.qos_depth)
+
+    # ------------------------------------------------------------------ ToolProvider
+    def tool_specs(self) -> list[dict[str, Any]]:
+        return [t.spec() for t in self.tools.values()]
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    async def run(self, use: ToolUse, progress: ProgressFn) -> ToolResult:
+        """Run one call to completion; failures come back as a ToolResult, never raised."""
+        self._mark(use.tool_use_id, "received")
+        tool = self.tools.get(use.name)
+        if tool is None:
+            if use.name in self.config.tools:
+                return _err(use, f"{use.name} is not allowed on this robot right now.")
+            return _err(use, f"There is no tool named {use.name}.")
+        if self._closed:
+            return _err(use, f"{use.name} is unavailable: the robot's tools are shutting down.")
+        problem = self._validate(tool, use.input)
+        if problem:
+            return _err(use, problem, invalid_input=True)
+        try:
+            if tool.cancels_running:
+                n = await self.cancel_all(f"the {use.name} tool")
+                if tool.binding.kind == "cancel":
+                    return ToolResult(
+                        use.tool_use_id,
+                        "ok",
+                        {"outcome": "stopped", "cancelled_calls": n,
+                         "message": f"Stopped {n} running task(s)." if n else
+                         "Nothing was running."},
+                    )  # fmt: skip
+            kind = tool.binding.kind
+            if kind == "action":
+                return await self._run_action(tool, use, progress)
+            if kind == "service":
+                return await self._run_service(tool, use)
+            return await self._run_topic(tool, use)
+        except MappingError as e:
+            return _err(use, f"{use.name}: {e}", invalid_input=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("tool %s failed", use.name)
+            return _err(use, f"{use.name} failed: {e}")
+
+    async def cancel_all(self, reason: str) -> int:
+        """Cancel every running call that moves the robot; waits for the servers' answers."""
+        calls = [c for c in self._active.values() if c.tool.moves_robot]
+        for c in calls:
+            c.reason = reason
+            c.cancel_event.set()
+        if calls:
+            await asyncio.wait(
+                [asyncio.ensure_future(c.finished.wait()) for c in calls],
+                timeout=CANCEL_ACK_S + 1.0,
+            )
+        return len(calls)
+
+    def shutdown(self) -> None:
+        """Node shutdown: cancel running goals, stop timed publications, free the clients.
+
+        Called from any thread; sends the cancel requests without waiting for answers.
+        """
+        self._closed = True
+        for c in list(self._active.values()):
+            c.reason = "shutdown"
+            if c.goal_handle is not None:
+                try:
+                    c.goal_handle.cancel_goal_async()
+                except Exception as e:  # noqa: BLE001
+                    log.warning("cancel at shutdown failed: %s", e)
+            if c.stop_msg is not None:
+                self._clients[c.tool.name].publish(c.stop_msg)
+            try:
+                c.loop.call_soon_threadsafe(c.cancel_event.set)
+            except RuntimeError:
+                pass
+        for name, client in self._clients.items():
+            try:
+                kind = self.tools[name].binding.kind
+                if kind == "action":
+                    client.destroy()
+                elif kind == "service":
+                    self.node.destroy_client(client)
+                else:
+                    self.node.destroy_publisher(client)
+            except Exception as e:  # noqa: BLE001
+                log.warning("destroying %s: %s", name, e)
+        self._clients.clear()
+
+    # ------------------------------------------------------------------ checks
+    def _validate(self, tool: ToolDef, args: Any) -> str:
+        """Schema errors as one sentence naming the argument ('' when valid)."""
+        errors = sorted(tool.validator.iter_errors(args), key=lambda e: list(e.absolute_path))
+        if not errors:
+            return ""
+        msgs = []
+        for e in errors[:3]:
+            path = ".".join(str(p) for p in e.absolute_path)
+            if (e.validator == "required" and "'confirmed'" in e.message) or path == "confirmed":
+                msgs.append(
+                    "This needs the person's confirmation: ask them first, then call again "
+                    "with confirmed: true"
+                )
+            elif path in tool.lookup_args and e.validator == "enum":
+                tname = tool.lookup_args[path]
+                known = table_names(self.config.tables[tname])
+                msgs.append(f"unknown {tname} {e.instance!r} for {path}; known: {', '.join(known)}")
+            else:
+                msgs.append(f"{path}: {e.message}" if path else e.message)
+        return f"Invalid input for {tool.name}: " + "; ".join(msgs) + "."
+
+    def _build(self, tool: ToolDef, cls: Any, mapping: dict, args: dict[str, Any]) -> Any:
+        msg = cls()
+        now = self.node.get_clock().now().to_msg
+        for fpath, spec in mapping.items():
+            value = spec.evaluate(args, self.config.tables, now)
+            try:
+                set_path(msg, fpath, value)
+            except (TypeError, ValueError, AssertionError, AttributeError) as e:
+                raise MappingError(f"{fpath}: {value!r} does not fit ({e})") from e
+        return msg
+
+    async def _wait_ready(self, tool: ToolDef, ready: Callable[[], bool]) -> bool:
+        if ready():
+            return True
+        deadline = time.monotonic() + tool.server_wait_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(SERVER_POLL_S)
+            if ready():
+                return True
+        return False
+
+    async def _wait(self, call: _Call, fut: asyncio.Future, deadline: float) -> Any:
+        """``fut``'s result, or _Interrupted on cancel_all / the tool's deadline."""
+        if call.cancel_event.is_set():
+            raise _Interrupted("cancelled", call.reason)
+        stop = asyncio.ensure_future(call.cancel_event.wait())
+        try:
+            remaining = max(0.0, deadline - call.loop.time())
+            done, _ = await asyncio.wait(
+                {fut, stop}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop.cancel()
+        if fut in done:
+            return fut.result()
+        if call.cancel_event.is_set():
+            raise _Interrupted("cancelled", call.reason)
+        raise _Interrupted("timeout")
+
+    def _register(self, tool: ToolDef, use: ToolUse) -> _Call:
+        call = _Call(tool=tool, use_id=use.tool_use_id, loop=asyncio.get_running_loop())
+        self._active[use.tool_use_id] = call
+        return call
+
+    def _finish(self, call: _Call) -> None:
+        self._active.pop(call.use_id, None)
+        call.finished.set()
+
+    def _mark(self, use_id: str, what: str) -> None:
+        if self.keep_marks:
+            self.marks.setdefault(use_id, {})[what] = time.perf_counter()
+
+    # ------------------------------------------------------------------ action
+    async def _run_action(self, tool: ToolDef, use: ToolUse, progress: ProgressFn) -> ToolResult:
+        b = tool.binding
+        goal = self._build(tool, b.cls.Goal, b.mapping, use.input)
+        client = self._clients[tool.name]
+        if not await self._wait_ready(tool, client.server_is_ready):
+            return _err(
+                use,
+                f"{tool.name} could not start: the {b.name} action server is not running "
+                f"(waited {tool.server_wait_s:g} s).",
+                server_absent=True,
+            )
+        call = self._register(tool, use)
+        loop = call.loop
+        deadline = loop.time() + tool.timeout_s
+
+        def on_feedback(msg: Any) -> None:  # executor thread
+            try:
+                loop.call_soon_threadsafe(self._on_feedback, call, msg.feedback, progress)
+            except RuntimeError:
+                pass
+
+        goal_fut = _bridge(
+            loop,
+            client.send_goal_async(goal, feedback_callback=on_feedback if b.feedback else None),
+        )
+        self._mark(use.tool_use_id, "goal_sent")
+        try:
+            try:
+                gh = await self._wait(call, goal_fut, deadline)
+            except _Interrupted:
+                # Cancelled before the server answered: wait for the answer to cancel it.
+                try:
+                    gh = await asyncio.wait_for(asyncio.shield(goal_fut), CANCEL_ACK_S)
+                    call.goal_handle = gh if gh.accepted else None
+                except TimeoutError:
+                    pass
+                raise
+            self._mark(use.tool_use_id, "accepted")
+            if not gh.accepted:
+                return _err(
+                    use,
+                    f"The {b.name} server rejected the {tool.name} goal; the robot will not do it.",
+                    rejected=True,
+                )
+            call.goal_handle = gh
+            res = await self._wait(call, _bridge(loop, gh.get_result_async()), deadline)
+            self._mark(use.tool_use_id, "result")
+            content: dict[str, Any] = {"result": extract(res.result, b.returns)}
+            if res.status == GoalStatus.STATUS_SUCCEEDED:
+                return ToolResult(use.tool_use_id, "ok", {"outcome": "succeeded", **content})
+            if res.status == GoalStatus.STATUS_ABORTED:
+                return ToolResult(
+                    use.tool_use_id,
+                    "error",
+                    {"outcome": "aborted",
+                     "error": f"The robot could not finish {tool.name}: the {b.name} server "
+                              "aborted the goal.", **content},
+                )  # fmt: skip
+            if res.status == GoalStatus.STATUS_CANCELED:
+                return ToolResult(
+                    use.tool_use_id,
+                    "cancelled",
+                    {"outcome": "cancelled",
+                     "error": f"{tool.name} was cancelled on the robot's side.", **content},
+                )  # fmt: skip
+            return _err(use, f"{tool.name} ended with unexpected status {res.status}.")
+        except _Interrupted as i:
+            accepted = await self._cancel_goal(call)
+            return _interrupted_result(use, tool, i, accepted)
+        except asyncio.CancelledError:
+            # The session gave up on this call (its own timeout or its end): stop the robot.
+            if call.goal_handle is not None:
+                call.goal_handle.cancel_goal_async()
+            raise
+        finally:
+            self._finish(call)
+
+    async def _cancel_goal(self, call: _Call) -> bool | None:
+        """Ask the server to cancel; True if it accepted, None if there was no goal."""
+        gh = call.goal_handle
+        if gh is None:
+            return None
+        try:
+            resp = await asyncio.wait_for(_bridge(call.loop, gh.cancel_goal_async()), CANCEL_ACK_S)
+        except TimeoutError:
+            return False
+        return bool(resp.goals_canceling)
+
+    def _on_feedback(self, call: _Call, fb: Any, progress: ProgressFn) -> None:
+        """Loop thread: rate-limited progress (and, at a slower rate, a spoken sentence)."""
+        spec = call.tool.binding.feedback
+        call.feedback_count += 1
+        now = time.monotonic()
+        if spec is None or now - call.last_progress < spec.every_s or call.finished.is_set():
+            return
+        call.last_progress = now
+        data: dict[str, Any] = {"feedback": extract(fb, spec.fields), "speak": False}
+        text = ""
+        if spec.speak:
+            try:
+                names = type(fb).get_fields_and_field_types()
+                text = spec.speak.format(**{k: getattr(fb, k) for k in names})
+            except (ValueError, KeyError, AttributeError) as e:
+                text = ""
+                log.warning("feedback template of %s: %s", call.tool.name, e)
+            if text and now - call.last_spoken >= spec.speak_every_s:
+                call.last_spoken = now
+                data["speak"] = True
+        try:
+            progress(text, data)
+        except Exception:
+            log.exception("progress callback failed")
+
+    # ------------------------------------------------------------------ service
+    async def _run_service(self, tool: ToolDef, use: ToolUse) -> ToolResult:
+        b = tool.binding
+        req = self._build(tool, b.cls.Request, b.mapping, use.input)
+        client = self._clients[tool.name]
+        if not await self._wait_ready(tool, client.service_is_ready):
+            return _err(
+                use,
+                f"{tool.name} could not run: the {b.name} service is not available "
+                f"(waited {tool.server_wait_s:g} s).",
+                server_absent=True,
+            )
+        call = self._register(tool, use)
+        rfut = client.call_async(req)
+        self._mark(use.tool_use_id, "goal_sent")
+        try:
+            resp = await self._wait(
+                call, _bridge(call.loop, rfut), call.loop.time() + tool.timeout_s
+            )
+            self._mark(use.tool_use_id, "result")
+        except _Interrupted as i:
+            client.remove_pending_request(rfut)
+            return _interrupted_result(use, tool, i, None)
+        except asyncio.CancelledError:
+            client.remove_pending_request(rfut)
+            raise
+        finally:
+            self._finish(call)
+        content = {"response": extract(resp, b.returns)}
+        if b.ok_field and not extract(resp, [b.ok_field])[b.ok_field]:
+            return ToolResult(
+                use.tool_use_id,
+                "error",
+                {"outcome": "failed", "error": f"{tool.name}: the {b.name} service reported "
+                 "failure.", **content},
+            )  # fmt: skip
+        return ToolResult(use.tool_use_id, "ok", {"outcome": "done", **content})
+
+    # ------------------------------------------------------------------ topic
+    async def _run_topic(self, tool: ToolDef, use: ToolUse) -> ToolResult:
+        b = tool.binding
+        msg = self._build(tool, b.cls, b.mapping, use.input)
+        pub = self._clients[tool.name]
+        sent = extract(msg, list(b.mapping) or None)
+        if b.duration is None:
+            pub.publish(msg)
+            self._mark(use.tool_use_id, "result")
+            return ToolResult(
+                use.tool_use_id, "ok", {"outcome": "sent", "topic": b.name, "message": sent}
+            )
+        duration = float(b.duration.evaluate(use.input, self.config.tables, None))
+        stop_msg = self._build(tool, b.cls, b.then, use.input) if b.then is not None else None
+        call = self._register(tool, use)
+        call.stop_msg = stop_msg
+        loop = call.loop
+        period = 1.0 / b.rate_hz
+        start = loop.time()
+        end = start + min(duration, tool.timeout_s)
+        count = 0
+        interrupted: _Interrupted | None = None
+        try:
+            while True:
+                pub.publish(msg)
+                count += 1
+                nxt = start + count * period
+                if nxt >= end:
+                    break
+                try:
+                    await asyncio.wait_for(call.cancel_event.wait(), nxt - loop.time())
+                    interrupted = _Interrupted("cancelled", call.reason)
+                    break
+                except TimeoutError:
+                    pass
+            if loop.time() < end and interrupted is None:
+                await asyncio.sleep(max(0.0, end - loop.time()))
+        finally:
+            if stop_msg is not None and not self._closed:
+                pub.publish(stop_msg)
+            self._finish(call)
+        if interrupted is not None:
+            return _interrupted_result(use, tool, interrupted, None)
+        return ToolResult(
+            use.tool_use_id,
+            "ok",
+            {"outcome": "done", "topic": b.name, "message": sent, "seconds": round(duration, 2),
+             "messages_sent": count},
+        )  # fmt: skip
+
+
+def _err(use: ToolUse, text: str, **flags: Any) -> ToolResult:
+    return ToolResult(use.tool_use_id, "error", {"error": text, **flags})
+
+
+def _interrupted_result(
+    use: ToolUse, tool: ToolDef, i: _Interrupted, cancel_accepted: bool | None
+) -> ToolResult:
+    extra: dict[str, Any] = {}
+    if cancel_accepted is not None:
+        extra["cancel_accepted"] = cancel_accepted
+    if i.why == "timeout":
+        return ToolResult(
+            use.tool_use_id,
+            "timeout",
+            {"error": f"{tool.name} did not finish within {tool.timeout_s:g} s, so it was "
+                      "stopped.", **extra},
+        )  # fmt: skip
+    why = f" ({i.reason})" if i.reason else ""
+    return ToolResult(
+        use.tool_use_id, "cancelled", {"error": f"{tool.name} was stopped{why}.", **extra}
+    )
