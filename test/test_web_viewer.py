@@ -9,8 +9,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import datetime
 import json
+import subprocess
+import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from unittest import mock
@@ -21,6 +26,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from sonic_voice import web
+from sonic_voice.emulators.kvs import KvsEmulatorThread
 
 from test.harness.chromium import Chromium
 
@@ -28,7 +34,20 @@ WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 FIXED = datetime.datetime(2024, 3, 9, 17, 5, 42, tzinfo=datetime.UTC)
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
 TOKEN = "FwoGZXIvYXdzEJr//////////wEaDH+token/with=odd&chars"
+SENTENCE = "Hello robot. Please bring me a cup of coffee from the kitchen, and hurry up."
 ARN = "arn:aws:kinesisvideo:us-west-2:123456789012:channel/robot-1/1700000000000"
+
+
+async def _speech_wav() -> Path:
+    """A spoken sentence from espeak-ng (setup.sh installs it), the page's microphone."""
+    path = Path(tempfile.mkdtemp(prefix="sv-web-")) / "speech.wav"
+    await asyncio.to_thread(
+        subprocess.run,
+        ["espeak-ng", "-s", "150", "-w", str(path), SENTENCE],
+        check=True,
+        capture_output=True,
+    )
+    return path
 
 
 @pytest.fixture
@@ -176,3 +195,99 @@ def test_static_server_serves_page(page_server: str) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         opener.open(page_server + "../sonic_voice/web.py")
     assert err.value.code == 404
+
+
+# -- the page against the KVS stand-in ------------------------------------------------------
+CHANNEL = "robot-web"
+REGION = "us-west-2"
+
+
+async def open_viewer(
+    browser: Chromium,
+    page_url: str,
+    endpoint: str,
+    client_id: str,
+    secret: str = SECRET,
+    capture: bool = False,
+) -> None:
+    """Load the page with its non-secret settings in the URL, type the credentials into
+    the form (as a visitor would) and press Connect."""
+    query = urllib.parse.urlencode(
+        {"region": REGION, "channel": CHANNEL, "endpoint": endpoint, "clientId": client_id}
+    )
+    await browser.goto(f"{page_url}index.html?{query}{'&capture=1' if capture else ''}")
+    await browser.wait_for("window.kvsViewer && window.kvsViewer.ready", 10)
+    await browser.evaluate(
+        f"""(() => {{
+            document.getElementById('access-key-id').value = 'AKIDEXAMPLE';
+            document.getElementById('secret-access-key').value = {json.dumps(secret)};
+            document.getElementById('connect').click();
+            return true;
+        }})()"""
+    )
+
+
+def _payload(record) -> dict:
+    return json.loads(base64.b64decode(record.payload))
+
+
+async def test_page_joins_stand_in_as_viewer(page_server: str) -> None:
+    """Without a master: the page makes the three control-plane calls as VIEWER, opens the
+    signaling socket with a presigned URL the stand-in verifies (botocore, known secret),
+    sends a trickle offer (audio + data channel, no candidates inside) and then its
+    candidates, all on loopback. A wrong secret is refused and the page says so."""
+    with KvsEmulatorThread(channels=[CHANNEL], region=REGION, verify_secret=SECRET) as kvs:
+        emu = kvs.emulator
+        async with Chromium(fake_mic=await _speech_wav()) as browser:
+            await open_viewer(browser, page_server, kvs.endpoint_url, "visitor-1")
+            assert await asyncio.to_thread(
+                kvs.wait_until,
+                lambda: (
+                    emu.routed("SDP_OFFER", "visitor-1")
+                    and emu.routed("ICE_CANDIDATE", "visitor-1")
+                ),
+                20,
+            ), browser.console[-20:]
+            describe = kvs.sync(lambda: emu.calls_of("describeSignalingChannel"))
+            endpoint = kvs.sync(lambda: emu.calls_of("getSignalingChannelEndpoint"))
+            ice = kvs.sync(lambda: emu.calls_of("getIceServerConfig"))
+            arn = kvs.sync(lambda: emu.channel_arn(CHANNEL))
+            assert describe == [{"ChannelName": CHANNEL}]
+            assert endpoint == [
+                {
+                    "ChannelARN": arn,
+                    "SingleMasterChannelEndpointConfiguration": {
+                        "Protocols": ["WSS", "HTTPS"],
+                        "Role": "VIEWER",
+                    },
+                }
+            ]
+            assert ice == [{"ChannelARN": arn, "ClientId": "visitor-1"}]
+            assert kvs.sync(lambda: emu.connections) == [("viewer", "visitor-1", CHANNEL)]
+
+            offer_rec = kvs.sync(lambda: emu.routed("SDP_OFFER", "visitor-1"))[0]
+            assert offer_rec.correlation_id  # the page always sends one
+            offer = _payload(offer_rec)
+            assert offer["type"] == "offer"
+            sdp = offer["sdp"]
+            assert "m=audio" in sdp and "m=application" in sdp
+            assert "a=ice-options:trickle" in sdp
+            assert "a=candidate" not in sdp  # trickled instead
+            assert "a=sendrecv" in sdp  # the microphone goes out, the robot comes back
+            await asyncio.to_thread(
+                kvs.wait_until, lambda: len(emu.routed("ICE_CANDIDATE", "visitor-1")) >= 1, 10
+            )
+            cands = [_payload(r) for r in kvs.sync(lambda: emu.routed("ICE_CANDIDATE"))]
+            for c in cands:
+                assert c["candidate"].startswith("candidate:") and "sdpMid" in c
+                address = c["candidate"].split()[4]
+                assert address.startswith("127."), f"non-loopback candidate {c['candidate']}"
+            assert await browser.evaluate("kvsViewer.status") == "negotiating"
+
+            # A wrong secret: the stand-in refuses the socket and the page reports it.
+            refused_before = len(kvs.sync(lambda: emu.refused))
+            await open_viewer(browser, page_server, kvs.endpoint_url, "visitor-2", secret="bad")
+            status = await browser.wait_for("kvsViewer.status === 'failed' && kvsViewer.error", 20)
+            assert "WebSocket" in status
+            refused = kvs.sync(lambda: emu.refused)[refused_before:]
+            assert refused == [(403, "signature does not match")]
