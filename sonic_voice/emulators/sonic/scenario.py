@@ -186,6 +186,9 @@ class Scenario:
     def from_dict(cls, doc: dict[str, Any], base_dir: Path | None = None) -> Scenario:
         """Validate ``doc`` against :data:`SCHEMA`; raise ValueError naming the bad field."""
         doc = copy.deepcopy(doc or {})
+        for t in doc.get("turns", []) if isinstance(doc.get("turns"), list) else []:
+            if isinstance(t, dict) and True in t:  # YAML 1.1 reads a bare `on:` key as True
+                t["on"] = t.pop(True)
         try:
             jsonschema.validate(doc, SCHEMA)
         except jsonschema.ValidationError as e:

@@ -426,7 +426,9 @@ class SonicEmulator:
         raise RuntimeError(f"no active stream{'' if stream is None else f' {stream}'}")
 
     async def wait_for(
-        self, predicate: Callable[[], Any], timeout: float = 10.0
+        self,
+        predicate: Callable[[], Any],
+        timeout: float = 10.0,  # noqa: ASYNC109
     ) -> Any:
         """Wait until ``predicate()`` is truthy (re-checked on every record change)."""
         value = predicate()
