@@ -268,5 +268,12 @@ def test_diagnostics_helper_turns_failures_into_error_status(ros_graph) -> None:
 
 def test_location_file_shapes(tmp_path) -> None:
     f = tmp_path / "l.yaml"
-    f.write_text("- {name: Dock, pose: {position: {x: 1, y: 2}}}\n- {name: door, x: 3, y: 4}\n")
-    assert load_location_points(str(f)) == {"dock": (1.0, 2.0), "door": (3.0, 4.0)}
+    f.write_text(
+        "- {name: Dock, pose: {position: {x: 1, y: 2}}}\n"
+        "- {name: door, x: 3, y: 4, aliases: [Tür]}\n"
+    )
+    assert load_location_points(str(f)) == {
+        "dock": (1.0, 2.0),
+        "door": (3.0, 4.0),
+        "tür": (3.0, 4.0),
+    }

@@ -95,8 +95,9 @@ def _duration(seconds: float) -> Duration:
 
 def load_location_points(path: str) -> dict[str, tuple[float, float]]:
     """Named places from a locations YAML: ``{name: {x, y, ...}}`` under an optional
-    ``locations:`` key, or a list of ``{name, x, y}``; ``pose``/``position`` nesting is
-    followed. Only the position matters to the failure rule."""
+    ``locations:`` key (config/locations.yaml), or a list of ``{name, x, y}``; ``aliases``
+    name the same place; ``pose``/``position`` nesting is followed. Keys are lower case.
+    Only the position matters to the failure rule."""
     doc = yaml.safe_load(Path(path).read_text()) or {}
     if isinstance(doc, dict) and "locations" in doc:
         doc = doc["locations"]
@@ -111,13 +112,15 @@ def load_location_points(path: str) -> dict[str, tuple[float, float]]:
     for name, spec in items:
         if not isinstance(spec, dict):
             continue
+        aliases = spec.get("aliases") or []
         for key in ("pose", "position"):
             if isinstance(spec.get(key), dict):
                 spec = spec[key]
                 if isinstance(spec.get("position"), dict):
                     spec = spec["position"]
         if "x" in spec and "y" in spec:
-            out[str(name).lower()] = (float(spec["x"]), float(spec["y"]))
+            for n in (name, *aliases):
+                out[str(n).lower()] = (float(spec["x"]), float(spec["y"]))
     return out
 
 
