@@ -1,0 +1,197 @@
+"""One viewer: its aiortc RTCPeerConnection, its outgoing audio track, the consumer of its
+incoming audio, and its data channel. Closing a peer releases all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import candidate_from_sdp
+
+from sonic_voice.kvs.audio import PacedAudioTrack, consume_remote
+from sonic_voice.kvs.messages import RejectedMessage, dumps, parse_inbound
+from sonic_voice.kvs.settings import KvsSettings
+
+log = logging.getLogger(__name__)
+
+
+def parse_candidate(obj: dict[str, Any]) -> Any | None:
+    """A browser RTCIceCandidate JSON -> aiortc candidate (None for end-of-candidates)."""
+    text = (obj.get("candidate") or "").strip()
+    if not text:
+        return None
+    if text.startswith("candidate:"):
+        text = text[len("candidate:") :]  # aiortc parses by position; keep the foundation clean
+    cand = candidate_from_sdp(text)
+    cand.sdpMid = obj.get("sdpMid")
+    cand.sdpMLineIndex = obj.get("sdpMLineIndex")
+    return cand
+
+
+class ViewerPeer:
+    """The robot's side of one viewer's WebRTC session."""
+
+    def __init__(
+        self,
+        client_id: str,
+        settings: KvsSettings,
+        config: RTCConfiguration,
+        on_audio: Callable[[str, np.ndarray], None],
+        on_inbound: Callable[[str, dict[str, Any]], None],
+        on_state: Callable[[ViewerPeer], None],
+    ) -> None:
+        self.client_id = client_id
+        self.settings = settings
+        self.pc = RTCPeerConnection(config)
+        self.out = PacedAudioTrack(settings.out_rate)
+        self.channels: list[Any] = []
+        self.muted = False
+        self.remote_set = False
+        self.connected = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.close_reason: str | None = None
+        self.created = time.monotonic()
+        self.connected_at: float | None = None
+        self.remote_blocks = 0
+        self.rejected: list[str] = []
+        self.tasks: set[asyncio.Task] = set()
+        self._on_audio = on_audio
+        self._on_inbound = on_inbound
+        self._on_state = on_state
+        self.pc.on("track", self._on_track)
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("connectionstatechange", self._on_connection_state)
+
+    def spawn(self, coro: Any, what: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=f"kvs-peer-{self.client_id}-{what}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- negotiation --------------------------------------------------------------------
+    async def answer(
+        self, offer: dict[str, Any], take_pending: Callable[[], list[dict[str, Any]]]
+    ) -> str:
+        """Apply the offer and early candidates; returns our answer SDP (with candidates)."""
+        await self.pc.setRemoteDescription(RTCSessionDescription(offer["sdp"], "offer"))
+        self.remote_set = True
+        for c in take_pending():
+            await self.add_candidate(c)
+        if any(t.kind == "audio" for t in self.pc.getTransceivers()):
+            self.pc.addTrack(self.out)  # reuses the offered audio transceiver
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        return self.pc.localDescription.sdp
+
+    async def add_candidate(self, obj: dict[str, Any]) -> None:
+        try:
+            cand = parse_candidate(obj)
+        except (ValueError, IndexError) as e:
+            log.warning("viewer %s: bad ICE candidate %r: %s", self.client_id, obj, e)
+            return
+        if cand is not None and not self.closed.is_set():
+            await self.pc.addIceCandidate(cand)
+
+    def watch_connect(self, timeout: float) -> None:
+        """Close the peer if ICE has not connected within ``timeout`` (aiortc never fails
+        on its own when the remote sends no end-of-candidates)."""
+
+        async def _watch() -> None:
+            try:
+                await asyncio.wait_for(self.connected.wait(), timeout)
+            except TimeoutError:
+                if not self.closed.is_set():
+                    log.warning("viewer %s: not connected after %.0f s", self.client_id, timeout)
+                    self.spawn(self.close(f"ICE timeout ({timeout:.0f} s)"), "close")
+
+        self.spawn(_watch(), "ice-timeout")
+
+    # -- events -------------------------------------------------------------------------
+    def _on_track(self, track: Any) -> None:
+        if track.kind != "audio":
+            return  # video from a viewer is not consumed (and not offered a sink)
+
+        def deliver(block: np.ndarray) -> None:
+            self.remote_blocks += 1
+            if not self.muted:
+                self._on_audio(self.client_id, block)
+
+        self.spawn(
+            consume_remote(
+                track, deliver, self.settings.remote_rate, self.settings.remote_block_ms
+            ),
+            "audio-in",
+        )
+
+    def _on_datachannel(self, channel: Any) -> None:
+        self.channels.append(channel)
+
+        @channel.on("message")
+        def _message(raw: str | bytes) -> None:
+            try:
+                msg = parse_inbound(raw, self.settings.data_max_bytes, self.settings.text_max_chars)
+            except RejectedMessage as e:
+                self.rejected.append(str(e))
+                log.warning("viewer %s: data channel message rejected: %s", self.client_id, e)
+                self._send(channel, {"type": "error", "reason": str(e)})
+                return
+            if msg["type"] in ("mute", "unmute"):
+                self.muted = msg["type"] == "mute"
+            self._on_inbound(self.client_id, msg)
+
+        @channel.on("close")
+        def _closed() -> None:
+            with contextlib.suppress(ValueError):
+                self.channels.remove(channel)
+
+    def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        log.info("viewer %s: connection %s", self.client_id, state)
+        if state == "connected":
+            self.connected_at = time.monotonic()
+            self.connected.set()
+            self._on_state(self)
+        elif state in ("failed", "closed") and not self.closed.is_set():
+            self.spawn(self.close(f"connection {state}"), "close")
+
+    # -- data ---------------------------------------------------------------------------
+    @staticmethod
+    def _send(channel: Any, obj: dict[str, Any]) -> bool:
+        if channel.readyState != "open":
+            return False
+        channel.send(dumps(obj))
+        return True
+
+    def send_json(self, obj: dict[str, Any]) -> int:
+        """Send to every open data channel of this viewer; returns how many took it."""
+        return sum(self._send(c, obj) for c in list(self.channels))
+
+    # -- teardown -----------------------------------------------------------------------
+    async def close(self, reason: str) -> None:
+        """Close the peer and free everything it holds; idempotent."""
+        if self.close_reason is not None:
+            await self.closed.wait()
+            return
+        self.close_reason = reason
+        log.info("viewer %s: closing (%s)", self.client_id, reason)
+        self.out.stop()
+        try:
+            await asyncio.wait_for(self.pc.close(), 10)
+        except Exception as e:  # noqa: BLE001 - a failed close must still free the rest
+            log.warning("viewer %s: pc.close: %s", self.client_id, e)
+        current = asyncio.current_task()
+        for task in list(self.tasks):
+            if task is not current:
+                task.cancel()
+        others = [t for t in self.tasks if t is not current]
+        if others:
+            await asyncio.wait(others, timeout=5)
+        self.pc.remove_all_listeners()
+        self.channels.clear()
+        self.closed.set()
+        self._on_state(self)
