@@ -41,6 +41,7 @@ def load_provider(node: Any, tools_file: str, locations_file: str | None = None)
     configuration problem, so the node's configure transition fails loudly.
     """
     from rcl_interfaces.msg import ParameterDescriptor
+    from rclpy.exceptions import ParameterUninitializedException
     from rclpy.parameter import Parameter
 
     from sonic_voice.tools.provider import RosToolProvider
@@ -55,7 +56,10 @@ def load_provider(node: Any, tools_file: str, locations_file: str | None = None)
                 "declared (and allowed by the file's 'allow:')."
             ),
         )
-    allow = node.get_parameter(ALLOWLIST_PARAM).value or []
+    try:
+        allow = list(node.get_parameter(ALLOWLIST_PARAM).value or [])
+    except ParameterUninitializedException:  # declared by type, no value given: all tools
+        allow = []
     unknown = [a for a in allow if a not in config.tools]
     if unknown:
         raise ToolConfigError(f"{ALLOWLIST_PARAM} names undeclared tool(s): {unknown}")

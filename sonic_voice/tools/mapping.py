@@ -99,13 +99,64 @@ def coerce(value: Any, ftype: str, current: Any) -> Any:
     return value
 
 
+_INT_RANGES = {
+    "int8": (-(2**7), 2**7), "uint8": (0, 2**8), "byte": (0, 2**8), "octet": (0, 2**8),
+    "char": (0, 2**8), "int16": (-(2**15), 2**15), "uint16": (0, 2**16),
+    "int32": (-(2**31), 2**31), "uint32": (0, 2**32), "int64": (-(2**63), 2**63),
+    "uint64": (0, 2**64),
+}  # fmt: skip
+
+
+def check_value(value: Any, ftype: str) -> None:
+    """Raise TypeError/ValueError when ``value`` cannot be ``ftype``.
+
+    The generated setters only check with ROS_PYTHON_CHECK_FIELDS=1 (off by default in
+    Kilted), and a bad value would otherwise fail late, at serialization, inside rclpy.
+    """
+    t = _base(ftype)
+    if t in FLOAT_TYPES:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{value!r} is not a number")
+    elif t in _INT_RANGES:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{value!r} is not an integer")
+        lo, hi = _INT_RANGES[t]
+        if not lo <= value < hi:
+            raise ValueError(f"{value!r} is out of range for {t}")
+    elif t == "boolean":
+        if not isinstance(value, bool):
+            raise TypeError(f"{value!r} is not true/false")
+    elif t in ("string", "wstring"):
+        if not isinstance(value, str):
+            raise TypeError(f"{value!r} is not a string")
+        if ftype.startswith("string<=") and len(value) > int(ftype[len("string<=") :]):
+            raise ValueError(f"{value!r} is longer than {ftype}")
+    elif ftype.startswith("sequence<") or ftype.endswith("]"):
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+            raise TypeError(f"{value!r} is not a list")
+        inner = (
+            ftype[len("sequence<") : -1]
+            if ftype.startswith("sequence<")
+            else ftype[: ftype.index("[")]
+        )
+        inner = inner.split(",")[0]
+        for v in value:
+            check_value(v, inner)
+    else:
+        cls = message_class(ftype)
+        if cls is not None and not isinstance(value, cls):
+            raise TypeError(f"{value!r} is not a {ftype} (give a mapping of its fields)")
+
+
 def fill(msg: Any, values: dict[str, Any]) -> None:
     """Set nested fields of ``msg`` from a (nested) dict."""
     fields = _fields(type(msg))
     for k, v in values.items():
         if k not in fields:
             raise MappingError(f"{type(msg).__name__} has no field {k!r}")
-        setattr(msg, k, coerce(v, fields[k], getattr(msg, k)))
+        value = coerce(v, fields[k], getattr(msg, k))
+        check_value(value, fields[k])
+        setattr(msg, k, value)
 
 
 def set_path(msg: Any, path: str, value: Any) -> None:
@@ -114,7 +165,9 @@ def set_path(msg: Any, path: str, value: Any) -> None:
     for p in parts[:-1]:
         target = getattr(target, p)
     ftype = _fields(type(target))[parts[-1]]
-    setattr(target, parts[-1], coerce(value, ftype, getattr(target, parts[-1])))
+    value = coerce(value, ftype, getattr(target, parts[-1]))
+    check_value(value, ftype)
+    setattr(target, parts[-1], value)
 
 
 # ------------------------------------------------------------------------------ to JSON

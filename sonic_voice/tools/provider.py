@@ -27,7 +27,7 @@ from rclpy.node import Node
 
 from sonic_voice.sonic.tools_seam import ProgressFn, ToolResult, ToolUse
 from sonic_voice.tools.config import ToolConfig, ToolDef
-from sonic_voice.tools.mapping import MappingError, extract, set_path, table_names
+from sonic_voice.tools.mapping import MappingError, extract, set_path, table_names, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class _Call:
     loop: asyncio.AbstractEventLoop
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    accepted: asyncio.Event = field(default_factory=asyncio.Event)  # goal_handle is set
     reason: str = ""
     goal_handle: Any = None
     last_progress: float = -1e9
@@ -150,10 +151,14 @@ class RosToolProvider:
                     )  # fmt: skip
             kind = tool.binding.kind
             if kind == "action":
-                return await self._run_action(tool, use, progress)
-            if kind == "service":
-                return await self._run_service(tool, use)
-            return await self._run_topic(tool, use)
+                result = await self._run_action(tool, use, progress)
+            elif kind == "service":
+                result = await self._run_service(tool, use)
+            else:
+                result = await self._run_topic(tool, use)
+            if tool.cancels_running:
+                result.content["cancelled_calls"] = n
+            return result
         except MappingError as e:
             return _err(use, f"{use.name}: {e}", invalid_input=True)
         except asyncio.CancelledError:
@@ -327,6 +332,7 @@ class RosToolProvider:
                     rejected=True,
                 )
             call.goal_handle = gh
+            call.accepted.set()
             res = await self._wait(call, _bridge(loop, gh.get_result_async()), deadline)
             self._mark(use.tool_use_id, "result")
             content: dict[str, Any] = {"result": extract(res.result, b.returns)}
@@ -362,11 +368,14 @@ class RosToolProvider:
     async def _cancel_goal(self, call: _Call) -> bool | None:
         """Ask the server to cancel; True if it accepted, None if there was no goal."""
         gh = call.goal_handle
-        if gh is None:
+        if gh is None or self._closed:  # at shutdown the cancel was already sent
             return None
         try:
             resp = await asyncio.wait_for(_bridge(call.loop, gh.cancel_goal_async()), CANCEL_ACK_S)
         except TimeoutError:
+            return False
+        except Exception as e:  # noqa: BLE001 - e.g. the client was destroyed meanwhile
+            log.warning("cancel of %s failed: %s", call.tool.name, e)
             return False
         return bool(resp.goals_canceling)
 
@@ -383,7 +392,7 @@ class RosToolProvider:
         if spec.speak:
             try:
                 names = type(fb).get_fields_and_field_types()
-                text = spec.speak.format(**{k: getattr(fb, k) for k in names})
+                text = spec.speak.format(**{k: _fmt_value(getattr(fb, k)) for k in names})
             except (ValueError, KeyError, AttributeError) as e:
                 text = ""
                 log.warning("feedback template of %s: %s", call.tool.name, e)
@@ -482,6 +491,13 @@ class RosToolProvider:
             {"outcome": "done", "topic": b.name, "message": sent, "seconds": round(duration, 2),
              "messages_sent": count},
         )  # fmt: skip
+
+
+def _fmt_value(v: Any) -> Any:
+    """Arrays as lists in spoken templates; messages stay objects ({pose.position.x})."""
+    if hasattr(v, "get_fields_and_field_types") or isinstance(v, (int, float, str)):
+        return v
+    return to_jsonable(v)
 
 
 def _err(use: ToolUse, text: str, **flags: Any) -> ToolResult:
