@@ -75,6 +75,8 @@ class Viewer:
         self._got_message = asyncio.Event()
         self.channel = self.pc.createDataChannel("kvsDataChannel")
         self.channel.on("message", self._on_message)
+        self.channel_open = asyncio.Event()
+        self.channel.on("open", self.channel_open.set)
         self.pc.addTrack(self.mic)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
@@ -98,6 +100,7 @@ class Viewer:
         else:
             await self._send("SDP_OFFER", {"type": "offer", "sdp": sdp})
         await asyncio.wait_for(self.connected.wait(), timeout)
+        await asyncio.wait_for(self.channel_open.wait(), timeout)
         return self
 
     async def _send(self, action: str, payload: dict[str, Any]) -> None:
