@@ -11,24 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import json
 import subprocess
 import tempfile
 import urllib.parse
 import urllib.request
+import wave
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 from botocore.auth import SigV4Auth, SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from sonic_voice import web
+from sonic_voice.audio.resample import StreamResampler
 from sonic_voice.emulators.kvs import KvsEmulatorThread
+from sonic_voice.kvs.master import KvsMaster
+from sonic_voice.kvs.settings import KvsSettings
 
 from test.harness.chromium import Chromium
+from test.harness.signals import best_alignment, speech_like
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 FIXED = datetime.datetime(2024, 3, 9, 17, 5, 42, tzinfo=datetime.UTC)
@@ -291,3 +298,174 @@ async def test_page_joins_stand_in_as_viewer(page_server: str) -> None:
             assert "WebSocket" in status
             refused = kvs.sync(lambda: emu.refused)[refused_before:]
             assert refused == [(403, "signature does not match")]
+
+
+# -- end to end: page <-> stand-in <-> the robot's master ------------------------------------
+def _wav_pcm(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path), "rb") as w:
+        assert w.getsampwidth() == 2 and w.getnchannels() == 1
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2").copy(), w.getframerate()
+
+
+def _resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
+    return StreamResampler(src, dst).process(x, last=True)
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(x.astype(np.float64) ** 2))) if len(x) else 0.0
+
+
+def _chunk_matches(
+    chunks_of: np.ndarray, inside: np.ndarray, rate: int, min_rms: float, chunk_s: float = 0.25
+) -> list[tuple[float, int, float]]:
+    """(start s, lag in samples, NCC) of each voiced chunk of ``chunks_of`` found in ``inside``.
+
+    Chunk by chunk, because a browser's jitter buffer (NetEq) stretches time by tens of ms
+    while it adapts; that smears one whole-signal correlation but leaves each 250 ms chunk
+    intact (measured: whole 3 s NCC 0.4-0.6, chunks 0.8-0.99 on the robot -> page path)."""
+    n = int(chunk_s * rate)
+    out = []
+    for i in range(0, len(chunks_of) - n + 1, n):
+        seg = chunks_of[i : i + n]
+        if _rms(seg) >= min_rms:
+            lag, ncc = best_alignment(seg, inside)
+            out.append((i / rate, lag - i, ncc))
+    return out
+
+
+def _summary(matches: list[tuple[float, int, float]]) -> str:
+    return ", ".join(f"{t:.2f}s:{ncc:.2f}@{lag}" for t, lag, ncc in matches)
+
+
+@pytest.mark.timeout(120)
+async def test_chromium_viewer_talks_with_robot_master(page_server: str) -> None:
+    """Chromium's fake microphone (espeak-ng speech) reaches the robot's master as 16 kHz
+    audio that matches the WAV; the robot's speech plays in the page (its capture matches
+    what the robot sent); a transcript and state the robot broadcasts show in the DOM; the
+    page's chat text and mute reach the robot, validated."""
+    wav = await _speech_wav()
+    speech, speech_rate = _wav_pcm(wav)
+    speech16 = _resample(speech, speech_rate, 16000)
+    heard: list[np.ndarray] = []  # robot side: the viewer's audio at 16 kHz
+    inbound: list[tuple[str, dict]] = []
+    viewers: list[object] = []
+    got_audio = asyncio.Event()
+    got_message = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_audio(client_id: str, pcm: bytes) -> None:
+        assert client_id == "visitor-e2e"
+        heard.append(np.frombuffer(pcm, "<i2"))
+        if sum(len(b) for b in heard) >= 5 * 16000:
+            loop.call_soon_threadsafe(got_audio.set)
+
+    def on_message(client_id: str, msg: dict) -> None:
+        inbound.append((client_id, msg))
+        loop.call_soon_threadsafe(got_message.set)
+
+    with KvsEmulatorThread(channels=[CHANNEL], region=REGION, verify_secret=SECRET) as kvs:
+        settings = KvsSettings(
+            channel_name=CHANNEL,
+            region=REGION,
+            endpoint_url=kvs.endpoint_url,
+            access_key_id="AKIDEXAMPLE",
+            secret_access_key=SECRET,
+            ice_servers_override=[],
+        )
+        master = KvsMaster(
+            settings, on_audio=on_audio, on_viewers=viewers.append, on_message=on_message
+        )
+        await master.start()
+        try:
+            async with Chromium(fake_mic=wav) as browser:
+                await open_viewer(
+                    browser, page_server, kvs.endpoint_url, "visitor-e2e", capture=True
+                )
+                await browser.wait_for(
+                    "kvsViewer.connectionState === 'connected' && kvsViewer.dataChannelOpen", 40
+                )
+
+                # page -> robot: several seconds of the fake microphone, before the robot
+                # speaks (so echo cancellation has nothing to cancel).
+                await asyncio.wait_for(got_audio.wait(), 30)
+                received = np.concatenate(heard)[4000:]  # from 0.25 s: AGC settles
+                assert _rms(received) > 300, f"robot heard near silence (rms {_rms(received):.0f})"
+                looped = np.tile(speech16, 1 + len(received) // len(speech16) + 1)
+                mic = _chunk_matches(received, looped, 16000, min_rms=300)
+                print(f"page->robot chunks: {_summary(mic)}")
+                assert len(mic) >= 8, f"too little speech reached the robot: {_summary(mic)}"
+                nccs = np.array([ncc for _, _, ncc in mic])
+                # Opus + Chromium's echo cancellation, noise suppression and AGC reshape the
+                # speech; measured here: chunk NCC 0.57-0.93, median ~0.72.
+                assert np.median(nccs) >= 0.6, f"robot heard something else: {_summary(mic)}"
+                assert np.mean(nccs >= 0.45) >= 0.7, _summary(mic)
+                # ...and in order: every chunk sits at the same place of the looped WAV.
+                phase = np.array([lag % len(speech16) for _, lag, _ in mic])
+                ref_phase = np.median(phase)
+                near = np.abs(
+                    (phase - ref_phase + len(speech16) / 2) % len(speech16) - len(speech16) / 2
+                )
+                assert np.mean(near <= 0.1 * 16000) >= 0.7, _summary(mic)
+
+                # robot -> page: a known signal, captured by the page as it plays it.
+                robot_says = speech_like(3.0, 24000, seed=11, level=0.3)
+                before = await browser.evaluate("kvsViewer.takeCapture().samples")
+                master.play(robot_says)
+                master.broadcast(
+                    {
+                        "type": "transcript",
+                        "role": "ASSISTANT",
+                        "text": "Coffee is on its way.",
+                        "stage": "FINAL",
+                    }
+                )
+                master.broadcast({"type": "state", "state": "speaking"})
+                shown = await browser.wait_for(
+                    "document.getElementById('transcript').textContent.includes("
+                    "'Coffee is on its way.') && document.getElementById('robot-state')"
+                    ".textContent",
+                    20,
+                )
+                assert shown == "robot: speaking"
+                # The page's capture now holds the robot's 3 s (plus 2 s for the way there).
+                await browser.wait_for(
+                    f"kvsViewer.takeCapture().samples > {before} + 5 * 48000", 30, interval=0.5
+                )
+                cap = await browser.evaluate("kvsViewer.takeCapture()")
+                played = np.frombuffer(base64.b64decode(cap["pcm16"]), "<i2")
+                played24 = _resample(played, cap["rate"], 24000)
+                played_back = _chunk_matches(robot_says, played24, 24000, 0.3 * _rms(robot_says))
+                print(f"robot->page chunks: {_summary(played_back)}")
+                assert len(played_back) >= 8, _summary(played_back)
+                nccs = np.array([ncc for _, _, ncc in played_back])
+                assert np.median(nccs) >= 0.8, (
+                    f"page played something else: {_summary(played_back)}"
+                )
+                assert np.mean(nccs >= 0.6) >= 0.8, _summary(played_back)
+                lags = np.array([lag for _, lag, _ in played_back])
+                assert np.mean(np.abs(lags - np.median(lags)) <= 0.3 * 24000) >= 0.8, _summary(
+                    played_back
+                )
+                stats = await browser.evaluate("kvsViewer.stats()")
+                assert stats["inbound"]["totalSamplesReceived"] > 3 * 48000, stats
+                assert stats["inbound"]["totalAudioEnergy"] > 0.01, stats
+                assert stats["outbound"]["packetsSent"] > 100, stats
+                local = stats["selectedPair"]["local"]
+                assert local.startswith("127."), f"Chromium used {local}"
+                for c in await browser.evaluate("kvsViewer.candidates.local"):
+                    assert c.split()[4].startswith("127."), c
+
+                # chat and mute: validated by the robot, delivered to on_message
+                await browser.evaluate("kvsViewer.sendText('Where is the kitchen?')")
+                await browser.evaluate("kvsViewer.setMuted(true)")
+                deadline = loop.time() + 10
+                while len(inbound) < 2 and loop.time() < deadline:
+                    got_message.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(got_message.wait(), 1)
+                assert inbound == [
+                    ("visitor-e2e", {"type": "text", "text": "Where is the kitchen?"}),
+                    ("visitor-e2e", {"type": "mute"}),
+                ]
+        finally:
+            await master.stop()

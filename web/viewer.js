@@ -466,7 +466,7 @@
       $("robot-state").textContent = `robot: ${msg.state}`;
       $("robot-state").dataset.state = msg.state;
     } else if (msg.type === "error") {
-      log(`robot: ${msg.error || msg.message || JSON.stringify(msg)}`, "error");
+      log(`robot: ${msg.reason || msg.error || msg.message || JSON.stringify(msg)}`, "error");
     } else {
       log(`data channel: ${String(data).slice(0, 200)}`);
     }
