@@ -10,6 +10,7 @@ PACKAGE = "sonic_voice"
 # (via setup.cfg's script_dir for colcon) so `ros2 run` and launch_ros find them.
 CONSOLE_SCRIPTS = [
     "audio_io = sonic_voice.nodes.audio_io:main",
+    "kvs_webrtc = sonic_voice.nodes.kvs_webrtc:main",
     "sim_base = sonic_voice.nodes.sim_base:main",
 ]
 

@@ -1,0 +1,127 @@
+"""kvs_webrtc on a real ROS graph: an aiortc viewer's speech on audio/remote, audio/out in
+the viewer's ears, viewer count, transcripts out and chat text in."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import soxr
+from rclpy.parameter import Parameter
+from std_msgs.msg import Int32, String, UInt8MultiArray
+
+from sonic_voice.emulators.kvs import KvsEmulatorThread
+from sonic_voice.nodes.common import (
+    AUDIO_QOS,
+    EVENT_QOS,
+    LATCHED_QOS,
+    OUT_TOPIC,
+    REMOTE_TOPIC,
+    msg_pcm,
+    pcm_msg,
+)
+from sonic_voice.nodes.kvs_webrtc import VIEWER_TEXT_TOPIC, VIEWERS_TOPIC, KvsWebrtcNode
+
+from test.harness.ros import wait_for
+from test.harness.signals import best_alignment, silence, speech_like
+from test.harness.viewer import TEST_SECRET, Viewer
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    # boto3's default chain picks these up (conftest scrubbed any real ones).
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDNODE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET)
+    emu = KvsEmulatorThread(channels=["robot"], verify_secret=TEST_SECRET).start()
+    yield emu
+    emu.stop()
+
+
+class Listener:
+    def __init__(self, graph) -> None:
+        self.node = graph.node("kvs_listener")
+        self.lock = threading.Lock()
+        self.remote: list[np.ndarray] = []
+        self.viewers: list[int] = []
+        self.texts: list[dict] = []
+        self.node.create_subscription(UInt8MultiArray, REMOTE_TOPIC, self._audio, AUDIO_QOS)
+        self.node.create_subscription(
+            Int32, VIEWERS_TOPIC, lambda m: self.viewers.append(m.data), LATCHED_QOS
+        )
+        self.node.create_subscription(
+            String, VIEWER_TEXT_TOPIC, lambda m: self.texts.append(json.loads(m.data)), EVENT_QOS
+        )
+        self.out = self.node.create_publisher(UInt8MultiArray, OUT_TOPIC, AUDIO_QOS)
+        self.transcript = self.node.create_publisher(String, "transcript", EVENT_QOS)
+
+    def _audio(self, msg: UInt8MultiArray) -> None:
+        with self.lock:
+            self.remote.append(msg_pcm(msg).copy())
+
+    def audio(self) -> np.ndarray:
+        with self.lock:
+            return np.concatenate(self.remote) if self.remote else np.zeros(0, np.int16)
+
+
+def test_viewer_audio_and_text_through_the_node(ros_graph, stand_in) -> None:
+    listener = Listener(ros_graph)
+    params = {
+        "channel_name": "robot",
+        "endpoint_url": stand_in.endpoint_url,
+        "ice_servers": "[]",
+    }
+    node = KvsWebrtcNode(
+        context=ros_graph.context,
+        parameter_overrides=[Parameter(k, value=v) for k, v in params.items()],
+    )
+    ros_graph.add(node)
+    assert node.master is not None
+    assert stand_in.wait_until(lambda: stand_in.emulator.master_connected(), 15)
+
+    async def join() -> Viewer:
+        return await Viewer(stand_in.endpoint_url, "robot", "visitor").join()
+
+    viewer = stand_in.call(join(), 30)
+    try:
+        assert wait_for(lambda: listener.viewers and listener.viewers[-1] == 1, 10)
+
+        # Viewer speech -> audio/remote (16 kHz, 32 ms blocks).
+        speech = speech_like(2.0, 16000, seed=21)
+        stand_in.loop.call_soon_threadsafe(
+            viewer.say, np.concatenate([silence(0.2, 16000), speech, silence(0.4, 16000)])
+        )
+        assert wait_for(lambda: len(listener.audio()) >= 16000 * 2.5, 20)
+        time.sleep(0.2)
+        assert {len(b) for b in listener.remote} == {512}
+        lag, ncc = best_alignment(speech, listener.audio())
+        assert ncc >= 0.9, f"audio/remote: ncc {ncc:.3f} at lag {lag}"
+
+        # audio/out (24 kHz, odd chunks) -> the viewer.
+        robot = speech_like(2.0, 24000, seed=22)
+        t0 = time.monotonic()
+        for i in range(0, len(robot), 1111):
+            listener.out.publish(pcm_msg(robot[i : i + 1111]))
+        expected = soxr.resample(robot, 24000, 48000)
+        assert wait_for(lambda: len(viewer.heard(t0)) >= len(expected) + 9600, 20)
+        lag, ncc = best_alignment(expected, viewer.heard(t0))
+        assert ncc >= 0.9, f"audio/out -> viewer: ncc {ncc:.3f} at lag {lag}"
+
+        # transcript -> data channel; chat text -> kvs/viewer_text.
+        listener.transcript.publish(String(data=json.dumps({"role": "USER", "text": "hello"})))
+        assert wait_for(
+            lambda: any(m.get("type") == "transcript" for m in list(viewer.messages)), 10
+        )
+        got = next(m for m in viewer.messages if m.get("type") == "transcript")
+        assert got == {"type": "transcript", "role": "USER", "text": "hello"}
+        stand_in.loop.call_soon_threadsafe(
+            viewer.send_json, {"type": "text", "text": "take me to the lift"}
+        )
+        stand_in.loop.call_soon_threadsafe(viewer.send_json, {"event": {"textInput": {}}})
+        assert wait_for(lambda: listener.texts, 10)
+        assert listener.texts == [{"text": "take me to the lift", "viewer": "visitor"}]
+    finally:
+        stand_in.call(viewer.close(), 15)
+    assert wait_for(lambda: listener.viewers[-1] == 0, 15)
