@@ -39,6 +39,7 @@ from launch.conditions import IfCondition
 from launch.event_handlers import OnProcessIO
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node, SetParameter
+from launch_ros.parameter_descriptions import ParameterValue
 
 from launch import LaunchContext, LaunchDescription
 
@@ -53,12 +54,13 @@ def share(*parts: str) -> str:
 
 
 def given(context: LaunchContext, values: dict) -> dict:
-    """The entries whose launch configuration is not empty, evaluated."""
+    """The entries whose launch configuration is not empty, as strings (launch_ros would
+    otherwise read them as YAML: a channel named 123 would become an integer)."""
     out = {}
     for param, config in values.items():
         value = config.perform(context)
         if value:
-            out[param] = value
+            out[param] = ParameterValue(value, value_type=str)
     return out
 
 
@@ -140,6 +142,8 @@ def launch_setup(context: LaunchContext) -> list:
             {
                 "endpoint_url": f"http://127.0.0.1:{kvs_port}",
                 "create_channel": True,
+                # Host candidates only: nothing is asked of a public STUN server.
+                "ice_servers": ParameterValue("[]", value_type=str),
             },
             given(
                 context,
@@ -164,7 +168,6 @@ def launch_setup(context: LaunchContext) -> list:
             {
                 "endpoint_uri": f"https://127.0.0.1:{sonic_port}",
                 "ca_bundle": os.path.join(cert_dir, "ca.pem"),
-                "aws_profile": "",
             },
             given(
                 context,

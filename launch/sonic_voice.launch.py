@@ -24,6 +24,7 @@ from launch.actions import DeclareLaunchArgument, GroupAction, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node, SetParameter
+from launch_ros.parameter_descriptions import ParameterValue
 
 from launch import LaunchContext, LaunchDescription
 
@@ -31,12 +32,13 @@ PACKAGE = "sonic_voice"
 
 
 def given(context: LaunchContext, values: dict) -> dict:
-    """The entries whose launch configuration is not empty, evaluated."""
+    """The entries whose launch configuration is not empty, as strings (launch_ros would
+    otherwise read them as YAML: a channel named 123 would become an integer)."""
     out = {}
     for param, config in values.items():
         value = config.perform(context)
         if value:
-            out[param] = value
+            out[param] = ParameterValue(value, value_type=str)
     return out
 
 
@@ -70,7 +72,13 @@ def launch_setup(context: LaunchContext) -> list:
         namespace=namespace,
         parameters=[
             *params_files(context, "kvs_webrtc"),
-            given(context, {"region": LaunchConfiguration("region")}),
+            given(
+                context,
+                {
+                    "region": LaunchConfiguration("region"),
+                    "channel_name": LaunchConfiguration("channel"),
+                },
+            ),
         ],
         arguments=ros_args,
         condition=IfCondition(LaunchConfiguration("enable_kvs")),
@@ -159,6 +167,12 @@ def generate_launch_description() -> LaunchDescription:
                 default_value="",
                 description="Default locale until the person speaks, e.g. en-US; '' = as in the "
                 "params file.",
+            ),
+            DeclareLaunchArgument(
+                "channel",
+                default_value="",
+                description="KVS signaling channel name of this robot; '' = as in "
+                "config/kvs_webrtc.yaml.",
             ),
             DeclareLaunchArgument(
                 "use_sim_time",
