@@ -1,0 +1,112 @@
+"""The one place that reaches into aiortc's internals (aiortc stays pinned and unmodified).
+
+aiortc's audio receive path is a reorder buffer that stalls on every lost packet
+(kvs-signaling.md §6.3). To replace it we need the RTP packets themselves, after aiortc has
+done SRTP, statistics (so receiver reports still tell the sender about loss, which is what
+makes a browser switch its Opus FEC on) and RTX unwrapping. The least invasive point:
+``RTCRtpReceiver._RTCRtpReceiver__jitter_buffer``, whose ``add(packet)`` is called with each
+depayloaded packet. We swap it, on one receiver instance, for a sink that hands the packet
+to our buffer and returns "nothing to decode", so aiortc's decoder thread stays idle and
+its track queue stays empty.
+
+NACKs go out through ``RTCRtpReceiver._send_rtcp_nack`` (aiortc only uses it for video).
+
+test/test_jitter.py::test_aiortc_hook_points_exist fails loudly if an aiortc upgrade
+renames or reshapes any of this; :func:`check_hook_points` says what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiortc import RTCRtpReceiver
+
+TESTED_AIORTC = ("1.16.0",)
+_JB_ATTR = "_RTCRtpReceiver__jitter_buffer"
+_KIND_ATTR = "_RTCRtpReceiver__kind"
+
+
+@dataclass(slots=True)
+class RtpIn:
+    """One received RTP packet, detached from aiortc's objects."""
+
+    seq: int
+    timestamp: int
+    ssrc: int
+    payload: bytes
+    arrival: float  # time.monotonic() when aiortc handed it over
+
+
+class HookError(RuntimeError):
+    """aiortc's internals no longer look like the version this hook was written for."""
+
+
+def check_hook_points(receiver: RTCRtpReceiver | None = None) -> None:
+    """Raise :class:`HookError` naming what changed, if anything the hook relies on did."""
+    problems = []
+    if not callable(getattr(RTCRtpReceiver, "_send_rtcp_nack", None)):
+        problems.append("RTCRtpReceiver._send_rtcp_nack is gone")
+    if not callable(getattr(RTCRtpReceiver, "_handle_rtp_packet", None)):
+        problems.append("RTCRtpReceiver._handle_rtp_packet is gone")
+    if receiver is not None:
+        jb = getattr(receiver, _JB_ATTR, None)
+        if jb is None or not callable(getattr(jb, "add", None)):
+            problems.append(f"receiver has no {_JB_ATTR} with an add() method")
+    if problems:
+        import aiortc
+
+        raise HookError(
+            f"aiortc {aiortc.__version__} (hook tested with {', '.join(TESTED_AIORTC)}): "
+            + "; ".join(problems)
+        )
+
+
+class _PacketSink:
+    """Stands in for aiortc's JitterBuffer: takes every packet, assembles nothing."""
+
+    def __init__(self, on_packet: Callable[[RtpIn], None]) -> None:
+        self.on_packet = on_packet
+        self.packets = 0
+
+    def add(self, packet) -> tuple[bool, None]:
+        self.packets += 1
+        self.on_packet(
+            RtpIn(
+                seq=packet.sequence_number,
+                timestamp=packet.timestamp,
+                ssrc=packet.ssrc,
+                payload=bytes(packet.payload),
+                arrival=time.monotonic(),
+            )
+        )
+        return False, None
+
+    # aiortc's JitterBuffer API, in case anything else pokes at it
+    def remove(self, count: int) -> None:  # pragma: no cover - not called for audio
+        pass
+
+
+def tap_rtp(receiver: RTCRtpReceiver, on_packet: Callable[[RtpIn], None]) -> _PacketSink:
+    """Divert ``receiver``'s audio RTP packets to ``on_packet`` (called on the event loop).
+
+    After this, ``receiver.track.recv()`` never returns a frame: read audio from the
+    buffer fed by ``on_packet`` instead.
+    """
+    check_hook_points(receiver)
+    kind = getattr(receiver, _KIND_ATTR, "audio")
+    if kind != "audio":
+        raise ValueError(f"tap_rtp is for audio receivers, not {kind}")
+    sink = _PacketSink(on_packet)
+    setattr(receiver, _JB_ATTR, sink)
+    return sink
+
+
+async def send_nack(receiver: RTCRtpReceiver, media_ssrc: int, lost: list[int]) -> None:
+    """Ask the sender to retransmit ``lost`` sequence numbers (RFC 4585 generic NACK).
+
+    aiortc senders answer for audio too; browsers only if ``nack`` was negotiated for the
+    audio codec (Chrome does not offer it for Opus), so this is a bonus, not the plan.
+    """
+    await receiver._send_rtcp_nack(media_ssrc, [s & 0xFFFF for s in lost])

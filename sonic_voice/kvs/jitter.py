@@ -1,0 +1,556 @@
+"""Adaptive jitter buffer with Opus loss concealment, for audio the robot receives.
+
+aiortc's own audio receive path waits for every missing packet until its 16-slot buffer
+overflows (kvs-signaling.md §6.3): one loss stalls audio ~300 ms and leaves latency raised.
+This buffer plays on its own clock instead, the way a browser's NetEq does:
+
+- **Playout clock.** A frame is due at ``(rtp_ts / 48000) + base + target``, where ``base``
+  is the fastest transit seen recently and ``target`` the jitter allowance. When a frame is
+  due it is played, whatever has or has not arrived: the buffer never stalls.
+- **Adaptive depth.** ``target`` is the ``quantile`` of recent transit variation plus a
+  margin, clamped to ``[min_delay_ms, max_delay_ms]``. It grows at once when packets come
+  late (one concealed frame inserted = +20 ms) and shrinks slowly (one frame dropped,
+  preferably a quiet one) when the link calms down. On a clean link it settles near
+  ``min_delay_ms`` (20 ms), well under aiortc's fixed ~80 ms.
+- **Concealment with Opus's own tools.** A missing frame is rebuilt from the in-band FEC
+  (LBRR) data of the next packet when it is there and carries FEC (``opus_decode`` with
+  ``decode_fec=1``), otherwise libopus packet-loss concealment (``opus_decode`` of an empty
+  packet). After ``max_plc_ms`` of concealment it fades to silence.
+- **NACK.** On a sequence gap, the missing packets are NACKed at once (and once more a
+  frame later) while they can still be played; a retransmission that arrives in time is
+  used like the original.
+- **DTX.** A jump in RTP timestamp without a sequence gap is the sender's discontinuous
+  transmission: it is filled with PLC/comfort output and not counted as loss.
+
+Opus decoding is libopus through ``opuslib`` (ctypes): PyAV's decoder cannot decode FEC
+data or run PLC. The module has two layers: :class:`AdaptiveJitterBuffer` (pure, clock
+passed in, tested without a network) and :class:`ResilientAudioReceiver` (asyncio, fed by
+the aiortc hook in :mod:`sonic_voice.kvs.aiortc_hooks`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RATE = 48000
+FRAME = 960  # 20 ms at 48 kHz, what browsers and aiortc send
+
+
+# -- Opus helpers -------------------------------------------------------------------------
+def opus_packet_samples(payload: bytes, rate: int = RATE) -> int:
+    """Samples (per channel, at ``rate``) in one Opus packet, from its TOC byte (RFC 6716
+    §3.1). 0 for an empty or malformed packet."""
+    if not payload:
+        return 0
+    toc = payload[0]
+    config = toc >> 3
+    if config < 12:  # SILK: 10, 20, 40, 60 ms
+        ms10 = (1, 2, 4, 6)[config & 3]
+    elif config < 16:  # hybrid: 10, 20 ms
+        ms10 = (1, 2)[config & 1]
+    else:  # CELT: 2.5, 5, 10, 20 ms
+        ms10 = (0.25, 0.5, 1, 2)[config & 3]
+    code = toc & 3
+    if code == 0:
+        count = 1
+    elif code in (1, 2):
+        count = 2
+    else:
+        if len(payload) < 2:
+            return 0
+        count = payload[1] & 0x3F
+    return round(rate * 0.01 * ms10 * count)
+
+
+def packet_has_fec(payload: bytes) -> bool:
+    """Whether an Opus packet carries in-band FEC (LBRR) data for the previous frame.
+
+    Same test as libwebrtc's ``WebRtcOpus_PacketHasFec``: CELT-only packets never do;
+    for SILK/hybrid the LBRR flag of each channel sits right after the per-frame VAD bits
+    at the start of the first frame's range-coded data.
+    """
+    if len(payload) < 2 or payload[0] & 0x80:  # empty, or CELT-only (config >= 16)
+        return False
+    config = payload[0] >> 3
+    ms = (10, 20, 40, 60)[config & 3] if config < 12 else (10, 20)[config & 1]
+    silk_frames = {10: 1, 20: 1, 40: 2, 60: 3}[ms]
+    channels = 2 if payload[0] & 0x04 else 1
+    code = payload[0] & 3
+    if code == 0:
+        first = payload[1:]
+    elif code == 1:
+        first = payload[1:]
+    elif code == 2:
+        if len(payload) < 3:
+            return False
+        size0 = payload[1]
+        off = 2 if size0 < 252 else 3
+        first = payload[off:] if size0 else b""
+    else:
+        if len(payload) < 3:
+            return False
+        off = 2
+        if payload[1] & 0x40:  # padding
+            pad = 0
+            while off < len(payload):
+                b = payload[off]
+                off += 1
+                pad += 254 if b == 255 else b
+                if b != 255:
+                    break
+        first = payload[off:]
+    if len(first) < 1:
+        return False
+    for ch in range(channels):
+        if first[0] & (0x80 >> ((ch + 1) * (silk_frames + 1) - 1)):
+            return True
+    return False
+
+
+class OpusDecoder:
+    """libopus decoder (via opuslib) giving mono int16 at 48 kHz, with FEC and PLC."""
+
+    def __init__(self, channels: int = 1) -> None:
+        import opuslib
+
+        self.channels = channels
+        self._dec = opuslib.Decoder(RATE, channels)
+        self._error = opuslib.OpusError
+
+    def _run(self, data: bytes, frame: int, fec: bool) -> np.ndarray:
+        try:
+            pcm = self._dec.decode(data, frame, decode_fec=fec)
+        except self._error as e:
+            log.debug("opus decode failed (%s): concealing", e)
+            pcm = self._dec.decode(b"", frame)
+        out = np.frombuffer(pcm, dtype="<i2").astype(np.int16)
+        if self.channels > 1:
+            out = out.reshape(-1, self.channels).mean(axis=1).astype(np.int16)
+        return out
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        n = opus_packet_samples(payload) or FRAME
+        return self._run(payload, n, False)
+
+    def decode_fec(self, next_payload: bytes, frame: int = FRAME) -> np.ndarray:
+        """Rebuild the frame *before* ``next_payload`` from its FEC data (PLC if none)."""
+        return self._run(next_payload, frame, True)
+
+    def conceal(self, frame: int = FRAME) -> np.ndarray:
+        return self._run(b"", frame, False)
+
+
+# -- sequence / timestamp unwrapping ------------------------------------------------------
+class _Unwrapper:
+    """Extends a wrapping counter (16-bit seq, 32-bit ts) to an int that keeps growing."""
+
+    def __init__(self, bits: int) -> None:
+        self.mod = 1 << bits
+        self.half = self.mod >> 1
+        self.last: int | None = None
+
+    def __call__(self, value: int) -> int:
+        if self.last is None:
+            self.last = value
+            return value
+        delta = (value - self.last) % self.mod
+        if delta >= self.half:
+            delta -= self.mod
+        ext = self.last + delta
+        if delta > 0:
+            self.last = ext
+        return ext
+
+
+# -- the buffer ---------------------------------------------------------------------------
+@dataclass
+class JitterConfig:
+    """Tuning. Defaults suit speech over the Internet; every value in milliseconds."""
+
+    min_delay_ms: float = 20.0
+    max_delay_ms: float = 240.0
+    initial_delay_ms: float = 30.0
+    margin_ms: float = 4.0
+    quantile: float = 0.97
+    window_s: float = 4.0
+    max_plc_ms: float = 200.0  # then fade to silence
+    idle_stop_s: float = 1.0  # no packet this long: stop the clock until packets return
+    nack: bool = True
+    nack_retries: int = 1
+    # When frames had to be concealed recently (more than this fraction in the window),
+    # hold one more frame: FEC for frame n travels in packet n+1, which must be there.
+    fec_hold_loss: float = 0.01
+
+
+@dataclass
+class Frame:
+    """One 20 ms (usually) output frame: mono int16 at 48 kHz."""
+
+    pcm: np.ndarray
+    kind: str  # "normal" | "fec" | "plc" | "dtx" | "silence" | "stretch"
+    rtp_ts: int  # extended RTP timestamp the frame stands for
+    due: float  # monotonic time it was due to play
+
+
+@dataclass
+class JitterStats:
+    packets: int = 0
+    duplicates: int = 0
+    late: int = 0  # arrived after their frame had been played (or concealed)
+    normal: int = 0
+    fec: int = 0  # rebuilt from the next packet's in-band FEC
+    plc: int = 0  # concealed by libopus PLC (unrecoverable loss)
+    dtx: int = 0
+    silence: int = 0
+    stretched: int = 0  # frames inserted to grow the delay
+    shrunk: int = 0  # frames dropped to cut the delay
+    nacks_sent: int = 0
+    nack_recovered: int = 0
+    target_ms: float = 0.0
+    delays_ms: list[float] = field(default_factory=list)  # current delay per played frame
+
+    @property
+    def played(self) -> int:
+        return self.normal + self.fec + self.plc + self.dtx + self.silence + self.stretched
+
+
+class AdaptiveJitterBuffer:
+    """Clock-driven jitter buffer; no I/O, no asyncio: ``push()`` packets as they arrive,
+    ``pop_due(now)`` frames when their time comes, ``nacks_due(now)`` seqs to NACK."""
+
+    def __init__(self, config: JitterConfig | None = None, channels: int = 1) -> None:
+        self.cfg = config or JitterConfig()
+        self.decoder = OpusDecoder(channels)
+        self.stats = JitterStats(target_ms=self.cfg.initial_delay_ms)
+        self._seq = _Unwrapper(16)
+        self._ts = _Unwrapper(32)
+        self._by_ts: dict[int, tuple[int, bytes]] = {}  # ext ts -> (ext seq, payload)
+        self._transit: deque[tuple[float, float]] = deque()  # (arrival, transit)
+        self._base = 0.0
+        self._target = self.cfg.initial_delay_ms / 1000
+        self._next_ts: int | None = None
+        self._next_due = 0.0
+        self._last_seq: int | None = None  # ext seq of the last frame played from a packet
+        self._highest_seq: int | None = None
+        self._last_arrival = 0.0
+        self._plc_run = 0
+        self._nack: dict[int, tuple[float, int]] = {}  # ext seq -> (next send time, tries)
+        self._nacked: dict[int, float] = {}  # ext seq -> when first NACKed
+        self._last_frame = FRAME
+        self._losses: deque[float] = deque()  # due times of frames not played from a packet
+        self.ssrc: int | None = None
+
+    # -- input ----------------------------------------------------------------------------
+    def push(self, seq: int, timestamp: int, payload: bytes, arrival: float) -> None:
+        st = self.stats
+        st.packets += 1
+        eseq = self._seq(seq)
+        ets = self._ts(timestamp)
+        self._last_arrival = arrival
+        transit = arrival - ets / RATE
+        retransmitted = eseq in self._nacked
+        if not retransmitted:
+            # A retransmission's transit says nothing about the path's jitter; a late
+            # packet's does, and is exactly what the depth must grow for.
+            self._transit.append((arrival, transit))
+            while self._transit and self._transit[0][0] < arrival - self.cfg.window_s:
+                self._transit.popleft()
+        if self._next_ts is not None and ets < self._next_ts:
+            st.late += 1
+            return
+        if ets in self._by_ts:
+            st.duplicates += 1
+            return
+        if retransmitted:
+            st.nack_recovered += 1
+        if len(self._nacked) > 512:
+            horizon = arrival - self.cfg.window_s
+            self._nacked = {k: v for k, v in self._nacked.items() if v > horizon}
+        self._nack.pop(eseq, None)
+        self._by_ts[ets] = (eseq, payload)
+        if self._next_ts is None:
+            # First packet (or first after an idle stop): start the clock.
+            self._base = transit
+            self._next_ts = ets
+            self._next_due = arrival + self._target
+            self._highest_seq = eseq
+            self._last_seq = eseq - 1
+            return
+        if self._highest_seq is not None and eseq > self._highest_seq:
+            if self.cfg.nack and eseq > self._highest_seq + 1:
+                for missing in range(self._highest_seq + 1, eseq):
+                    if missing - eseq > -50:
+                        self._nack[missing] = (arrival, 0)
+            self._highest_seq = eseq
+        if transit < self._base:
+            # This packet came faster than any before: frames can be due earlier now.
+            self._base = transit
+
+    def nacks_due(self, now: float) -> list[int]:
+        """Sequence numbers (16-bit) to NACK now; each is asked at most 1 + retries times,
+        and only while its frame has not been played."""
+        out = []
+        frame_s = self._last_frame / RATE
+        for eseq, (when, tries) in list(self._nack.items()):
+            if self._last_seq is not None and eseq <= self._last_seq:
+                del self._nack[eseq]
+                continue
+            if when <= now:
+                out.append(eseq & 0xFFFF)
+                self._nacked.setdefault(eseq, now)
+                self.stats.nacks_sent += 1
+                if tries >= self.cfg.nack_retries:
+                    del self._nack[eseq]
+                else:
+                    self._nack[eseq] = (now + frame_s, tries + 1)
+        return out
+
+    # -- adaptation -----------------------------------------------------------------------
+    def _update_target(self) -> None:
+        if len(self._transit) < 5:
+            return
+        tr = np.fromiter((t for _, t in self._transit), float, len(self._transit))
+        self._base = float(tr.min())
+        need = float(np.quantile(tr - self._base, self.cfg.quantile))
+        now = self._transit[-1][0]
+        while self._losses and self._losses[0] < now - self.cfg.window_s:
+            self._losses.popleft()
+        if len(self._losses) > self.cfg.fec_hold_loss * len(self._transit):
+            need += self._last_frame / RATE
+        lo, hi = self.cfg.min_delay_ms / 1000, self.cfg.max_delay_ms / 1000
+        self._target = min(hi, max(lo, need + self.cfg.margin_ms / 1000))
+        self.stats.target_ms = self._target * 1000
+
+    @property
+    def next_due(self) -> float | None:
+        """When the next frame is due (monotonic seconds), or None while idle."""
+        return None if self._next_ts is None else self._next_due
+
+    @property
+    def target_ms(self) -> float:
+        return self._target * 1000
+
+    # -- output ---------------------------------------------------------------------------
+    def pop_due(self, now: float) -> list[Frame]:
+        """Every frame due by ``now`` (usually one; more if the caller woke up late)."""
+        out: list[Frame] = []
+        while self._next_ts is not None and self._next_due <= now + 0.0005:
+            if now - self._last_arrival > self.cfg.idle_stop_s and not self._by_ts:
+                self._idle()
+                break
+            out.extend(self._play_one())
+        return out
+
+    def _idle(self) -> None:
+        """The sender stopped: stop the clock; the next packet starts it again."""
+        self._next_ts = None
+        self._transit.clear()
+        self._nack.clear()
+        self._seq = _Unwrapper(16)
+        self._ts = _Unwrapper(32)
+        self._highest_seq = self._last_seq = None
+
+    def _play_one(self) -> list[Frame]:
+        st = self.stats
+        self._update_target()
+        ts = self._next_ts
+        due = self._next_due
+        # How late this frame plays relative to its earliest possible arrival.
+        delay = due - (self._base + ts / RATE)
+        frame = self._last_frame
+        entry = self._by_ts.pop(ts, None)
+        if entry is None and delay < self._target - 0.002 and self._plc_run == 0:
+            # The buffer runs too shallow for the measured jitter: grow it by one frame
+            # before the frame would have to be concealed.
+            pcm = self.decoder.conceal(frame) if self._last_seq is not None else None
+            if pcm is None:
+                pcm = np.zeros(frame, np.int16)
+            st.stretched += 1
+            self._next_due += frame / RATE
+            return [Frame(pcm, "stretch", ts, due)]
+        if entry is not None:
+            eseq, payload = entry
+            pcm = self.decoder.decode(payload)
+            frame = len(pcm) or FRAME
+            self._last_frame = frame
+            self._last_seq = eseq
+            self._plc_run = 0
+            kind = "normal"
+            st.normal += 1
+        else:
+            nxt = self._by_ts.get(ts + frame)
+            later = min(self._by_ts) if self._by_ts else None
+            dtx = (
+                later is not None
+                and self._last_seq is not None
+                and self._by_ts[later][0] == self._last_seq + 1
+            )
+            if dtx:
+                kind = "dtx"
+                pcm = self._fade(self.decoder.conceal(frame))
+                st.dtx += 1
+            elif self._plc_run * frame / RATE * 1000 >= self.cfg.max_plc_ms:
+                kind = "silence"
+                pcm = np.zeros(frame, np.int16)
+                st.silence += 1
+            elif nxt is not None and packet_has_fec(nxt[1]):
+                kind = "fec"
+                pcm = self.decoder.decode_fec(nxt[1], frame)
+                st.fec += 1
+            else:
+                kind = "plc"
+                pcm = self._fade(self.decoder.conceal(frame))
+                st.plc += 1
+            if kind != "dtx":
+                self._plc_run += 1
+                self._losses.append(due)
+            self._last_seq = None if self._last_seq is None else self._last_seq + 1
+        self._next_ts = ts + frame
+        self._next_due += frame / RATE
+        st.delays_ms.append(delay * 1000)
+        if len(st.delays_ms) > 100000:
+            del st.delays_ms[:50000]
+        frames = [Frame(pcm, kind, ts, due)]
+        # Too deep for the measured jitter: drop one frame (a quiet one when possible).
+        excess = delay - self._target
+        if kind == "normal" and excess > frame / RATE + 0.002:
+            quiet = float(np.sqrt(np.mean(pcm.astype(np.float32) ** 2))) < 300
+            if quiet or excess > 0.040:
+                nxt_entry = self._by_ts.pop(self._next_ts, None)
+                if nxt_entry is not None:
+                    self.decoder.decode(nxt_entry[1])  # keep the decoder state continuous
+                    self._last_seq = nxt_entry[0]
+                    self._next_ts += frame
+                    st.shrunk += 1
+        return frames
+
+    def _fade(self, pcm: np.ndarray) -> np.ndarray:
+        """Attenuate long concealment runs so PLC tails off instead of droning."""
+        if self._plc_run < 3:
+            return pcm
+        g = max(0.0, 1.0 - (self._plc_run - 2) * 0.2)
+        return (pcm.astype(np.float32) * g).astype(np.int16)
+
+
+# -- asyncio wrapper over an aiortc receiver ----------------------------------------------
+class ResilientAudioReceiver:
+    """Plays one aiortc audio receiver through :class:`AdaptiveJitterBuffer`.
+
+    ``on_pcm48k(pcm)`` gets each 20 ms of mono int16 48 kHz audio on the event loop, paced
+    in real time; ``on_frame(frame)`` (optional) gets the :class:`Frame` with its kind and
+    RTP timestamp. :meth:`recv` is the pull alternative. Create with
+    :func:`install_receiver`.
+    """
+
+    def __init__(
+        self,
+        receiver,
+        on_pcm48k: Callable[[np.ndarray], None] | None = None,
+        config: JitterConfig | None = None,
+        on_frame: Callable[[Frame], None] | None = None,
+        queue_frames: int = 50,
+    ) -> None:
+        from sonic_voice.kvs import aiortc_hooks
+
+        self.receiver = receiver
+        self.buffer = AdaptiveJitterBuffer(config)
+        self.on_pcm48k = on_pcm48k
+        self.on_frame = on_frame
+        self._queue: asyncio.Queue[Frame] = asyncio.Queue(maxsize=queue_frames)
+        self._wake = asyncio.Event()
+        self._ssrc: int | None = None
+        self._nack_tasks: set[asyncio.Task] = set()
+        self._hooks = aiortc_hooks
+        self.sink = aiortc_hooks.tap_rtp(receiver, self._on_packet)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="jitter-playout")
+
+    @property
+    def stats(self) -> JitterStats:
+        return self.buffer.stats
+
+    def _on_packet(self, pkt) -> None:
+        self._ssrc = pkt.ssrc
+        idle = self.buffer.next_due is None
+        self.buffer.push(pkt.seq, pkt.timestamp, pkt.payload, pkt.arrival)
+        if idle or self.buffer._nack:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                due = self.buffer.next_due
+                if due is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                now = time.monotonic()
+                wait = due - now
+                nack_soon = min((w for w, _ in self.buffer._nack.values()), default=None)
+                if nack_soon is not None:
+                    wait = min(wait, nack_soon - now)
+                if wait > 0:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                    except TimeoutError:
+                        pass
+                now = time.monotonic()
+                lost = self.buffer.nacks_due(now)
+                if lost and self._ssrc is not None:
+                    task = loop.create_task(self._hooks.send_nack(self.receiver, self._ssrc, lost))
+                    self._nack_tasks.add(task)
+                    task.add_done_callback(self._nack_tasks.discard)
+                for frame in self.buffer.pop_due(now):
+                    self._deliver(frame)
+        except asyncio.CancelledError:
+            pass
+
+    def _deliver(self, frame: Frame) -> None:
+        if self.on_frame is not None:
+            self.on_frame(frame)
+        if self.on_pcm48k is not None:
+            self.on_pcm48k(frame.pcm)
+        if self._queue.full():
+            self._queue.get_nowait()  # the consumer fell behind: keep the newest audio
+        self._queue.put_nowait(frame)
+
+    async def recv(self) -> Frame:
+        """Next frame (pull alternative to ``on_pcm48k``)."""
+        return await self._queue.get()
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+def install_receiver(
+    pc,
+    track_or_receiver,
+    on_pcm48k: Callable[[np.ndarray], None] | None = None,
+    config: JitterConfig | None = None,
+    on_frame: Callable[[Frame], None] | None = None,
+) -> ResilientAudioReceiver:
+    """Replace aiortc's audio receive path for one remote audio track.
+
+    Call from ``pc.on("track")`` (before media flows), with the track or its
+    ``RTCRtpReceiver``. Must run on the peer connection's event loop. The track's own
+    ``recv()`` then yields nothing; audio comes through ``on_pcm48k`` / ``recv()``.
+    """
+    receiver = track_or_receiver
+    if not hasattr(receiver, "_handle_rtp_packet"):
+        matches = [r for r in pc.getReceivers() if r.track is track_or_receiver]
+        if not matches:
+            raise ValueError("install_receiver: the track belongs to no receiver of this pc")
+        receiver = matches[0]
+    if receiver.track is not None and receiver.track.kind != "audio":
+        raise ValueError("install_receiver is for audio tracks")
+    return ResilientAudioReceiver(receiver, on_pcm48k, config, on_frame)

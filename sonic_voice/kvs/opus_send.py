@@ -1,0 +1,261 @@
+"""Robot -> viewer audio: Opus with in-band FEC, paced exactly, and the SDP that says so.
+
+aiortc's own Opus encoder runs at a fixed 96 kbit/s with no FEC, no expected-loss setting
+and no pacing of its own (kvs-signaling.md §6.2). Here the robot's speech is encoded by
+libopus (PyAV's ``libopus`` encoder) with
+
+- ``fec=1`` and ``packet_loss=<expected %>``: every packet carries a low-bitrate copy of
+  the previous frame (LBRR), so the browser's NetEq rebuilds any single lost packet;
+- ``application=voip`` and a speech bitrate (32 kbit/s default: FEC needs headroom, libopus
+  only adds LBRR when the bitrate leaves room for it);
+- optional DTX (off by default: it saves bandwidth in pauses but adds nothing against loss,
+  and with DTX a lost first packet after a pause has no FEC to come from);
+
+and handed to aiortc as ready-made packets (aiortc's public "track yields ``av.Packet``"
+path, so aiortc's encoder is never used). The track paces itself on the monotonic clock:
+one 20 ms packet per 20 ms, silence when nothing is queued, no drift.
+
+:func:`munge_sdp` puts ``useinbandfec=1`` (so the browser also sends us FEC), ``minptime``,
+``usedtx`` and ``maxaveragebitrate`` in the Opus ``a=fmtp`` line, and ``a=rtcp-fb:<pt> nack``,
+into a description aiortc produced (aiortc writes no fmtp/rtcp-fb for audio). Apply it to
+``pc.localDescription.sdp`` right before sending it over signaling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+from sonic_voice.audio.pcm import as_pcm16
+from sonic_voice.audio.resample import StreamResampler
+
+RATE = 48000
+FRAME = 960
+TIME_BASE = fractions.Fraction(1, RATE)
+
+
+@dataclass
+class OpusSendConfig:
+    bitrate: int = 32000
+    fec: bool = True
+    packet_loss_pct: int = 10  # what libopus provisions FEC for
+    dtx: bool = False
+    complexity: int = 10
+    max_queue_s: float = 120.0
+
+
+def make_opus_encoder(cfg: OpusSendConfig) -> av.CodecContext:
+    """A libopus encoder: mono s16 48 kHz in, one 20 ms packet per 960 samples out."""
+    ctx = av.CodecContext.create("libopus", "w")
+    ctx.sample_rate = RATE
+    ctx.layout = "mono"
+    ctx.format = "s16"
+    ctx.bit_rate = cfg.bitrate
+    ctx.time_base = TIME_BASE
+    ctx.options = {
+        "application": "voip",
+        "frame_duration": "20",
+        "vbr": "on",
+        "fec": "1" if cfg.fec else "0",
+        "packet_loss": str(int(cfg.packet_loss_pct)),
+        "dtx": "1" if cfg.dtx else "0",
+        "compression_level": str(int(cfg.complexity)),
+    }
+    ctx.open()
+    return ctx
+
+
+class OpusFecTrack(MediaStreamTrack):
+    """An audio track for ``pc.addTrack``: PCM pushed in, FEC-protected Opus packets out.
+
+    ``push(pcm, rate)`` from any thread (e.g. a ROS callback with ``audio/out`` at 24 kHz);
+    ``flush()`` drops what is queued (barge-in). Between utterances it sends silence, so
+    the RTP clock never jumps and the browser's jitter buffer stays settled.
+    """
+
+    kind = "audio"
+
+    def __init__(self, config: OpusSendConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = config or OpusSendConfig()
+        self._enc = make_opus_encoder(self.cfg)
+        self._lock = threading.Lock()
+        self._chunks: deque[np.ndarray] = deque()
+        self._queued = 0
+        self._resamplers: dict[int, StreamResampler] = {}
+        self._pending = np.zeros(0, np.int16)
+        self._start: float | None = None
+        self._n = 0  # frames handed to the encoder
+        self._packets: deque[av.Packet] = deque()
+        self.sent_frames = 0
+        self.speech_frames = 0
+        self.send_times: dict[int, float] = {}  # pts -> monotonic time sent (for benches)
+        self.record_send_times = False
+
+    def push(self, pcm: bytes | np.ndarray, rate: int = RATE) -> None:
+        """Queue mono PCM16 at ``rate`` to be sent in real time."""
+        samples = as_pcm16(pcm).reshape(-1)
+        with self._lock:
+            if rate != RATE:
+                rs = self._resamplers.get(rate)
+                if rs is None:
+                    rs = self._resamplers[rate] = StreamResampler(rate, RATE)
+                samples = rs.process(samples)
+            if len(samples):
+                self._chunks.append(np.array(samples, dtype=np.int16))
+                self._queued += len(samples)
+                while self._queued > self.cfg.max_queue_s * RATE:
+                    self._queued -= len(self._chunks.popleft())
+
+    def flush(self) -> int:
+        """Drop everything not yet encoded; returns the samples dropped."""
+        with self._lock:
+            dropped = self._queued + len(self._pending)
+            self._chunks.clear()
+            self._queued = 0
+            self._pending = np.zeros(0, np.int16)
+            for rs in self._resamplers.values():
+                rs.reset()
+            return dropped
+
+    @property
+    def queued_seconds(self) -> float:
+        return (self._queued + len(self._pending)) / RATE
+
+    def _next_pcm(self) -> tuple[np.ndarray, bool]:
+        with self._lock:
+            parts = [self._pending]
+            have = len(self._pending)
+            while have < FRAME and self._chunks:
+                c = self._chunks.popleft()
+                self._queued -= len(c)
+                parts.append(c)
+                have += len(c)
+            buf = np.concatenate(parts) if len(parts) > 1 else self._pending
+            if have >= FRAME:
+                self._pending = buf[FRAME:]
+                return buf[:FRAME], True
+            if have:
+                # The end of an utterance: pad the last frame with silence.
+                self._pending = np.zeros(0, np.int16)
+                return np.concatenate((buf, np.zeros(FRAME - have, np.int16))), True
+            return np.zeros(FRAME, np.int16), False
+
+    async def recv(self) -> av.Packet:
+        if self.readyState != "live":
+            raise MediaStreamError
+        while True:
+            if self._packets:
+                pkt = self._packets.popleft()
+                break
+            # Exact pacing: frame n leaves at start + n * 20 ms on the monotonic clock.
+            now = time.monotonic()
+            if self._start is None:
+                self._start = now
+            due = self._start + self._n * FRAME / RATE
+            if due > now:
+                await asyncio.sleep(due - now)
+            elif now - due > 0.2:
+                # The loop was blocked for a long time: restart the clock, don't burst.
+                self._start = now - self._n * FRAME / RATE
+            pcm, speech = self._next_pcm()
+            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = RATE
+            frame.time_base = TIME_BASE
+            frame.pts = self._n * FRAME
+            self._n += 1
+            self.speech_frames += speech
+            for p in self._enc.encode(frame):
+                self._packets.append(p)
+        self.sent_frames += 1
+        if self.record_send_times:
+            self.send_times[int(pkt.pts)] = time.monotonic()
+        return pkt
+
+
+_RTPMAP = re.compile(r"^a=rtpmap:(\d+) opus/48000(/2)?\s*$", re.IGNORECASE)
+
+
+def munge_sdp(
+    sdp: str,
+    config: OpusSendConfig | None = None,
+    *,
+    nack: bool = True,
+    stereo: bool = False,
+) -> str:
+    """Add Opus fmtp (``minptime=10;useinbandfec=1``, ``usedtx``, ``maxaveragebitrate``)
+    and ``a=rtcp-fb:<pt> nack`` to every audio section of ``sdp``.
+
+    Parameters already present on the fmtp line keep their value unless we set them.
+    Idempotent. Only the audio m-sections are touched; line endings are kept.
+    """
+    cfg = config or OpusSendConfig()
+    eol = "\r\n" if "\r\n" in sdp else "\n"
+    lines = sdp.split(eol)
+    trailing = lines[-1] == ""
+    if trailing:
+        lines = lines[:-1]
+    want = {
+        "minptime": "10",
+        "useinbandfec": "1" if cfg.fec else "0",
+        "usedtx": "1" if cfg.dtx else "0",
+        "maxaveragebitrate": str(max(cfg.bitrate, 6000) * 2),
+        "stereo": "1" if stereo else "0",
+        "sprop-stereo": "1" if stereo else "0",
+    }
+    out: list[str] = []
+    in_audio = False
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line is None:  # an fmtp/rtcp-fb line already rewritten after its rtpmap
+            i += 1
+            continue
+        if line.startswith("m="):
+            in_audio = line.startswith("m=audio")
+        m = _RTPMAP.match(line) if in_audio else None
+        out.append(line)
+        i += 1
+        if not m:
+            continue
+        pt = m.group(1)
+        # Collect this payload type's existing fmtp / rtcp-fb lines anywhere in the section.
+        j = i
+        section_end = j
+        while section_end < len(lines) and not lines[section_end].startswith("m="):
+            section_end += 1
+        params: dict[str, str] = {}
+        order: list[str] = []
+        fbs: list[str] = []
+        for k in range(j, section_end):
+            ln = lines[k]
+            if ln.startswith(f"a=fmtp:{pt} "):
+                for kv in ln.split(" ", 1)[1].split(";"):
+                    if "=" in kv:
+                        key, val = kv.strip().split("=", 1)
+                        if key not in params:
+                            order.append(key)
+                        params[key] = val
+                lines[k] = None  # type: ignore[call-overload]
+            elif ln.startswith(f"a=rtcp-fb:{pt} "):
+                fbs.append(ln)
+                lines[k] = None  # type: ignore[call-overload]
+        for key, val in want.items():
+            if key not in params:
+                order.append(key)
+            params[key] = val
+        out.append(f"a=fmtp:{pt} " + ";".join(f"{k}={params[k]}" for k in order))
+        if nack and f"a=rtcp-fb:{pt} nack" not in fbs:
+            fbs.append(f"a=rtcp-fb:{pt} nack")
+        out.extend(fbs)
+    return eol.join(out) + (eol if trailing else "")
