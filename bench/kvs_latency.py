@@ -1,0 +1,179 @@
+"""One-way audio latency over the KVS WebRTC link on loopback, and CPU per viewer.
+
+viewer -> robot: an aiortc viewer sends noise bursts; latency = time the master's on_audio
+callback delivers the 16 kHz block holding a burst onset (what audio/remote publishes) minus
+the time the viewer's sender emitted the 20 ms frame holding it.
+robot -> viewer: KvsMaster.play() of a burst; latency = arrival of the viewer's decoded frame
+holding the onset minus the play() call.
+CPU per viewer: the master process's CPU time per second of audio with N talking viewers
+(separate processes) while the robot talks to all of them, minus the idle master.
+
+Baseline on this kind of machine: aiortc alone, ~82 ms p50 one-way, 80 ms of it the receiver's
+4-packet jitter-buffer prefill; ~110 ms CPU per second of audio per direction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+import _common
+
+_common.isolate()
+_common.setup_path()
+
+import numpy as np  # noqa: E402
+
+from sonic_voice.emulators.kvs import KvsEmulator  # noqa: E402
+from sonic_voice.kvs.master import KvsMaster  # noqa: E402
+from sonic_voice.kvs.settings import KvsSettings  # noqa: E402
+
+from test.harness.signals import speech_like  # noqa: E402
+from test.harness.viewer import TEST_SECRET, Viewer  # noqa: E402
+
+BURSTS = int(os.environ.get("KVS_BENCH_BURSTS", "40"))
+PERIOD_S = 0.25
+CPU_SECONDS = float(os.environ.get("KVS_BENCH_CPU_S", "10"))
+THRESH = 2000
+
+
+def burst(rate: int, ms: float = 30, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(rate * ms / 1000)) * 8000).clip(-30000, 30000).astype(np.int16)
+
+
+def onsets(events: list[tuple[float, np.ndarray]]) -> list[float]:
+    """Times of the chunks where the signal rises from quiet to a burst."""
+    out, quiet = [], True
+    for t, x in events:
+        loud = len(x) and int(np.abs(x.astype(np.int32)).max()) > THRESH
+        if loud and quiet:
+            out.append(t)
+        quiet = not loud
+    return out
+
+
+def pair(sent: list[float], got: list[float]) -> list[float]:
+    """Match each received onset to the latest sent onset before it (within a period)."""
+    lat = []
+    for g in got:
+        before = [s for s in sent if s <= g and g - s < PERIOD_S * 0.9]
+        if before:
+            lat.append((g - before[-1]) * 1000)
+    return lat
+
+
+def settings(emu: KvsEmulator) -> KvsSettings:
+    return KvsSettings(
+        "bench",
+        endpoint_url=emu.endpoint_url,
+        access_key_id="AKIDBENCH",
+        secret_access_key=TEST_SECRET,
+        ice_servers_override=[],
+    )
+
+
+async def latency(emu: KvsEmulator) -> tuple[list[float], list[float]]:
+    got_master: list[tuple[float, np.ndarray]] = []
+    master = KvsMaster(
+        settings(emu),
+        on_audio=lambda c, b: got_master.append((time.monotonic(), np.frombuffer(b, "<i2"))),
+    )
+    await master.start()
+    viewer = await Viewer(emu.endpoint_url, "bench", "bench-viewer").join()
+    sent_viewer: list[tuple[float, np.ndarray]] = []
+    viewer.mic.on_frame = lambda t, x: sent_viewer.append((t, x))
+    await master.wait_viewers(1)
+    await asyncio.sleep(1.0)  # let both jitter buffers settle
+    b16, b24 = burst(16000), burst(24000, seed=1)
+    gap16 = np.zeros(int(16000 * PERIOD_S) - len(b16), np.int16)
+    # viewer -> master: bursts queued on the viewer's paced track.
+    viewer.say(np.concatenate([np.concatenate([b16, gap16]) for _ in range(BURSTS)]))
+    # master -> viewer: one play() per burst, at the period.
+    played: list[float] = []
+    for _ in range(BURSTS):
+        played.append(time.monotonic())
+        master.play(b24)
+        await asyncio.sleep(PERIOD_S)
+    await asyncio.sleep(0.6)
+    up = pair(onsets(sent_viewer), onsets(got_master))
+    down = pair(played, onsets(viewer.frames))
+    await viewer.close()
+    await master.stop()
+    return up, down
+
+
+async def cpu(emu: KvsEmulator, n: int) -> float:
+    """Master-process CPU seconds per second of wall time with ``n`` viewers."""
+    master = KvsMaster(settings(emu))
+    await master.start()
+    procs = []
+    for i in range(n):
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "test.harness.viewer",
+                "--endpoint-url",
+                emu.endpoint_url,
+                "--channel",
+                "bench",
+                "--client-id",
+                f"load-{i}",
+                stdout=asyncio.subprocess.PIPE,
+                cwd=str(_common.ROOT),
+            )
+        )
+    for p in procs:
+        await asyncio.wait_for(p.stdout.readline(), 60)
+    assert await master.wait_viewers(n, 30)
+    speech = speech_like(2.0, 24000, seed=5)
+
+    async def talk() -> None:
+        while True:
+            if all(p.out.queued_seconds < 0.5 for p in master.peers.values()):
+                master.play(speech)
+            await asyncio.sleep(0.1)
+
+    talker = asyncio.create_task(talk())
+    await asyncio.sleep(2.0)
+    c0, w0 = time.process_time(), time.monotonic()
+    await asyncio.sleep(CPU_SECONDS)
+    used = (time.process_time() - c0) / (time.monotonic() - w0)
+    talker.cancel()
+    for p in procs:
+        p.kill()
+        await p.wait()
+    await master.stop()
+    return used
+
+
+async def main() -> None:
+    emu = KvsEmulator(channels=["bench"], verify_secret=TEST_SECRET)
+    await emu.start()
+    try:
+        up, down = await latency(emu)
+        idle = await cpu(emu, 0)
+        loads = {n: await cpu(emu, n) for n in (1, 3)}
+    finally:
+        await emu.stop()
+    print(f"bursts matched: viewer->robot {len(up)}/{BURSTS}, robot->viewer {len(down)}/{BURSTS}")
+    goal = "<= 120 ms p50 on loopback; aiortc baseline ~82 ms, 80 ms of it its jitter buffer"
+    for name, vals in (("viewer_to_audio_remote", up), ("play_to_viewer", down)):
+        _common.figure(f"{name}_p50", _common.pct(vals, 50), "ms", goal)
+        _common.figure(f"{name}_p99", _common.pct(vals, 99), "ms", "<= 200 ms on loopback")
+    _common.figure("master_cpu_idle", idle * 1000, "ms/s", "near 0")
+    for n, used in loads.items():
+        per = (used - idle) / n * 1000
+        _common.figure(
+            f"master_cpu_per_viewer_{n}v",
+            per,
+            "ms CPU per s of audio",
+            "<= 250 ms (both directions; aiortc baseline ~110 ms per direction)",
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
