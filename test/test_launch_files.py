@@ -434,3 +434,87 @@ def test_launch_for_real(launch_file: str, arguments: dict, expect: dict) -> Non
         ctx.try_shutdown()
         ls.shutdown()
         thread.join(30)
+
+
+# ----------------------------------------------------------------------------- docs
+DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+
+
+def _code_blocks(path: Path, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", path.read_text(), re.S)
+
+
+def _shell_commands(path: Path) -> list[str]:
+    """Shell lines of ```bash blocks, continuation lines joined, comments dropped."""
+    out = []
+    for block in _code_blocks(path, "bash"):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            cmd = re.sub(r"\s#.*$", "", cmd).strip()
+            if cmd and not cmd.startswith("#"):
+                out.append(cmd)
+    return out
+
+
+def _make_targets() -> set[str]:
+    return set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_documented_commands_name_real_things(path: Path) -> None:
+    """ros2 launch/run, make targets, venv scripts and files named in the docs exist, and
+    every launch argument given in the docs is declared by that launch file."""
+    scripts = console_scripts()
+    targets = _make_targets()
+    for cmd in _shell_commands(path):
+        for m in re.finditer(r"ros2 launch sonic_voice (\S+)((?:\s+[\w]+:=\S+)*)", cmd):
+            launch_file = LAUNCH_DIR / m[1]
+            assert launch_file.is_file(), f"{path.name}: {cmd}"
+            declared = declared_args(parse(launch_file), launch_file)
+            for arg in re.findall(r"(\w+):=", m[2]):
+                assert arg in declared, f"{path.name}: {m[1]} has no argument {arg!r}: {cmd}"
+        for exe in re.findall(r"ros2 run sonic_voice (\S+)", cmd):
+            assert exe in scripts, f"{path.name}: no executable {exe!r}: {cmd}"
+        for target in re.findall(r"(?:^|&&\s*|;\s*)make (\w+)", cmd):
+            assert target in targets, f"{path.name}: no make target {target!r}: {cmd}"
+        for exe in re.findall(r"\.venv/bin/([\w-]+)", cmd):
+            assert exe in scripts or exe in {"python", "pip", "ruff", "pytest"}, (
+                f"{path.name}: .venv/bin/{exe} is not installed by setup.py: {cmd}"
+            )
+        for f in re.findall(r"(?:^|\s)((?:config|scripts|launch)/[\w./-]+)", cmd):
+            assert (ROOT / f).exists(), f"{path.name}: {f} does not exist: {cmd}"
+
+
+def test_iam_policies_in_aws_setup_are_valid_json_with_known_actions() -> None:
+    import json
+
+    blocks = [json.loads(b) for b in _code_blocks(ROOT / "docs" / "aws-setup.md", "json")]
+    actions = set()
+    for doc in blocks:
+        statements = doc["Statement"] if "Statement" in doc else [doc]
+        for st in statements:
+            assert st["Effect"] == "Allow"
+            acts = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            actions |= set(acts)
+            assert st.get("Resource") or st.get("Principal"), st
+    # What the robot does, and nothing more: Bedrock invoke, KVS signaling as master.
+    assert {
+        "bedrock:InvokeModel",
+        "kinesisvideo:DescribeSignalingChannel",
+        "kinesisvideo:GetSignalingChannelEndpoint",
+        "kinesisvideo:GetIceServerConfig",
+        "kinesisvideo:ConnectAsMaster",
+        "kinesisvideo:CreateSignalingChannel",
+    } <= actions
+    assert not any("*" in a for a in actions), "no wildcard actions in a least-privilege policy"
+
+
+def test_quickstart_params_example_sets_declared_parameters(ros_graph) -> None:
+    """The params_file example of the quickstart names real nodes and parameters."""
+    blocks = _code_blocks(ROOT / "docs" / "quickstart.md", "yaml")
+    assert blocks, "quickstart has a params file example"
+    for block in blocks:
+        for key, section in yaml.safe_load(block).items():
+            node = key.removeprefix("/**/")
+            declared = declared_params(ros_graph, node)
+            unknown = set(section["ros__parameters"]) - declared.keys()
+            assert not unknown, f"quickstart example: {node} has no {sorted(unknown)}"

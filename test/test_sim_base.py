@@ -277,3 +277,36 @@ def test_location_file_shapes(tmp_path) -> None:
         "door": (3.0, 4.0),
         "tür": (3.0, 4.0),
     }
+
+
+def test_documented_command_serves_goals_across_processes(ros_graph) -> None:
+    """`.venv/bin/sim_base --ros-args -p linear_speed:=1.0` (docs/quickstart.md) serves a
+    goal sent from this process, and Ctrl-C ends it cleanly (exit 0)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "sim_base"
+    assert exe.is_file(), f"{exe} missing: run `bash scripts/setup.sh` (installs the scripts)"
+    env = {**os.environ, "ROS_DOMAIN_ID": str(ros_graph.domain_id)}
+    proc = subprocess.Popen(
+        [str(exe), "--ros-args", "-p", "linear_speed:=1.0", "-p", "start_x:=2.0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        c = Client(ros_graph)
+        assert wait_for(lambda: len(c.odom) > 0, TIMEOUT)
+        assert c.last_odom()[0] == pytest.approx(2.0)
+        goal = c.send(2.5, 0.0)
+        assert goal.wait() == GoalStatus.STATUS_SUCCEEDED
+        assert goal.feedback[0].distance_remaining == pytest.approx(0.5, abs=0.06)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, out
+    assert "simulated base at (2.00, 0.00" in out and "goal succeeded" in out
