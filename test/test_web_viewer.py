@@ -467,5 +467,16 @@ async def test_chromium_viewer_talks_with_robot_master(page_server: str) -> None
                     ("visitor-e2e", {"type": "text", "text": "Where is the kitchen?"}),
                     ("visitor-e2e", {"type": "mute"}),
                 ]
+
+                # GO_AWAY to the page: it re-presigns and reconnects; media stays up.
+                emu = kvs.emulator
+                await asyncio.to_thread(kvs.send_go_away, "visitor-e2e")
+                assert await asyncio.to_thread(
+                    kvs.wait_until,
+                    lambda: [c for _, c, _ in emu.connections].count("visitor-e2e") == 2,
+                    15,
+                ), browser.console[-20:]
+                assert await browser.evaluate("kvsViewer.signaling.received.GO_AWAY") == 1
+                assert await browser.evaluate("kvsViewer.connectionState") == "connected"
         finally:
             await master.stop()
