@@ -201,3 +201,24 @@ async def test_viewer_limit() -> None:
         assert sorted(emu.viewer_ids()) == ["a", "b"]
         for ws in (a2, b):
             await ws.close()
+
+
+async def test_presigned_url_with_session_token(emu: KvsEmulator) -> None:
+    """Temporary credentials: the token is inside the signed query, as KVS requires."""
+    from botocore.credentials import ReadOnlyCredentials
+
+    from sonic_voice.kvs.signing import presign_wss_url
+
+    arn = emu.channel_arn("robot")
+    creds = ReadOnlyCredentials("ASIATEST", SECRET, "token/with+chars=")
+    url = presign_wss_url(f"{emu.ws_url}/ws/viewer", arn, creds, "us-west-2", client_id="v-1")
+    query = url.split("?", 1)[1]
+    keys = [p.split("=")[0] for p in query.split("&")]
+    assert keys[-1] == "X-Amz-Signature" and "X-Amz-Security-Token" in keys[:-1]
+    assert "X-Amz-Expires=299" in query and "X-Amz-SignedHeaders=host" in query
+    ws = await websockets.connect(url, proxy=None)  # the stand-in recomputed the signature
+    assert emu.viewer_ids() == ["v-1"]
+    await ws.close()
+    tampered = url.replace("X-Amz-ClientId=v-1", "X-Amz-ClientId=v-2")
+    with pytest.raises(websockets.InvalidStatus):
+        await websockets.connect(tampered, proxy=None)

@@ -77,6 +77,8 @@ class SignalingClient:
         self._sent: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
+        self._now_reason = "closed by the service"
+        self._close_task: asyncio.Future | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,13 +101,14 @@ class SignalingClient:
             self._task = None
         self.connected.clear()
 
-    def reconnect(self, reason: str) -> None:
-        """Drop the current connection and connect again at once (GO_AWAY)."""
+    def reconnect(self, reason: str = "requested") -> None:
+        """Drop the current connection and connect again at once (like GO_AWAY)."""
         self._wake.set()
         ws = self._ws
         if ws is not None:
-            self._now_reason = reason
-            asyncio.ensure_future(ws.close(code=1000, reason=reason))
+            self._now_reason = "go_away"
+            log.info("signaling: reconnecting now (%s)", reason)
+            self._close_task = asyncio.ensure_future(ws.close(code=1000, reason=reason))
 
     # -- connection loop ----------------------------------------------------------------
     async def _run(self) -> None:
