@@ -158,8 +158,9 @@ class Client:
                 await self.send(E.content_end(PN, "audio"), E.prompt_end(PN), E.session_end())
         with contextlib.suppress(Exception):
             await self.stream.input_stream.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ended.wait(), 10)
+        if self._reader is not None:  # drain to None (pitfall 2), never cancel receive()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ended.wait(), 10)
         with contextlib.suppress(Exception):
             await self.http.close()
 
@@ -591,3 +592,40 @@ def test_output_frames_are_the_service_shape() -> None:
     ex = Event.decode(BytesIO(exception_frame("modelStreamErrorException", "x")))
     assert ex.message.headers[":exception-type"] == "modelStreamErrorException"
     assert json.loads(ex.message.payload)["originalStatusCode"] == 500
+
+
+async def test_product_transport_open_stream_against_the_stand_in() -> None:
+    """The product's own transport (sonic_voice.sonic.transport) reaches the stand-in."""
+    transport = pytest.importorskip("sonic_voice.sonic.transport")
+    sc = {"turns": [{"user": "hi", "say": "Hello.", "audio": TONE}]}
+    async with running(sc) as (emu, _connect):
+        st = await transport.open_stream(
+            transport.BedrockSettings(
+                region=emu.region,
+                model_id=E.NOVA_2_SONIC,
+                endpoint_uri=emu.endpoint_uri,
+                ca_bundle=emu.ca_file,
+                access_key_id=emu.access_key,
+                secret_access_key=emu.secret_key,
+            )
+        )
+        try:
+            for ev in (
+                E.session_start(),
+                E.prompt_start(PN, "tiffany"),
+                E.audio_content_start(PN, "audio"),
+            ):
+                await st.send(ev)
+            for i in range(0, len(SPEECH + SILENCE), 1024):
+                await st.send(E.audio_input(PN, "audio", (SPEECH + SILENCE)[i : i + 1024]))
+            got = []
+            while not got or not isinstance(got[-1], E.CompletionEnd):
+                raw = await asyncio.wait_for(st.receive(), 20)
+                assert raw is not None
+                got.append(E.parse_output(raw))
+            assert [g.text for g in got if isinstance(g, E.TextOutput) and g.role == "USER"] == [
+                "hi"
+            ]
+            assert emu.records[0].signature_chain_ok
+        finally:
+            await st.close()

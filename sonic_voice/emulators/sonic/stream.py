@@ -180,7 +180,7 @@ class StreamSession:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._decoder = self._spawn(self._decode_loop())
-        self._spawn(self._turn_loop())
+        self._turns = self._spawn(self._turn_loop())
         if self.emu.session_limit_s > 0:
             self._spawn(
                 self._fault_later(Fault("timeLimit"), self.emu.session_limit_s),
@@ -376,6 +376,10 @@ class StreamSession:
             raise ProtocolViolation(f"Invalid input request: {name} must be an object")
         return name, body
 
+    async def _end_after_grace(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self._finish("sessionEnd")
+
     async def _violation(self, message: str) -> None:
         await self.send_exception("validationException", message)
 
@@ -395,7 +399,11 @@ class StreamSession:
             if self.phase != "prompt_ended":
                 raise ProtocolViolation("sessionEnd received before promptEnd.")
             self.phase = "ended"
-            self._finish("sessionEnd")
+            # The client closes its input next; end the response then (or after a grace
+            # period), so the SDK never writes to a stream that already completed.
+            self.rec.end_reason = "sessionEnd"
+            self._turns.cancel()
+            self._spawn(self._end_after_grace(5.0))
             return
         if self.phase == "session":
             raise ProtocolViolation(f"{name} received before promptStart.")
