@@ -442,10 +442,11 @@ async def test_chromium_viewer_talks_with_robot_master(page_server: str) -> None
                     f"page played something else: {_summary(played_back)}"
                 )
                 assert np.mean(nccs >= 0.6) >= 0.8, _summary(played_back)
-                lags = np.array([lag for _, lag, _ in played_back])
-                assert np.mean(np.abs(lags - np.median(lags)) <= 0.3 * 24000) >= 0.8, _summary(
-                    played_back
-                )
+                # In order: NetEq may stretch or a busy machine may leave a gap (up to 340 ms
+                # seen), so chunks may slide later, never earlier, and stay within 1 s.
+                lags = np.array([lag for _, lag, ncc in played_back if ncc >= 0.6])
+                assert np.all(np.diff(lags) >= -0.05 * 24000), _summary(played_back)
+                assert lags.max() - lags.min() <= 1.0 * 24000, _summary(played_back)
                 stats = await browser.evaluate("kvsViewer.stats()")
                 assert stats["inbound"]["totalSamplesReceived"] > 3 * 48000, stats
                 assert stats["inbound"]["totalAudioEnergy"] > 0.01, stats
