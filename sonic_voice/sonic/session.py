@@ -246,6 +246,8 @@ class SonicSession:
         self._started = False
         self._stopping = False
         self._fatal: str | None = None
+        self._fatal_err: SonicStreamError | None = None
+        self._barge_armed = False
         self._rotating = False
         self._recovering = False
         self._watch: asyncio.Task | None = None
@@ -289,7 +291,9 @@ class SonicSession:
         self._set_state("connecting")
         leg = await self._open_with_retry()
         if leg is None:
-            raise SonicStreamError("fatal", False, self._fatal or "could not open the stream")
+            raise self._fatal_err or SonicStreamError(
+                "fatal", False, self._fatal or "could not open the stream"
+            )
         self._promote(leg, replay=False)
         self._watch = asyncio.create_task(self._rotation_watch(), name="sonic-rotation-watch")
         if self.config.greeting:
@@ -542,6 +546,7 @@ class SonicSession:
 
     def _fail(self, message: str, err: SonicStreamError | None = None) -> None:
         self._fatal = message
+        self._fatal_err = err
         log.error("Nova Sonic session stopped: %s", message)
         self.listener.on_error(message, True)
         self._set_state("error")
@@ -559,6 +564,8 @@ class SonicSession:
             self._on_text(e)
         elif isinstance(e, ev.ContentStart):
             self._content[e.content_id] = e
+            if e.role == "ASSISTANT" and e.type == "AUDIO":
+                self._barge_armed = True  # new speech: the next interruption is news
             if e.type == "AUDIO":
                 self._audio_open = e.content_id
                 self._awaiting_reply = False
@@ -597,7 +604,9 @@ class SonicSession:
         if ctype == "TEXT":
             text = "".join(self._text.pop(e.content_id, [])).strip()
             if start is not None and text and (start.stage in (None, "FINAL")):
-                if start.role in ("USER", "ASSISTANT"):
+                # A USER transcript echoing cross-modal text we already recorded is not new.
+                echo = start.role == "USER" and self.history[-1:] == [("USER", text)]
+                if start.role in ("USER", "ASSISTANT") and not echo:
                     self.history.append((start.role, text))
         elif ctype == "AUDIO":
             if self._audio_open == e.content_id:
@@ -610,6 +619,11 @@ class SonicSession:
                 self._start_tool(leg, use)
 
     def _barge_in(self) -> None:
+        # The service says it several ways (the marker, then INTERRUPTED content ends);
+        # the playback side flushes once per interrupted answer.
+        if not self._barge_armed:
+            return
+        self._barge_armed = False
         if self._audio_open:
             self._interrupted_audio.add(self._audio_open)
         self.barge_ins += 1

@@ -99,8 +99,9 @@ _KINDS: dict[str, tuple[bool, bool]] = {
 
 _HINTS = {
     "AccessDeniedException": (
-        "access denied: the credentials need bedrock:InvokeModelWithBidirectionalStream on "
-        "the model, and model access must be granted in the Bedrock console for this region"
+        "access denied: the credentials need bedrock:InvokeModel (it covers the bidirectional "
+        "stream) on the model, and model access must be granted in the Bedrock console for "
+        "this region (docs/aws-setup.md)"
     ),
     "ResourceNotFoundException": (
         "model not found: check model_id and that the region offers Nova Sonic"
@@ -152,6 +153,9 @@ def classify_error(exc: BaseException) -> SonicStreamError:
         return SonicStreamError("Connection", True, f"connection: {message}")
     if name.startswith("AwsCrtError") or "AWS_" in message:
         return SonicStreamError("Connection", True, f"transport: {message}")
+    if isinstance(exc, (TypeError, ValueError, KeyError, IndexError, AttributeError)):
+        # A bug or a bad setting, not a service hiccup: retrying would only repeat it.
+        return SonicStreamError(name, False, f"{name}: {message}")
     return SonicStreamError(name, True, f"{name}: {message}")
 
 
@@ -223,25 +227,19 @@ def _force_nodelay(port: int) -> int:
             fd = int(name)
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 continue
-            for family in (socket.AF_INET, socket.AF_INET6):
-                try:
-                    s = socket.socket(family, socket.SOCK_STREAM, fileno=os.dup(fd))
-                except OSError:
-                    continue
-                try:
-                    if s.family not in (socket.AF_INET, socket.AF_INET6):
-                        break
-                    peer = s.getpeername()
-                    if peer[1] == port and not s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
-                        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        changed += 1
-                    break
-                except OSError:
-                    break
-                finally:
-                    s.close()
+            s = socket.socket(fileno=os.dup(fd))  # family and type detected from the fd
         except (OSError, ValueError):
             continue
+        try:
+            if s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM:
+                peer = s.getpeername()
+                if peer[1] == port and not s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    changed += 1
+        except OSError:
+            pass
+        finally:
+            s.close()
     return changed
 
 
