@@ -552,6 +552,11 @@ def test_scenario_validation_and_default() -> None:
     with pytest.raises(ValueError, match="HTTP error"):
         Scenario.load({"turns": [{"fault": "accessDenied"}]})
     assert DEFAULT_SCENARIO_FILE.is_file()
+    for path in DEFAULT_SCENARIO_FILE.parent.glob("*.yaml"):
+        assert Scenario.load(path).turns, path
+    demo = Scenario.load(DEFAULT_SCENARIO_FILE.parent / "robot_demo.yaml")
+    assert demo.turns[1].tools[0].name == "navigate_to"
+    assert demo.turns[3].fault is not None and demo.turns[3].fault.kind.startswith("modelStream")
 
 
 def test_energy_detector_end_of_utterance() -> None:
