@@ -459,7 +459,7 @@ async def test_time_limit_answers_like_the_service() -> None:
         assert "timed out" in str(c.error)
         rec = emu.records[0]
         assert rec.end_reason == "timeLimit"
-        assert (rec.ended_ns - rec.started_ns) / 1e9 >= 1.0
+        assert (rec.ended_ns - rec.started_ns) / 1e9 >= 0.95
 
 
 async def test_turn_fault_and_next_turn_injection() -> None:
