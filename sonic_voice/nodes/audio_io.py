@@ -35,6 +35,7 @@ from sonic_voice.audio.devices import (
     StreamSettings,
     refresh_devices,
 )
+from sonic_voice.audio.echo import APM_RATES, EchoCanceller, tap_playback
 from sonic_voice.nodes.common import (
     AUDIO_QOS,
     EVENT_QOS,
@@ -124,6 +125,15 @@ class AudioIONode(LifecycleNode):
             "output_gain", 1.0, descriptor("Speaker gain.", float_range=(0.0, 8.0, 0.0))
         )
         self.declare_parameter(
+            "echo_cancel",
+            True,
+            descriptor(
+                "WebRTC echo cancellation + noise suppression + high-pass on audio/mic, fed "
+                "with what the speaker plays (only when both devices are enabled). Turn off "
+                "for robots with hardware AEC."
+            ),
+        )
+        self.declare_parameter(
             "device_timeout_s",
             1.0,
             descriptor("No callback for this long = device lost.", float_range=(0.2, 30.0, 0.0)),
@@ -135,6 +145,7 @@ class AudioIONode(LifecycleNode):
         )
         self.capture: CaptureStream | None = None
         self.playback: PlaybackStream | None = None
+        self.echo: EchoCanceller | None = None
         self._mic_pub = None
         self._state_pub = None
         self._subs: list = []
@@ -183,6 +194,13 @@ class AudioIONode(LifecycleNode):
     # -- lifecycle --------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Open the devices; a missing one fails configuration with the list of devices."""
+        self.echo = None
+        rate = int(self._p("mic_rate"))
+        if self._p("echo_cancel") and self._p("enable_input") and self._p("enable_output"):
+            if rate in APM_RATES:
+                self.echo = EchoCanceller(rate)
+            else:
+                self.get_logger().warning(f"echo_cancel needs mic_rate in {APM_RATES}: off")
         try:
             self._open("input")
             self._open("output")
@@ -265,6 +283,8 @@ class AudioIONode(LifecycleNode):
             dev, rate = self.capture.device_name, self.capture.device_rate
         else:
             self.playback = PlaybackStream(self._settings("output"))
+            if self.echo is not None:
+                tap_playback(self.playback, self.echo.process_far)
             dev, rate = self.playback.device_name, self.playback.device_rate
         self._status[kind] = "ok"
         self._errors[kind] = ""
@@ -350,6 +370,8 @@ class AudioIONode(LifecycleNode):
                 return
             pub = self._mic_pub
             if pub is not None and self._active:
+                if self.echo is not None:
+                    block = self.echo.process_near(block)
                 pub.publish(pcm_msg(block))
                 self.mic_blocks += 1
 
