@@ -9,7 +9,7 @@ VENV=${SONIC_VOICE_VENV:-$ROOT/.venv}
 
 # Debian packages the tests and the run command need (audio devices, namespaces, speech,
 # and Debian's chromium for the browser viewer test).
-APT_PKGS=(libportaudio2 pulseaudio pulseaudio-utils libasound2-plugins iproute2 util-linux
+APT_PKGS=(libportaudio2 libopus0 pulseaudio pulseaudio-utils libasound2-plugins iproute2 util-linux
           espeak-ng sox make cmake g++ chromium)
 missing=()
 for p in "${APT_PKGS[@]}"; do
