@@ -95,6 +95,8 @@ class _RosListener(SessionListener):
         log = self.node.get_logger()
         (log.error if fatal else log.warning)(message)
         self.node.last_error = message
+        if fatal:
+            self.node._fatal_error = message
 
 
 class SonicSessionNode(LifecycleNode):
@@ -113,6 +115,7 @@ class SonicSessionNode(LifecycleNode):
         self._viewers = 0
         self._state = "idle"
         self.last_error = ""
+        self._fatal_error: str | None = None
         self.out_chunks = 0
         self.mic_frames = 0
         self._last_push = 0.0
@@ -274,8 +277,15 @@ class SonicSessionNode(LifecycleNode):
 
         return load_provider(self, self._p("tools_file"), self._p("locations_file") or None)
 
+    @property
+    def fatal_error(self) -> str | None:
+        """Why the conversation stopped for good (bad credentials, no model access...), or
+        None while it runs or can recover; cleared by the next activation."""
+        return self._fatal_error
+
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Start the loop thread and open the conversation (without blocking)."""
+        self._fatal_error = None
         self._start_loop()
         self.session = SonicSession(self.bedrock, self.config, self.tools, _RosListener(self))
         fut = asyncio.run_coroutine_threadsafe(self._run_session(), self.loop)
@@ -328,6 +338,7 @@ class SonicSessionNode(LifecycleNode):
             await self.session.start()
         except Exception as e:  # noqa: BLE001 - reported on state/log; the node stays up
             self.last_error = str(e)
+            self._fatal_error = str(e)
             self.publish_state("error")
             self.get_logger().error(f"Nova Sonic session could not start: {e}")
 
@@ -376,7 +387,8 @@ class SonicSessionNode(LifecycleNode):
     def _on_viewers(self, msg: Int32) -> None:
         if msg.data != self._viewers:
             self.get_logger().info(f"viewers connected: {msg.data}")
-        self._viewers = msg.data
+            self._viewers = msg.data
+            self.publish_state(self._state)  # the state carries source and viewer count
 
     def _on_text(self, msg: String) -> None:
         text = msg.data
