@@ -1,26 +1,48 @@
 """Tool-call latency through the ROS tools layer (real rclpy, real action server).
 
-Two figures, over sequential Fibonacci goals to a server in this process on an isolated
-graph, with the provider on its own asyncio loop (as on the session's) and the executor
-spinning in another thread:
+The setup is a robot's: the far end, a ``test_msgs/action/Fibonacci`` server, runs in
+another process (as Nav2 does) and publishes 20 ms microphone blocks on ``audio/mic`` at
+50 Hz. This process is the session's: a node spun by a MultiThreadedExecutor (as
+``run_node`` does) whose ``audio/mic`` subscription hands every block to the asyncio loop
+(as ``sonic_session`` does), and the provider built on that node by ``load_provider``.
+Calls are sequential, one every ``--period`` seconds (a conversation does not fire a
+hundred goals a second), with 20 warm-up calls left out.
 
-- ``toolUse received -> goal accepted``: from ``RosToolProvider.run`` entry (schema check,
-  goal mapping, send) to the accepted goal handle back on the loop (goal <= 10 ms);
-- ``server result -> ToolResult returned``: from the server's execute callback producing
-  the result to ``run`` returning the ToolResult on the loop (goal <= 5 ms).
+Figures, t0 -> t1 (``time.perf_counter_ns``: CLOCK_MONOTONIC, comparable across processes):
 
-Run: ``.venv/bin/python bench/tool_latency.py [N]``.
+- ``tool_use_to_goal_accepted``: t0 just before the loop calls ``provider.run(toolUse)``;
+  t1 when ``run`` holds the server's acceptance on the loop (the provider's ``accepted``
+  mark). Goal <= 10 ms.
+- ``tool_use_to_server_accepted`` (for reading the above): t1 is the server's goal
+  callback answering ACCEPT, in the server's process.
+- ``server_result_to_tool_result``: t0 when the server's execute callback hands its result
+  to rclpy (which sends it from there), in the server's process; t1 when ``run`` has
+  returned the ToolResult to its caller on the loop. Goal <= 5 ms.
+- ``cpu_per_call``: this process's CPU time from t0 to the ToolResult, per call: the
+  work the path costs, less sensitive than wall time to other load on the machine.
+
+Options: ``--same-process`` puts the server in this process on the graph's executor (it
+then competes for this process's GIL; the harder, less realistic case), ``--no-audio``,
+``--period S``, ``--stages`` (per-stage p50/p99 offsets from t0 along the path, from the
+provider's marks and the server's stamps: where the time goes, thread by thread).
+
+Run: ``.venv/bin/python bench/tool_latency.py [N] [options]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import base64
+import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import figure, isolate, pct, setup_path
@@ -36,61 +58,218 @@ tools:
       goal: {order: {input: order}}
       result: [sequence]
 """
+WARMUP = 20
+MIC_BLOCK = 640  # 20 ms of PCM16 mono at 16 kHz
+RESULT_KEEP_S = 1  # the server keeps finished goals (and lists them in every status) this long
+
+
+class FarEnd:
+    """The Fibonacci server's side: stamps its goal callback and its result, in order."""
+
+    def __init__(self, node: Any, audio: bool) -> None:
+        from rclpy.action import ActionServer, CancelResponse, GoalResponse
+        from std_msgs.msg import UInt8MultiArray
+        from test_msgs.action import Fibonacci
+
+        from sonic_voice.nodes.common import AUDIO_QOS, MIC_TOPIC
+
+        self.accepted_ns: list[int] = []
+        self.result_ns: list[int] = []
+        self._fib = Fibonacci
+
+        def on_goal(goal: Any) -> Any:
+            self.accepted_ns.append(time.perf_counter_ns())
+            return GoalResponse.ACCEPT
+
+        self.server = ActionServer(
+            node,
+            Fibonacci,
+            "fibonacci",
+            execute_callback=self._execute,
+            goal_callback=on_goal,
+            cancel_callback=lambda gh: CancelResponse.ACCEPT,
+            result_timeout=RESULT_KEEP_S,
+        )
+        if audio:
+            pub = node.create_publisher(UInt8MultiArray, MIC_TOPIC, AUDIO_QOS)
+            block = UInt8MultiArray(data=bytes(MIC_BLOCK))
+            node.create_timer(0.02, lambda: pub.publish(block))
+
+    def _execute(self, goal_handle: Any) -> Any:
+        s = [0, 1]
+        while len(s) < goal_handle.request.order + 1:
+            s.append(s[-1] + s[-2])
+        goal_handle.succeed()
+        result = self._fib.Result(sequence=s)
+        self.result_ns.append(time.perf_counter_ns())
+        return result
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds used so far by each live thread of this process, by Python thread name."""
+    import threading
+
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(tid), "other (rmw, pool)")
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def far_end_process(domain_id: int, audio: bool, conn: Any) -> None:
+    """Child process: the far end on its own context and executor until told to stop."""
+    import threading
+
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=domain_id)
+    node = Node("bench_far_end", context=ctx)
+    far = FarEnd(node, audio)
+    ex = SingleThreadedExecutor(context=ctx)
+    ex.add_node(node)
+    t = threading.Thread(target=ex.spin, daemon=True)
+    t.start()
+    conn.send("ready")
+    conn.recv()  # stop
+    ex.shutdown(timeout_sec=5)
+    t.join(10)
+    conn.send((far.accepted_ns, far.result_ns))
+    node.destroy_node()
+    ctx.try_shutdown()
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("n", nargs="?", type=int, default=300, help="timed calls")
+    ap.add_argument("--period", type=float, default=0.1, help="seconds between call starts")
+    ap.add_argument("--same-process", action="store_true", help="the server in this process")
+    ap.add_argument("--no-audio", action="store_true", help="no microphone traffic")
+    ap.add_argument("--stages", action="store_true", help="per-stage offsets from t0")
+    args = ap.parse_args()
     isolate()
     setup_path()
     home = tempfile.mkdtemp(prefix="sv-bench-")
     os.environ.setdefault("ROS_HOME", home)
     os.environ.setdefault("ROS_LOG_DIR", os.path.join(home, "log"))
+    assert time.get_clock_info("perf_counter").implementation == "clock_gettime(CLOCK_MONOTONIC)"
+    from std_msgs.msg import UInt8MultiArray
+
+    from sonic_voice.nodes.common import AUDIO_QOS, MIC_TOPIC, msg_pcm
     from sonic_voice.sonic.tools_seam import ToolUse
     from sonic_voice.tools import load_provider
 
     from test.harness.ros import RosGraph
-    from test.harness.servers import fibonacci_server
 
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    audio = not args.no_audio
     cfg = Path(home) / "tools.yaml"
     cfg.write_text(textwrap.dedent(TOOLS))
-    graph = RosGraph()
+    graph = RosGraph(threads=os.cpu_count() or 2)  # as run_node's MultiThreadedExecutor()
+    child = conn = far = None
     try:
-        server = fibonacci_server(graph.node("bench_server"), steps=0)
-        result_at: list[float] = []
-        make_result = server._result
+        if args.same_process:
+            far = FarEnd(graph.node("bench_far_end"), audio)
+        else:
+            mp = multiprocessing.get_context("spawn")
+            conn, child_conn = mp.Pipe()
+            child = mp.Process(target=far_end_process, args=(graph.domain_id, audio, child_conn))
+            child.start()
+            assert conn.poll(30) and conn.recv() == "ready", "far end did not start"
 
-        def timed_result(goal, done):
-            r = make_result(goal, done)
-            result_at.append(time.perf_counter())
-            return r
+        session = graph.node("bench_session")
+        loop_box: list[asyncio.AbstractEventLoop] = []
+        pushed = [0]
 
-        server._result = timed_result
-        provider = load_provider(graph.node("bench_tools"), str(cfg), None)
+        def push_audio(pcm: Any) -> None:  # loop: what the session does with a block, roughly
+            json.dumps({"event": {"audioInput": {"content": base64.b64encode(pcm).decode()}}})
+            pushed[0] += 1
+
+        def on_mic(msg: Any) -> None:  # executor thread, as SonicSessionNode._on_audio
+            if loop_box:
+                loop_box[0].call_soon_threadsafe(push_audio, msg_pcm(msg))
+
+        session.create_subscription(UInt8MultiArray, MIC_TOPIC, on_mic, AUDIO_QOS)
+        provider = load_provider(session, str(cfg), None)
         provider.keep_marks = True
+        assert provider._clients["fib"].wait_for_server(30), "server not discovered"
 
-        async def run_all() -> tuple[list[float], list[float]]:
-            accept, back = [], []
-            for i in range(n + 20):
+        async def run_all() -> list[dict[str, float]]:
+            loop_box.append(asyncio.get_running_loop())
+            rows = []
+            cpu_by_thread.append(thread_cpu())
+            for i in range(WARMUP + args.n):
                 use = ToolUse(f"b{i}", "fib", {"order": 5})
+                cpu0 = time.process_time()
+                t0 = time.perf_counter_ns()
                 r = await provider.run(use, lambda t, d: None)
-                done = time.perf_counter()
+                t1 = time.perf_counter_ns()
+                cpu = time.process_time() - cpu0
                 assert r.status == "ok", r.content
                 m = provider.marks.pop(use.tool_use_id)
-                if i >= 20:  # warm-up: discovery, first allocations
-                    accept.append((m["accepted"] - m["received"]) * 1000)
-                    back.append((done - result_at[-1]) * 1000)
-            return accept, back
+                row = {k: v * 1e9 for k, v in m.items()}
+                row.update(t0=t0, t1=t1, cpu=cpu)
+                if i >= WARMUP:
+                    rows.append(row)
+                if i == WARMUP - 1:
+                    cpu_by_thread[0] = thread_cpu()
+                await asyncio.sleep(max(0.0, args.period - (time.perf_counter_ns() - t0) / 1e9))
+            cpu_by_thread.append(thread_cpu())
+            return rows
 
-        assert provider._clients["fib"].wait_for_server(10), "server not discovered"
-        accept, back = asyncio.run(run_all())
+        cpu_by_thread: list[dict[str, float]] = []
+        rows = asyncio.run(run_all())
         provider.shutdown()
+        if child is not None:
+            conn.send("stop")
+            accepted_ns, result_ns = conn.recv()
+            child.join(10)
+        else:
+            accepted_ns, result_ns = far.accepted_ns, far.result_ns
     finally:
+        if child is not None and child.is_alive():
+            child.kill()
         graph.close()
-    print(f"tool_latency: {n} sequential Fibonacci goals, same process, isolated graph")
-    figure("tool_use_to_goal_accepted_p50", pct(accept, 50), "ms", "<= 10 ms")
-    figure("tool_use_to_goal_accepted_p99", pct(accept, 99), "ms", "<= 10 ms")
-    figure("server_result_to_tool_result_p50", pct(back, 50), "ms", "<= 5 ms")
-    figure("server_result_to_tool_result_p99", pct(back, 99), "ms", "<= 5 ms")
+    assert len(accepted_ns) == len(result_ns) == WARMUP + args.n, "one goal per call expected"
+    for row, a, r in zip(rows, accepted_ns[WARMUP:], result_ns[WARMUP:], strict=True):
+        row["server_accepted"], row["server_result"] = a, r
+
+    def ms(a: str, b: str) -> list[float]:
+        return [(row[b] - row[a]) / 1e6 for row in rows]
+
+    where = "this process" if args.same_process else "another process"
+    print(
+        f"tool_latency: {args.n} sequential Fibonacci goals, one per {args.period:g} s, "
+        f"server in {where}, mic audio {'50 Hz' if audio else 'off'} "
+        f"({pushed[0]} blocks reached the loop), isolated graph"
+    )
+    if args.stages:
+        order = ["received", "goal_sent", "server_accepted", "goal_response", "accepted",
+                 "server_result", "result_response", "result", "t1"]  # fmt: skip
+        for k in [k for k in order if k in rows[0]]:
+            v = ms("t0", k)
+            print(f"  stage t0 -> {k:16s} p50 {pct(v, 50):7.2f} ms  p99 {pct(v, 99):7.2f} ms")
+        before, after = cpu_by_thread
+        for name in sorted(after, key=lambda k: before.get(k, 0.0) - after[k]):
+            used = (after[name] - before.get(name, 0.0)) / args.n * 1000
+            print(f"  cpu per call, thread {name:34s} {used:6.2f} ms")
+    figure("tool_use_to_goal_accepted_p50", pct(ms("t0", "accepted"), 50), "ms", "<= 10 ms")
+    figure("tool_use_to_goal_accepted_p99", pct(ms("t0", "accepted"), 99), "ms", "<= 10 ms")
+    figure("tool_use_to_server_accepted_p50", pct(ms("t0", "server_accepted"), 50), "ms")
+    figure("tool_use_to_server_accepted_p99", pct(ms("t0", "server_accepted"), 99), "ms")
+    figure("server_result_to_tool_result_p50", pct(ms("server_result", "t1"), 50), "ms", "<= 5 ms")
+    figure("server_result_to_tool_result_p99", pct(ms("server_result", "t1"), 99), "ms", "<= 5 ms")
+    cpu = [row["cpu"] * 1000 for row in rows]
+    figure("cpu_per_call_p50", pct(cpu, 50), "ms")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
 """RosToolProvider: the session's tool calls run as ROS 2 action goals, service calls and
 topic messages.
 
-Threads: ``run``/``cancel_all`` are awaited on the session's asyncio loop; rclpy futures
-complete on the executor thread that spins the node. Every crossing goes through
-:func:`_bridge` (an rclpy done-callback that hands the outcome to the loop with
-``call_soon_threadsafe``), so neither side ever blocks on the other.
+Threads: ``run``/``cancel_all`` are awaited on the session's asyncio loop. The tools' ROS
+clients live on their own node (``<node>_tools``) spun by a SingleThreadedExecutor in its own
+thread (:class:`ToolsExecutor`), so a tool call never queues behind audio callbacks on the
+session node's executor, and no thread pool sits between a response arriving and its
+handling. One crossing each way per step:
+
+- loop -> tools thread: ``executor.create_task`` (the request is sent on the thread that
+  takes the responses, which also avoids rclpy's send/take race on ``send_goal_async``);
+- tools thread -> loop: an rclpy done-callback that completes an asyncio future with
+  ``call_soon_threadsafe`` (:func:`_relay`).
+
+The goal response is handled on the tools thread: an accepted goal's get-result request is
+sent from there at once, before the loop even hears of the acceptance.
 
 Every call ends in exactly one ToolResult with words the model can relay: invalid input
 (no ROS call made), server absent, goal rejected, aborted, timeout (the goal is cancelled),
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +32,9 @@ from typing import Any
 
 from action_msgs.msg import GoalStatus
 from rclpy.action import ActionClient
-from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 
 from sonic_voice.sonic.tools_seam import ProgressFn, ToolResult, ToolUse
 from sonic_voice.tools.config import ToolConfig, ToolDef
@@ -32,7 +43,8 @@ from sonic_voice.tools.mapping import MappingError, extract, set_path, table_nam
 log = logging.getLogger(__name__)
 
 CANCEL_ACK_S = 3.0  # how long a cancel waits for the server's answer
-SERVER_POLL_S = 0.02
+SERVER_POLL_S = 0.02  # only while a server is not (yet) discovered; rclpy has no event for it
+JOIN_S = 5.0
 
 
 class _Interrupted(Exception):
@@ -60,28 +72,150 @@ class _Call:
     stop_msg: Any = None  # topic tools: sent when a timed publication ends early
 
 
-def _bridge(loop: asyncio.AbstractEventLoop, rfut: Any) -> asyncio.Future:
-    """An rclpy Future -> an asyncio Future on ``loop`` (completed thread-safely)."""
-    afut: asyncio.Future = loop.create_future()
+def _settle(
+    loop: asyncio.AbstractEventLoop,
+    afut: asyncio.Future,
+    value: Any = None,
+    exc: BaseException | None = None,
+) -> None:
+    """From any thread: complete ``afut`` on its loop (once; a closed loop is ignored)."""
 
-    def settle(f: Any) -> None:
+    def settle() -> None:
         if afut.done():
             return
-        if f.cancelled():
-            afut.cancel()
-        elif f.exception() is not None:
-            afut.set_exception(f.exception())
+        if exc is not None:
+            afut.set_exception(exc)
         else:
-            afut.set_result(f.result())
+            afut.set_result(value)
 
-    def done(f: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # loop closed: nobody waits any more
+        pass
+
+
+def _relay(
+    loop: asyncio.AbstractEventLoop, afut: asyncio.Future, on_done: Callable[[], None] | None = None
+) -> Callable[[Any], None]:
+    """An rclpy done-callback that hands the rclpy future's outcome to ``afut`` on ``loop``."""
+
+    def done(rfut: Any) -> None:  # tools thread
+        if on_done is not None:
+            on_done()
+        if rfut.cancelled():
+            _settle(loop, afut, exc=asyncio.CancelledError())
+        elif rfut.exception() is not None:
+            _settle(loop, afut, exc=rfut.exception())
+        else:
+            _settle(loop, afut, rfut.result())
+
+    return done
+
+
+class _ActionClient(ActionClient):
+    """ActionClient without rclpy 9.1.2's orphaned future per goal.
+
+    ``send_goal_async`` in rclpy 9.1.2 (Kilted) registers one future under its lock and then,
+    in a leftover duplicate block, a second one that replaces it; the first is never
+    completed nor removed from the waitable's futures, and the executor walks that list on
+    every response it takes (one ``_set_executor`` per future ever sent): a per-response
+    cost that grows with every goal of the session. This drops the orphan. Goals are sent
+    on the tools thread only, the thread that takes the responses, so the duplicate's
+    send/take race cannot bite either.
+    """
+
+    _added: list[Any] | None = None
+
+    def add_future(self, future: Any) -> None:
+        if self._added is not None:
+            self._added.append(future)
+        super().add_future(future)
+
+    def send_goal_async(
+        self, goal: Any, feedback_callback: Any = None, goal_uuid: Any = None
+    ) -> Any:
+        self._added = []
         try:
-            loop.call_soon_threadsafe(settle, f)
-        except RuntimeError:  # loop closed: nobody waits any more
-            pass
+            future = super().send_goal_async(goal, feedback_callback, goal_uuid)
+            for f in self._added:
+                if f is not future:
+                    self.remove_future(f)
+            return future
+        finally:
+            self._added = None
 
-    rfut.add_done_callback(done)
-    return afut
+
+class ToolsExecutor:
+    """The tools' own node and a SingleThreadedExecutor spinning it in a dedicated thread.
+
+    Why not the session node's executor: there every response waits for a wake-up of the
+    MultiThreadedExecutor's wait loop (which rebuilds its wait set over all of the node's
+    entities, audio subscriptions included), a hop to a pool thread to take it, then one
+    more executor task and pool hop for each rclpy done-callback; each of those threads
+    also has to win the GIL. Here a response is taken and its done-callbacks run on one
+    thread whose wait set holds only the tools' clients.
+
+    The node is named ``<parent>_tools`` in the parent's namespace, so relative server
+    names resolve as before; process-wide remappings apply, node-specific ones must name
+    this node. It runs on wall time (``use_sim_time`` off: no /clock subscription waking
+    this thread); goal stamps are taken from the parent node's clock.
+    """
+
+    def __init__(self, parent: Node) -> None:
+        name = f"{parent.get_name()}_tools"
+        self.node = Node(
+            name,
+            context=parent.context,
+            namespace=parent.get_namespace(),
+            start_parameter_services=False,
+            parameter_overrides=[
+                Parameter("use_sim_time", Parameter.Type.BOOL, False),
+                Parameter("start_type_description_service", Parameter.Type.BOOL, False),
+            ],
+        )
+        self.executor = SingleThreadedExecutor(context=parent.context)
+        self.executor.add_node(self.node)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._spin, name=f"{name}-executor", daemon=True)
+        self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def _spin(self) -> None:
+        while not self._stopping and self.node.context.ok():
+            try:
+                self.executor.spin_once()
+            except ExternalShutdownException:
+                break
+            except Exception:  # a callback's bug must not stop the tools' thread
+                if self._stopping:
+                    break
+                log.exception("tools executor callback failed")
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the tools thread (thread-safe; wakes the executor)."""
+        self.executor.create_task(fn, *args)
+
+    def close(self) -> None:
+        """Stop the thread (joined, so no spinning thread outlives the context), free the node."""
+        self._stopping = True
+        try:
+            self.executor.shutdown(timeout_sec=JOIN_S)
+        except Exception as e:  # noqa: BLE001 - e.g. the context is already shut down
+            log.warning("tools executor shutdown: %s", e)
+        if self._thread is not threading.current_thread():
+            self._thread.join(JOIN_S)
+        for w in list(self.node.waitables):  # action clients: destroy_node leaves them
+            try:
+                w.destroy()
+            except Exception as e:  # noqa: BLE001
+                log.warning("destroying %s: %s", w, e)
+        try:
+            self.node.destroy_node()
+        except Exception as e:  # noqa: BLE001
+            log.warning("destroying the tools node: %s", e)
 
 
 class RosToolProvider:
@@ -97,25 +231,23 @@ class RosToolProvider:
             allowed &= set(allowlist)
         self.tools: dict[str, ToolDef] = {n: t for n, t in config.tools.items() if n in allowed}
         self.blocked = sorted(set(config.tools) - allowed)
-        self._group = ReentrantCallbackGroup()
         self._clients: dict[str, Any] = {}
         self._active: dict[str, _Call] = {}
         self._closed = False
         # Latency marks for bench/tool_latency.py: tool_use_id -> {mark: perf_counter}.
         self.marks: dict[str, dict[str, float]] = {}
         self.keep_marks = False
+        self._ros = ToolsExecutor(node)
+        tnode = self._ros.node
         for t in self.tools.values():
             b = t.binding
             if b.kind == "action":
-                self._clients[t.name] = ActionClient(
-                    node, b.cls, b.name, callback_group=self._group
-                )
+                self._clients[t.name] = _ActionClient(tnode, b.cls, b.name)
             elif b.kind == "service":
-                self._clients[t.name] = node.create_client(
-                    b.cls, b.name, callback_group=self._group
-                )
+                self._clients[t.name] = tnode.create_client(b.cls, b.name)
             elif b.kind == "topic":
-                self._clients[t.name] = node.create_publisher(b.cls, b.name, b.qos_depth)
+                self._clients[t.name] = tnode.create_publisher(b.cls, b.name, b.qos_depth)
+        self._ros.executor.wake()  # the new clients join the wait set
 
     # ------------------------------------------------------------------ ToolProvider
     def tool_specs(self) -> list[dict[str, Any]]:
@@ -183,8 +315,12 @@ class RosToolProvider:
     def shutdown(self) -> None:
         """Node shutdown: cancel running goals, stop timed publications, free the clients.
 
-        Called from any thread; sends the cancel requests without waiting for answers.
+        Called from any thread; sends the cancel requests (rclpy sends them under the
+        client's lock, safe from any thread) without waiting for answers, then stops the
+        tools thread.
         """
+        if self._closed:
+            return
         self._closed = True
         for c in list(self._active.values()):
             c.reason = "shutdown"
@@ -199,17 +335,7 @@ class RosToolProvider:
                 c.loop.call_soon_threadsafe(c.cancel_event.set)
             except RuntimeError:
                 pass
-        for name, client in self._clients.items():
-            try:
-                kind = self.tools[name].binding.kind
-                if kind == "action":
-                    client.destroy()
-                elif kind == "service":
-                    self.node.destroy_client(client)
-                else:
-                    self.node.destroy_publisher(client)
-            except Exception as e:  # noqa: BLE001
-                log.warning("destroying %s: %s", name, e)
+        self._ros.close()  # joins the thread: nothing uses the clients after this
         self._clients.clear()
 
     # ------------------------------------------------------------------ checks
@@ -301,18 +427,12 @@ class RosToolProvider:
         call = self._register(tool, use)
         loop = call.loop
         deadline = loop.time() + tool.timeout_s
-
-        def on_feedback(msg: Any) -> None:  # executor thread
-            try:
-                loop.call_soon_threadsafe(self._on_feedback, call, msg.feedback, progress)
-            except RuntimeError:
-                pass
-
-        goal_fut = _bridge(
-            loop,
-            client.send_goal_async(goal, feedback_callback=on_feedback if b.feedback else None),
-        )
-        self._mark(use.tool_use_id, "goal_sent")
+        goal_fut: asyncio.Future = loop.create_future()
+        result_fut: asyncio.Future = loop.create_future()
+        self._ros.post(
+            self._send_goal, call, client, goal, progress if b.feedback else None, goal_fut,
+            result_fut,
+        )  # fmt: skip
         try:
             try:
                 gh = await self._wait(call, goal_fut, deadline)
@@ -333,7 +453,7 @@ class RosToolProvider:
                 )
             call.goal_handle = gh
             call.accepted.set()
-            res = await self._wait(call, _bridge(loop, gh.get_result_async()), deadline)
+            res = await self._wait(call, result_fut, deadline)  # requested on acceptance
             self._mark(use.tool_use_id, "result")
             content: dict[str, Any] = {"result": extract(res.result, b.returns)}
             if res.status == GoalStatus.STATUS_SUCCEEDED:
@@ -365,13 +485,57 @@ class RosToolProvider:
         finally:
             self._finish(call)
 
+    def _send_goal(
+        self,
+        call: _Call,
+        client: _ActionClient,
+        goal: Any,
+        progress: ProgressFn | None,
+        goal_fut: asyncio.Future,
+        result_fut: asyncio.Future,
+    ) -> None:
+        """Tools thread: send the goal; on the server's answer, ask for the result at once."""
+        loop = call.loop
+        on_feedback = None
+        if progress is not None:
+
+            def on_feedback(msg: Any) -> None:  # tools thread
+                try:
+                    loop.call_soon_threadsafe(self._on_feedback, call, msg.feedback, progress)
+                except RuntimeError:
+                    pass
+
+        def on_goal_response(f: Any) -> None:  # tools thread
+            self._mark(call.use_id, "goal_response")
+            try:
+                gh = f.result()
+                if gh.accepted:
+                    rf = gh.get_result_async()
+                    rf.add_done_callback(
+                        _relay(loop, result_fut, lambda: self._mark(call.use_id, "result_response"))
+                    )
+            except Exception as e:  # noqa: BLE001 - the loop side reports it
+                _settle(loop, goal_fut, exc=e)
+                return
+            _settle(loop, goal_fut, gh)
+
+        try:
+            self._mark(call.use_id, "goal_sent")
+            client.send_goal_async(goal, feedback_callback=on_feedback).add_done_callback(
+                on_goal_response
+            )
+        except Exception as e:  # noqa: BLE001
+            _settle(loop, goal_fut, exc=e)
+
     async def _cancel_goal(self, call: _Call) -> bool | None:
         """Ask the server to cancel; True if it accepted, None if there was no goal."""
         gh = call.goal_handle
         if gh is None or self._closed:  # at shutdown the cancel was already sent
             return None
         try:
-            resp = await asyncio.wait_for(_bridge(call.loop, gh.cancel_goal_async()), CANCEL_ACK_S)
+            fut: asyncio.Future = call.loop.create_future()
+            gh.cancel_goal_async().add_done_callback(_relay(call.loop, fut))  # any thread is safe
+            resp = await asyncio.wait_for(fut, CANCEL_ACK_S)
         except TimeoutError:
             return False
         except Exception as e:  # noqa: BLE001 - e.g. the client was destroyed meanwhile
@@ -417,12 +581,14 @@ class RosToolProvider:
                 server_absent=True,
             )
         call = self._register(tool, use)
-        rfut = client.call_async(req)
+        fut: asyncio.Future = call.loop.create_future()
         self._mark(use.tool_use_id, "goal_sent")
+        rfut = client.call_async(req)  # sent under the client's lock: safe from this thread
+        rfut.add_done_callback(
+            _relay(call.loop, fut, lambda: self._mark(use.tool_use_id, "result_response"))
+        )
         try:
-            resp = await self._wait(
-                call, _bridge(call.loop, rfut), call.loop.time() + tool.timeout_s
-            )
+            resp = await self._wait(call, fut, call.loop.time() + tool.timeout_s)
             self._mark(use.tool_use_id, "result")
         except _Interrupted as i:
             client.remove_pending_request(rfut)
