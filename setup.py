@@ -12,6 +12,10 @@ CONSOLE_SCRIPTS = [
     "audio_io = sonic_voice.nodes.audio_io:main",
     "kvs_webrtc = sonic_voice.nodes.kvs_webrtc:main",
     "sim_base = sonic_voice.nodes.sim_base:main",
+    "sonic_session = sonic_voice.nodes.sonic_session:main",
+    # The all-in-one runner (README's main job): `sonic-voice`, `ros2 run sonic_voice bringup`.
+    "sonic-voice = sonic_voice.nodes.bringup:cli",
+    "bringup = sonic_voice.nodes.bringup:cli",
 ]
 
 setup(
@@ -24,6 +28,8 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}/config/scenarios", glob("config/scenarios/*.yaml")),
+        (f"share/{PACKAGE}/web", glob("web/*.*")),
         # Also under lib/<package>/ so `ros2 run` and launch_ros find them even when the
         # installer ignores setup.cfg's script_dir (pip does).
         (f"lib/{PACKAGE}", glob("bin/*")),

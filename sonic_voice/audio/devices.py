@@ -9,6 +9,8 @@ device callback only copies).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -23,6 +25,33 @@ from sonic_voice.audio.playback import PlaybackBuffer
 from sonic_voice.audio.resample import StreamResampler
 
 log = logging.getLogger(__name__)
+
+_alsa_handler: object = None
+alsa_messages = 0  # alsa-lib messages swallowed by quiet_alsa() (underruns, mostly)
+
+
+def quiet_alsa() -> bool:
+    """Stop alsa-lib printing to stderr (``snd_pcm_recover`` underrun lines, one per late
+    callback). Underruns stay visible: streams count them in ``status_flags`` and audio_io
+    reports them on its state topic. Returns False where alsa-lib is not loadable."""
+    global _alsa_handler
+    if _alsa_handler is not None:
+        return True
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("asound") or "libasound.so.2")
+    except OSError:
+        return False
+    proto = ctypes.CFUNCTYPE(
+        None, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p
+    )
+
+    def swallow(*_: object) -> None:
+        global alsa_messages
+        alsa_messages += 1
+
+    _alsa_handler = proto(swallow)
+    lib.snd_lib_error_set_handler(_alsa_handler)
+    return True
 
 
 class DeviceNotFoundError(LookupError):

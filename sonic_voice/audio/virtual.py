@@ -107,8 +107,11 @@ class VirtualAudio:
         Call with this server's environment already exported."""
         import sounddevice as sd
 
-        with sd.OutputStream(samplerate=24000, channels=1, dtype="int16", latency=0.02):
-            time.sleep(0.6)
+        with (
+            sd.OutputStream(samplerate=24000, channels=1, dtype="int16", latency=0.02),
+            sd.InputStream(samplerate=16000, channels=1, dtype="int16", latency=0.02),
+        ):
+            time.sleep(1.5)
 
     def export(self) -> None:
         """Point this process's PortAudio at the virtual devices (re-enumerates them)."""

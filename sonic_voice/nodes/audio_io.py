@@ -33,6 +33,7 @@ from sonic_voice.audio.devices import (
     DeviceNotFoundError,
     PlaybackStream,
     StreamSettings,
+    quiet_alsa,
     refresh_devices,
 )
 from sonic_voice.audio.echo import APM_RATES, EchoCanceller, tap_playback
@@ -60,6 +61,7 @@ class AudioIONode(LifecycleNode):
 
     def __init__(self, **kwargs) -> None:
         super().__init__("audio_io", **kwargs)
+        quiet_alsa()  # underruns are counted and reported on audio_io/state instead
         self.declare_parameter("autostart", True, descriptor("Configure and activate at start-up."))
         self.declare_parameter(
             "enable_input", True, descriptor("Capture the microphone onto audio/mic.")
@@ -135,8 +137,12 @@ class AudioIONode(LifecycleNode):
         )
         self.declare_parameter(
             "device_timeout_s",
-            1.0,
-            descriptor("No callback for this long = device lost.", float_range=(0.2, 30.0, 0.0)),
+            3.0,
+            descriptor(
+                "No callback for this long = device lost. A stream's first callback can take "
+                "over a second on a busy machine (PulseAudio), so keep this above ~2 s.",
+                float_range=(0.2, 30.0, 0.0),
+            ),
         )
         self.declare_parameter(
             "device_retry_s",

@@ -23,6 +23,7 @@ Topics:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -316,6 +317,9 @@ class SonicSessionNode(LifecycleNode):
             except Exception as e:  # noqa: BLE001
                 self.get_logger().warning(f"tool shutdown: {e}")
         if self.loop is not None:
+            if self.loop.is_running():
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(_cancel_tasks(), self.loop).result(5)
             self.loop.call_soon_threadsafe(self.loop.stop)
             if self._loop_thread is not None:
                 self._loop_thread.join(5)
@@ -423,6 +427,15 @@ class SonicSessionNode(LifecycleNode):
                 }
             )
         )
+
+
+async def _cancel_tasks() -> None:
+    """Cancel what still runs on the session loop (silence filler, late tool tasks)."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def main(args: list[str] | None = None) -> None:

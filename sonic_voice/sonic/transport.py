@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
+STATIC_REREAD_S = 30.0  # how long static keys read from the chain are reused
 
 
 @dataclass
@@ -168,25 +170,35 @@ class BotocoreCredentialsResolver:
     """
 
     def __init__(self, profile: str | None = None) -> None:
-        import botocore.session
-
-        self._session = botocore.session.Session(profile=profile)
+        self._profile = profile
         self._creds: Any = None
+        self._static = False
+        self._read_at = 0.0
 
     async def get_identity(self, *, properties: Any = None) -> Any:
+        import botocore.credentials
+        import botocore.session
         from smithy_aws_core.identity import AWSCredentialsIdentity
 
         def load() -> Any:
-            if self._creds is None:
-                self._creds = self._session.get_credentials()
-            if self._creds is None:
+            creds = self._creds
+            now = time.monotonic()
+            if creds is None or (self._static and now - self._read_at > STATIC_REREAD_S):
+                creds = botocore.session.Session(profile=self._profile).get_credentials()
+                # Refreshable credentials (SSO, credential_process, IMDS) are kept: botocore
+                # refreshes them. Static ones (environment, credentials file) are read again
+                # after STATIC_REREAD_S, so a changed key is used instead of a stale one; the
+                # SDK asks for the identity for every signed event, so never on each call.
+                self._creds, self._read_at = creds, now
+                self._static = not isinstance(creds, botocore.credentials.RefreshableCredentials)
+            if creds is None:
                 raise SonicStreamError(
                     "NoCredentials",
                     False,
                     "no AWS credentials found (environment, ~/.aws profiles, SSO or "
                     "credential_process); run without AWS configuration for the offline demo",
                 )
-            return self._creds.get_frozen_credentials(), getattr(self._creds, "_expiry_time", None)
+            return creds.get_frozen_credentials(), getattr(creds, "_expiry_time", None)
 
         frozen, expiry = await asyncio.to_thread(load)
         if isinstance(expiry, datetime):
@@ -344,6 +356,16 @@ class SonicStream:
             await self._http.close()
 
 
+def _quiet_body_writer() -> None:
+    """awscrt's request-body writer task fails with AWS_ERROR_HTTP_STREAM_HAS_COMPLETED when
+    the service ends the stream first (a normal sessionEnd, or an error frame); nobody awaits
+    that task, so asyncio would log "Task exception was never retrieved" at shutdown. The
+    stream's end is reported through ``receive()``; retrieve the writer's error quietly."""
+    for task in asyncio.all_tasks():
+        if task.get_coro().__qualname__.endswith("_set_request_body_generator"):
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
 async def open_stream(settings: BedrockSettings) -> SonicStream:
     """Open a stream and wait until the service is ready to receive events.
 
@@ -386,6 +408,7 @@ async def open_stream(settings: BedrockSettings) -> SonicStream:
             ready.cancel()
             http.failure.result()  # raises the connection failure
         ready.result()
+        _quiet_body_writer()
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
             await http.close()

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 
+from sonic_voice.emulators.certs import make_certs
 from sonic_voice.emulators.sonic.faults import ALL_FAULTS
 from sonic_voice.emulators.sonic.server import (
     DEFAULT_ACCESS_KEY,
@@ -38,6 +39,11 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--speed", type=float, default=1.0, help="audio pacing (0 = unpaced)")
     p.add_argument("--fault-on-start", action="append", default=[], choices=ALL_FAULTS)
+    p.add_argument(
+        "--cert-dir",
+        help="write the CA (ca.pem) and server certificate here, so a client can be told "
+        "where the CA is before the stand-in starts (default: a fresh temp dir)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -52,6 +58,7 @@ async def _serve(a: argparse.Namespace) -> None:
         realtime=a.speed if a.speed > 0 else False,
         host=a.host,
         port=a.port,
+        certs=make_certs(a.cert_dir) if a.cert_dir else None,
     )
     await emu.start()
     for f in a.fault_on_start:

@@ -19,6 +19,7 @@ YAML (or the same as a dict)::
         say: Hello, how can I help?
       - on: speech
         user: where is the lift       # the USER transcript sent back
+        say_before: Let me look.      # spoken first, then the tool call(s), then ``say``
         tool: {name: find_place, input: {place: lift}}
         say: The lift is behind you.  # SPECULATIVE text, then audio, then FINAL text
         final: The lift is behind you.   # default: same as say
@@ -121,6 +122,7 @@ SCHEMA: dict[str, Any] = {
                     "tool": {"$ref": "#/$defs/tool"},
                     "tools": {"type": "array", "items": {"$ref": "#/$defs/tool"}},
                     "say": {"type": "string"},
+                    "say_before": {"type": "string"},
                     "final": {"type": "string"},
                     "audio": _AUDIO_SCHEMA,
                     "voice": {"type": "string"},
@@ -158,6 +160,7 @@ class Turn:
     user: str | None = None
     tools: list[ToolCall] = field(default_factory=list)
     say: str = ""
+    say_before: str = ""  # spoken before the tool calls (then ``say`` after their results)
     final: str | None = None
     audio: Any = "auto"
     voice: str = "en-us"
@@ -206,6 +209,7 @@ class Scenario:
                     user=t.get("user"),
                     tools=tools,
                     say=t.get("say", ""),
+                    say_before=t.get("say_before", ""),
                     final=t.get("final"),
                     audio=t.get("audio", "auto"),
                     voice=t.get("voice", "en-us"),

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
@@ -739,27 +740,41 @@ class StreamSession:
             await self._text_block("USER", "FINAL", turn.user, "PARTIAL_TURN")
         if turn.usage:
             await self._usage(25 if trigger == "speech" else 0, words(turn.user or ""), 0, 0)
-        for call in turn.tools:
-            await self._tool_call(call.name, call.input, call.double_encode)
         stop = "END_TURN"
-        if turn.say or turn.audio not in ("none", None):
-            if turn.say:
-                await self._text_block("ASSISTANT", "SPECULATIVE", turn.say, "PARTIAL_TURN")
-            pcm = await self._turn_audio(turn)
-            interrupted = await self._speak(pcm) if pcm else False
-            if interrupted:
-                self.rec.barge_ins += 1
-                await self._text_block(
-                    "ASSISTANT", "FINAL", '{ "interrupted" : true }', "INTERRUPTED"
-                )
-                stop = "INTERRUPTED"
-            elif turn.say or turn.final:
-                final = turn.final if turn.final is not None else turn.say
-                await self._text_block("ASSISTANT", "FINAL", final, "END_TURN")
+        if turn.say_before:
+            # What a model says before it acts ("Sure, follow me"), then the tool call.
+            before = dataclasses.replace(
+                turn,
+                say=turn.say_before,
+                final=None,
+                audio=turn.audio if turn.audio in ("none", None) else "auto",
+            )
+            stop = await self._say(before)
+        if stop != "INTERRUPTED":
+            for call in turn.tools:
+                await self._tool_call(call.name, call.input, call.double_encode)
+        if stop != "INTERRUPTED" and (turn.say or turn.audio not in ("none", None)):
+            stop = await self._say(turn)
         if turn.usage:
             await self._usage(0, 0, len(self.rec.output_events), words(turn.say))
         await self.emit("completionEnd", {"stopReason": stop})
         self.completion_id = ""
+
+    async def _say(self, turn: Turn) -> str:
+        """SPECULATIVE text, the audio, FINAL text; returns the stop reason."""
+        stop = "END_TURN"
+        if turn.say:
+            await self._text_block("ASSISTANT", "SPECULATIVE", turn.say, "PARTIAL_TURN")
+        pcm = await self._turn_audio(turn)
+        interrupted = await self._speak(pcm) if pcm else False
+        if interrupted:
+            self.rec.barge_ins += 1
+            await self._text_block("ASSISTANT", "FINAL", '{ "interrupted" : true }', "INTERRUPTED")
+            stop = "INTERRUPTED"
+        elif turn.say or turn.final:
+            final = turn.final if turn.final is not None else turn.say
+            await self._text_block("ASSISTANT", "FINAL", final, "END_TURN")
+        return stop
 
     async def _tool_call(self, name: str, args: dict[str, Any], double: bool) -> None:
         cid, tid = str(uuid.uuid4()), str(uuid.uuid4())

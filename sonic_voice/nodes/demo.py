@@ -1,0 +1,314 @@
+"""The offline demo: the whole stack on this machine, no AWS account needed.
+
+Started by ``sonic-voice`` when no AWS configuration is found (or with ``--offline``):
+
+- the Nova Sonic stand-in runs in-process (real HTTP/2 + TLS + SigV4 + event stream, so the
+  session talks to it through the real SDK) and answers from a scenario
+  (``config/scenarios/offline_demo.yaml``);
+- a private PulseAudio server gives a virtual microphone and speaker (unless
+  ``--real-devices``); the visitor's words — each speech turn's ``user`` line, synthesized
+  in its language with espeak-ng, or the WAV files given with ``--wav`` — are played into
+  the microphone, so they go through ``audio_io`` like real speech;
+- the simulated base serves ``nav2_msgs/action/NavigateToPose`` and publishes odometry, so
+  the ``navigate_to`` tool drives it for real over ROS 2.
+
+It ends when every turn of the scenario has been answered (and the base stopped), printing
+a summary; exit status 0 on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sonic_voice.nodes.bringup import RunLog, _node, _stack, make_monitor, node_params, share_dir
+
+log = logging.getLogger("sonic_voice")
+
+DEMO_LIMIT_S = 180.0
+MIC_RATE = 16000
+
+# A few very common words per language: enough to say which language a demo line is in.
+_WORDS = {
+    "es": {"el", "la", "los", "las", "de", "que", "me", "te", "por", "favor", "hola", "sí",
+           "claro", "hemos", "llegado", "puedes", "llevar", "a", "es", "una", "gracias"},
+    "en": {"the", "a", "to", "you", "is", "are", "i", "am", "can", "how", "help", "hello",
+           "we", "here", "please", "me", "take"},
+    "fr": {"le", "la", "les", "de", "je", "vous", "est", "bonjour", "merci", "nous", "à"},
+    "de": {"der", "die", "das", "und", "ich", "sie", "ist", "hallo", "bitte", "wir", "zu"},
+}  # fmt: skip
+
+
+def guess_language(text: str) -> str:
+    """The language of a demo line by its common words ('' when unsure)."""
+    words = [w.strip("¿?¡!.,;:\"'").lower() for w in text.split()]
+    scores = {lang: sum(w in vocab for w in words) for lang, vocab in _WORDS.items()}
+    best = max(scores, key=lambda k: scores[k])
+    return best if scores[best] > 0 else ""
+
+
+def read_wav_16k(path: Path) -> np.ndarray:
+    """A WAV file as 16 kHz mono int16 (any rate, mono or stereo, 16-bit)."""
+    from sonic_voice.audio.resample import StreamResampler
+
+    with wave.open(str(path), "rb") as w:
+        if w.getsampwidth() != 2:
+            raise ValueError(f"{path}: only 16-bit PCM WAV files are supported")
+        data = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+        if w.getnchannels() > 1:
+            data = data.reshape(-1, w.getnchannels()).mean(axis=1).astype(np.int16)
+        rate = w.getframerate()
+    if rate == MIC_RATE:
+        return data
+    rs = StreamResampler(rate, MIC_RATE)
+    return np.concatenate([rs.process(data), rs.process(np.zeros(0, np.int16), last=True)])
+
+
+def synthesize(text: str, voice: str) -> np.ndarray:
+    """The visitor's line in ``voice`` (an espeak-ng language), 16 kHz mono int16."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise RuntimeError(
+            "espeak-ng is not installed (sudo apt-get install espeak-ng), so the visitor "
+            "cannot speak: give recordings with --wav FILE"
+        )
+    with tempfile.TemporaryDirectory(prefix="sv-demo-") as d:
+        out = Path(d) / "visitor.wav"
+        subprocess.run(
+            [exe, "-v", voice, "-s", "160", "-w", str(out), "--", text],
+            check=True,
+            capture_output=True,
+        )
+        return read_wav_16k(out)
+
+
+def visitor_lines(scenario_path: Path, wavs: list[Path]) -> list[tuple[str, np.ndarray]]:
+    """(text, audio) for each speech turn of the scenario, in order."""
+    from sonic_voice.emulators.sonic.scenario import Scenario
+
+    lines = []
+    speech_turns = [t for t in Scenario.load(scenario_path).turns if t.on != "text"]
+    for i, turn in enumerate(speech_turns):
+        text = turn.user or ""
+        audio = read_wav_16k(wavs[i]) if i < len(wavs) else synthesize(text, turn.voice)
+        pad = np.zeros(MIC_RATE // 4, np.int16)
+        lines.append((text, np.concatenate([pad, audio, pad])))
+    return lines
+
+
+class Offline:
+    """The pieces the offline demo starts besides the nodes."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stack = contextlib.ExitStack()
+        self.audio: Any = None
+        self.emu: Any = None
+
+    def __enter__(self) -> Offline:
+        from sonic_voice.emulators.sonic.server import (
+            DEFAULT_ACCESS_KEY,
+            DEFAULT_SECRET_KEY,
+            EmulatorThread,
+        )
+
+        if not self.args.real_devices:
+            from sonic_voice.audio.virtual import VirtualAudio
+
+            self.audio = self.stack.enter_context(contextlib.closing(VirtualAudio()))
+            self.audio.export()
+            self.audio.warm_up()
+        # The stand-in's throwaway keys, for this process only: the session signs with them
+        # through botocore's environment provider, exactly as it would with real keys.
+        os.environ["AWS_ACCESS_KEY_ID"] = DEFAULT_ACCESS_KEY
+        os.environ["AWS_SECRET_ACCESS_KEY"] = DEFAULT_SECRET_KEY
+        os.environ.pop("AWS_SESSION_TOKEN", None)
+        self.emu = self.stack.enter_context(
+            EmulatorThread(scenario=str(self.scenario_path), realtime=True)
+        )
+        return self
+
+    @property
+    def scenario_path(self) -> Path:
+        return self.args.scenario or share_dir() / "config" / "scenarios" / "offline_demo.yaml"
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    """The offline demo conversation, end to end. Returns the exit status."""
+    from sonic_voice.nodes.audio_io import AudioIONode
+    from sonic_voice.nodes.sim_base import SimBaseNode
+    from sonic_voice.nodes.sonic_session import SonicSessionNode
+
+    scenario_path = args.scenario or share_dir() / "config" / "scenarios" / "offline_demo.yaml"
+    try:
+        lines = visitor_lines(Path(scenario_path), args.wav)
+    except (RuntimeError, ValueError, OSError, subprocess.CalledProcessError) as e:
+        log.error("offline demo: %s", e)
+        return 2
+    cfg = share_dir() / "config"
+    run = RunLog()
+    log.info("sonic_voice offline demo: no AWS configuration, using the local stand-ins")
+    log.info("  scenario %s: %d visitor line(s)", scenario_path, len(lines))
+    with Offline(args) as off, _stack() as stack:
+        log.info("  Bedrock stand-in at %s", off.emu.endpoint_uri)
+        session_params = node_params(args, "sonic_session")
+        session_params.update(
+            endpoint_uri=off.emu.endpoint_uri,
+            ca_bundle=off.emu.ca_file,
+            region=off.emu._emu.region,
+            aws_profile="",
+        )
+        if not session_params.get("tools_file"):
+            session_params["tools_file"] = str(cfg / "tools.yaml")
+        if not session_params.get("locations_file"):
+            session_params["locations_file"] = str(cfg / "locations.yaml")
+        if not session_params.get("greeting"):
+            session_params["greeting"] = "A visitor has just walked up to you. Greet them."
+        base_params = node_params(args, "sim_base")
+        if not base_params.get("locations_file"):
+            base_params["locations_file"] = session_params["locations_file"]
+        if not args.no_local_audio:
+            audio_params = node_params(args, "audio_io")
+            # One process holds every node here (one GIL): a little more device latency
+            # keeps the virtual devices from underrunning on a busy machine.
+            if str(audio_params.get("latency", "0.015")) == "0.015":
+                audio_params.update(latency="0.05", output_block_ms=20.0)
+            _node(AudioIONode, stack, audio_params)
+        base = _node(SimBaseNode, stack, base_params)
+        session = _node(SonicSessionNode, stack, session_params)
+        stack.add(make_monitor(run, stack.context))
+        stack.start()
+        ok = _converse(run, off, session, base, lines, args)
+        if not ok:
+            for r in off.emu.records:
+                pcm = np.frombuffer(bytes(r.pcm), "<i2").astype(np.float32)
+                blocks = pcm[: len(pcm) // 1600 * 1600].reshape(-1, 1600)
+                level = 20 * np.log10(np.sqrt((blocks**2).mean(axis=1)) / 32768 + 1e-9)
+                log.error(
+                    "  stand-in stream %d: %d audio frames, %d utterance(s) heard, loudest "
+                    "0.1 s of input %.1f dBFS",
+                    r.index, r.audio_frames, r.utterances, level.max() if len(level) else -200,
+                )  # fmt: skip
+        _summary(run, base, ok)
+    return 0 if ok else 1
+
+
+def _wait(pred: Any, limit: float, run: RunLog, session: Any) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        if getattr(session, "fatal_error", None):
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _settled(run: RunLog, quiet_s: float = 0.8) -> Any:
+    """True once the robot is back to listening and has been for ``quiet_s``."""
+    since: list[float] = []
+
+    def pred() -> bool:
+        with run.lock:
+            state = run.states[-1] if run.states else ""
+        if state != "listening":
+            since.clear()
+            return False
+        if not since:
+            since.append(time.monotonic())
+        return time.monotonic() - since[0] >= quiet_s
+
+    return pred
+
+
+def _converse(
+    run: RunLog, off: Offline, session: Any, base: Any, lines: list, args: argparse.Namespace
+) -> bool:
+    limit = args.duration or DEMO_LIMIT_S
+    end = time.monotonic() + limit
+    left = lambda: max(0.0, end - time.monotonic())  # noqa: E731
+    # The robot speaks first (the greeting turn), then the visitor, turn by turn.
+    if not _wait(lambda: run.finals("ASSISTANT"), left(), run, session):
+        return _fail(run, session, "the robot never greeted")
+    if not _wait(_settled(run), left(), run, session):
+        return _fail(run, session, "the greeting did not finish")
+    for i, (text, audio) in enumerate(lines):
+        answered = len(run.finals("ASSISTANT"))
+        log.info("%s  (visitor speaks into the microphone: %s)", run.t(), text)
+        if off.audio is not None:
+            off.audio.play_into_mic(audio, MIC_RATE).wait(timeout=len(audio) / MIC_RATE + 10)
+        else:
+            import sounddevice as sd
+
+            sd.play(audio, MIC_RATE, blocking=True)
+        if not _wait(lambda n=answered: len(run.finals("ASSISTANT")) > n, left(), run, session):
+            return _fail(run, session, f"no answer to visitor line {i + 1}")
+        if not _wait(_tools_done(run), left(), run, session):
+            return _fail(run, session, "a tool call did not finish")
+        if not _wait(_settled(run), left(), run, session):
+            return _fail(run, session, "the robot did not finish speaking")
+    with run.lock:
+        failed = [
+            e for e in run.tool_events if e.get("event") == "result" and e.get("status") != "ok"
+        ]
+    if failed:
+        return _fail(run, session, f"tool call(s) failed: {[_short(e) for e in failed]}")
+    return True
+
+
+def _tools_done(run: RunLog) -> Any:
+    def pred() -> bool:
+        with run.lock:
+            started = sum(e.get("event") == "start" for e in run.tool_events)
+            ended = sum(e.get("event") == "result" for e in run.tool_events)
+        return ended >= started
+
+    return pred
+
+
+def _fail(run: RunLog, session: Any, why: str) -> bool:
+    fatal = getattr(session, "fatal_error", None)
+    log.error("%s  demo failed: %s%s", run.t(), why, f" ({fatal})" if fatal else "")
+    return False
+
+
+def _summary(run: RunLog, base: Any, ok: bool) -> None:
+    with run.lock:
+        users = run.finals("USER")
+        robot = run.finals("ASSISTANT")
+        results = [e for e in run.tool_events if e.get("event") == "result"]
+    log.info("-" * 72)
+    log.info("summary (%.1f s)", time.monotonic() - run.started)
+    for e in users:
+        if not e.get("interactive"):
+            log.info("  visitor [%s]: %s", guess_language(e["text"]) or "?", e["text"])
+    for e in robot:
+        log.info("  robot   [%s]: %s", guess_language(e["text"]) or "?", e["text"])
+    for e in results:
+        log.info("  tool %s -> %s %s", e.get("tool"), e.get("status"), _short(e.get("result", {})))
+    log.info(
+        "  base at (%.2f, %.2f), drove %.2f m",
+        getattr(base, "x", 0.0),
+        getattr(base, "y", 0.0),
+        run.distance,
+    )
+    log.info("demo %s", "completed" if ok else "FAILED")
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) < 120 else text[:117] + "..."
