@@ -164,7 +164,9 @@ def node_executables() -> list[str]:
     for exe, target in console_scripts().items():
         module = target.split(":")[0]
         if module.startswith("sonic_voice.nodes.") and module.split(".")[-1] == exe:
-            out.append(exe)
+            source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+            if "(LifecycleNode)" in source:  # bringup runs nodes, it is not one
+                out.append(exe)
     return out
 
 
