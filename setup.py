@@ -49,6 +49,8 @@ setup(
         "cryptography",
         "aws-sdk-bedrock-runtime",
         "awscrt",
+        "livekit",  # WebRTC AudioProcessingModule (echo cancellation)
+        "opuslib",  # libopus with in-band FEC decode + PLC (loss-resilient receive path)
     ],
     extras_require={
         "test": ["pytest", "pytest-asyncio", "pytest-timeout", "ruff"],
