@@ -52,6 +52,7 @@ from sonic_voice.nodes.common import (
     pcm_msg,
     run_node,
 )
+from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStatus
 
 STATE_TOPIC = "audio_io/state"
 
@@ -154,6 +155,7 @@ class AudioIONode(LifecycleNode):
         self.echo: EchoCanceller | None = None
         self._mic_pub = None
         self._state_pub = None
+        self.diag: Diagnostics | None = None
         self._subs: list = []
         self._timer = None
         self._active = False
@@ -231,6 +233,9 @@ class AudioIONode(LifecycleNode):
             ),
         ]
         self._timer = self.create_timer(0.25, self._watchdog)
+        if self.diag is None:
+            self.diag = Diagnostics(self, hardware_id="audio")
+            self.diag.add("devices", self._diag_devices)
         self._publish_state("inactive")
         return TransitionCallbackReturn.SUCCESS
 
@@ -278,6 +283,9 @@ class AudioIONode(LifecycleNode):
         if self._mic_pub is not None:
             self.destroy_lifecycle_publisher(self._mic_pub)
             self._mic_pub = None
+        if self.diag is not None:
+            self.diag.close()
+            self.diag = None
 
     # -- devices ----------------------------------------------------------------------
     def _open(self, kind: str) -> None:
@@ -391,6 +399,26 @@ class AudioIONode(LifecycleNode):
         if pb is not None:
             dropped = pb.flush()
             self.get_logger().debug(f"flush: dropped {dropped} queued samples")
+
+    def _diag_devices(self) -> DiagStatus:
+        """Device status, underruns and what is queued, for /diagnostics."""
+        cap, pb = self.capture, self.playback
+        values = {
+            "input": self._status["input"],
+            "output": self._status["output"],
+            "mic_blocks": self.mic_blocks,
+            "queued_ms": round(pb.buffer.queued_seconds * 1000, 1) if pb else 0.0,
+            "input_overflows": cap.status_flags if cap else 0,
+            "output_underruns": pb.status_flags if pb else 0,
+            "echo_cancel": self.echo is not None,
+        }
+        lost = [k for k in ("input", "output") if self._status[k] == "lost"]
+        if lost:
+            errors = "; ".join(self._errors[k] for k in lost if self._errors[k])
+            return DiagStatus(ERROR, f"{' and '.join(lost)} device lost {errors}".strip(), values)
+        if not self._active:
+            return DiagStatus(WARN, "inactive", values)
+        return DiagStatus(OK, "ok", values)
 
     def _publish_state(self, lifecycle: str) -> None:
         if self._state_pub is None:

@@ -49,6 +49,7 @@ from sonic_voice.nodes.common import (
     msg_pcm,
     run_node,
 )
+from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStatus
 from sonic_voice.sonic import events as ev
 from sonic_voice.sonic.session import (
     DEFAULT_SYSTEM_PROMPT,
@@ -69,6 +70,11 @@ class _RosListener(SessionListener):
         self.node = node
 
     def on_audio(self, pcm: bytes) -> None:
+        if self.node._user_final_t is not None:
+            # The model's response time as the robot sees it: the person's final transcript
+            # (end of their turn) to the first audio of the answer.
+            self.node.last_response_ms = (time.monotonic() - self.node._user_final_t) * 1000
+            self.node._user_final_t = None
         msg = UInt8MultiArray()
         msg.data = pcm
         self.node.out_pub.publish(msg)
@@ -80,6 +86,8 @@ class _RosListener(SessionListener):
 
     def on_transcript(self, entry: dict[str, Any]) -> None:
         self.node.transcript_pub.publish(json_msg({"t": time.time(), **entry}))
+        if entry.get("role") == "USER" and entry.get("stage") == "FINAL":
+            self.node._user_final_t = time.monotonic()
         if entry.get("stage") == "FINAL":
             self.node.get_logger().info(f"{entry.get('role', '?')}: {entry.get('text', '')}")
 
@@ -118,6 +126,9 @@ class SonicSessionNode(LifecycleNode):
         self.last_error = ""
         self._fatal_error: str | None = None
         self.out_chunks = 0
+        self.last_response_ms: float | None = None
+        self._user_final_t: float | None = None
+        self.diag: Diagnostics | None = None
         self.mic_frames = 0
         self._last_push = 0.0
         self._pubs_ready = False
@@ -245,6 +256,9 @@ class SonicSessionNode(LifecycleNode):
         self.usage_pub = self.create_publisher(String, "usage", EVENT_QOS)
         self.tool_pub = self.create_publisher(String, "tool_events", EVENT_QOS)
         self._pubs_ready = True
+        if self.diag is None:
+            self.diag = Diagnostics(self, hardware_id="bedrock")
+            self.diag.add("bedrock stream", self._diag_stream)
         audio_group = MutuallyExclusiveCallbackGroup()
         self.create_subscription(
             UInt8MultiArray,
@@ -311,6 +325,9 @@ class SonicSessionNode(LifecycleNode):
     def shutdown_resources(self) -> None:
         """End the session (cancelling running goals) and stop the loop thread."""
         self._stop_session()
+        if self.diag is not None:
+            self.diag.close()
+            self.diag = None
         if self.tools is not None and hasattr(self.tools, "shutdown"):
             try:
                 self.tools.shutdown()
@@ -412,6 +429,37 @@ class SonicSessionNode(LifecycleNode):
             self.get_logger().warning(f"{self.config.model_id} takes no text input; ignored")
             return
         asyncio.run_coroutine_threadsafe(session.send_text(text.strip()), loop)
+
+    def _diag_stream(self) -> DiagStatus:
+        """Bedrock stream health for /diagnostics."""
+        s = self.session
+        values: dict[str, Any] = {
+            "state": self._state,
+            "model": self._p("model_id"),
+            "source": self._active_source(),
+            "viewers": self._viewers,
+            "audio_out_chunks": self.out_chunks,
+        }
+        if self.last_response_ms is not None:
+            values["last_response_ms"] = round(self.last_response_ms, 1)
+        if s is not None:
+            values.update(
+                stream_age_s=round(s.stream_age, 1),
+                rotations=s.rotations,
+                recoveries=s.recoveries,
+                barge_ins=s.barge_ins,
+                frames_sent=s.frames_pushed,
+                frames_dropped=s.frames_dropped,
+            )
+        if self._fatal_error:
+            return DiagStatus(ERROR, self._fatal_error, values)
+        if s is None:
+            return DiagStatus(WARN, "no conversation (inactive)", values)
+        if self._state == "connecting":
+            return DiagStatus(
+                WARN, f"connecting ({self.last_error or 'opening the stream'})", values
+            )
+        return DiagStatus(OK, self._state, values)
 
     def publish_state(self, state: str) -> None:
         self._state = state
