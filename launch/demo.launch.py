@@ -168,6 +168,8 @@ def launch_setup(context: LaunchContext) -> list:
             {
                 "endpoint_uri": f"https://127.0.0.1:{sonic_port}",
                 "ca_bundle": os.path.join(cert_dir, "ca.pem"),
+                # The scenario's first turn answers this text: the robot speaks first.
+                "greeting": "A visitor has just walked up to you. Greet them.",
             },
             given(
                 context,
@@ -268,8 +270,9 @@ def generate_launch_description() -> LaunchDescription:
             ),
             DeclareLaunchArgument(
                 "scenario",
-                default_value=share("config", "scenarios", "default.yaml"),
-                description="Conversation script the Nova Sonic stand-in answers from.",
+                default_value=share("config", "scenarios", "offline_demo.yaml"),
+                description="Conversation script the Nova Sonic stand-in answers from (the "
+                "default is the offline demo's: greeting, a Spanish request, navigate_to).",
             ),
             DeclareLaunchArgument(
                 "region",
