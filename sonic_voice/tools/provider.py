@@ -70,79 +70,99 @@ class _Call:
     last_spoken: float = -1e9
     feedback_count: int = 0
     stop_msg: Any = None  # topic tools: sent when a timed publication ends early
+    gate: asyncio.Future | None = None  # what _wait awaits: one wake-up, whoever settles it
+
+    def wake(self) -> None:
+        """Loop thread: release the current ``_wait`` (it then looks at why)."""
+        if self.gate is not None and not self.gate.done():
+            self.gate.set_result(None)
+
+    def cancel(self, reason: str) -> None:
+        """Loop thread: interrupt this call (its goal is then cancelled)."""
+        if not self.cancel_event.is_set():
+            self.reason = reason
+            self.cancel_event.set()
+        self.wake()
 
 
 def _settle(
-    loop: asyncio.AbstractEventLoop,
-    afut: asyncio.Future,
-    value: Any = None,
-    exc: BaseException | None = None,
+    call: _Call, afut: asyncio.Future, value: Any = None, exc: BaseException | None = None
 ) -> None:
-    """From any thread: complete ``afut`` on its loop (once; a closed loop is ignored)."""
+    """From any thread: complete ``afut`` on the call's loop and wake the call's ``_wait``.
+
+    One ``call_soon_threadsafe`` callback does both, so the awaiting coroutine resumes on
+    the loop's next iteration (no combinator in between: each extra loop iteration is one
+    more select() that gives the GIL away and must win it back).
+    """
 
     def settle() -> None:
-        if afut.done():
-            return
-        if exc is not None:
-            afut.set_exception(exc)
-        else:
-            afut.set_result(value)
+        if not afut.done():
+            if exc is not None:
+                afut.set_exception(exc)
+            else:
+                afut.set_result(value)
+        call.wake()
 
     try:
-        loop.call_soon_threadsafe(settle)
+        call.loop.call_soon_threadsafe(settle)
     except RuntimeError:  # loop closed: nobody waits any more
         pass
 
 
 def _relay(
-    loop: asyncio.AbstractEventLoop, afut: asyncio.Future, on_done: Callable[[], None] | None = None
+    call: _Call, afut: asyncio.Future, mark: Callable[[], None] | None = None
 ) -> Callable[[Any], None]:
-    """An rclpy done-callback that hands the rclpy future's outcome to ``afut`` on ``loop``."""
+    """An rclpy done-callback (tools thread) handing the outcome to ``afut`` on the loop."""
 
-    def done(rfut: Any) -> None:  # tools thread
-        if on_done is not None:
-            on_done()
+    def done(rfut: Any) -> None:
+        if mark is not None:
+            mark()
         if rfut.cancelled():
-            _settle(loop, afut, exc=asyncio.CancelledError())
+            _settle(call, afut, exc=asyncio.CancelledError())
         elif rfut.exception() is not None:
-            _settle(loop, afut, exc=rfut.exception())
+            _settle(call, afut, exc=rfut.exception())
         else:
-            _settle(loop, afut, rfut.result())
+            _settle(call, afut, rfut.result())
 
     return done
 
 
 class _ActionClient(ActionClient):
-    """ActionClient without rclpy 9.1.2's orphaned future per goal.
+    """ActionClient whose goals are sent from the loop thread and answered inline.
 
-    ``send_goal_async`` in rclpy 9.1.2 (Kilted) registers one future under its lock and then,
-    in a leftover duplicate block, a second one that replaces it; the first is never
-    completed nor removed from the waitable's futures, and the executor walks that list on
-    every response it takes (one ``_set_executor`` per future ever sent): a per-response
-    cost that grows with every goal of the session. This drops the orphan. Goals are sent
-    on the tools thread only, the thread that takes the responses, so the duplicate's
-    send/take race cannot bite either.
+    - rclpy 9.1.2 (Kilted) ``send_goal_async`` registers a future under the client's lock
+      and then, in a leftover duplicate block outside it, a second one that replaces it.
+      Called from a thread other than the executor's, a response taken in between completes
+      the first future and the returned one never completes (the race of ros2/rclpy#1123).
+      Here the lock is reentrant and held across the whole send, so the executor cannot
+      take the answer before both registrations (and the feedback callback's) are done.
+    - The client's futures are not handed to the executor (``add_future`` keeps nothing).
+      rclpy's executor stamps itself on every future a waitable holds before each response
+      it handles, and a stamped future runs each done-callback as one more executor task:
+      one more trip round the executor's wait loop, holding the GIL, before the loop thread
+      can even be woken. Unstamped, the done-callbacks (rclpy's bookkeeping and ours) run
+      inline on the tools thread as the answer is handled. It also ends the leak of 9.1.2's
+      orphaned first future, which that list kept (and walked) for the whole session.
+
+    Must be made before its node is spun (rclpy creates the lock after announcing the
+    waitable: ros2/rclpy#1589).
     """
 
-    _added: list[Any] | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.RLock()  # type: ignore[assignment]
 
     def add_future(self, future: Any) -> None:
-        if self._added is not None:
-            self._added.append(future)
-        super().add_future(future)
+        pass  # see the class docstring
+
+    def remove_future(self, future: Any) -> None:
+        pass
 
     def send_goal_async(
         self, goal: Any, feedback_callback: Any = None, goal_uuid: Any = None
     ) -> Any:
-        self._added = []
-        try:
-            future = super().send_goal_async(goal, feedback_callback, goal_uuid)
-            for f in self._added:
-                if f is not future:
-                    self.remove_future(f)
-            return future
-        finally:
-            self._added = None
+        with self._lock:
+            return super().send_goal_async(goal, feedback_callback, goal_uuid)
 
 
 class ToolsExecutor:
@@ -177,11 +197,10 @@ class ToolsExecutor:
         self.executor.add_node(self.node)
         self._stopping = False
         self._thread = threading.Thread(target=self._spin, name=f"{name}-executor", daemon=True)
-        self._thread.start()
 
-    @property
-    def thread(self) -> threading.Thread:
-        return self._thread
+    def start(self) -> None:
+        """Start spinning (after the clients exist: see :class:`_ActionClient`)."""
+        self._thread.start()
 
     def _spin(self) -> None:
         while not self._stopping and self.node.context.ok():
@@ -194,10 +213,6 @@ class ToolsExecutor:
                     break
                 log.exception("tools executor callback failed")
 
-    def post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on the tools thread (thread-safe; wakes the executor)."""
-        self.executor.create_task(fn, *args)
-
     def close(self) -> None:
         """Stop the thread (joined, so no spinning thread outlives the context), free the node."""
         self._stopping = True
@@ -205,7 +220,7 @@ class ToolsExecutor:
             self.executor.shutdown(timeout_sec=JOIN_S)
         except Exception as e:  # noqa: BLE001 - e.g. the context is already shut down
             log.warning("tools executor shutdown: %s", e)
-        if self._thread is not threading.current_thread():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(JOIN_S)
         for w in list(self.node.waitables):  # action clients: destroy_node leaves them
             try:
@@ -247,7 +262,7 @@ class RosToolProvider:
                 self._clients[t.name] = tnode.create_client(b.cls, b.name)
             elif b.kind == "topic":
                 self._clients[t.name] = tnode.create_publisher(b.cls, b.name, b.qos_depth)
-        self._ros.executor.wake()  # the new clients join the wait set
+        self._ros.start()
 
     # ------------------------------------------------------------------ ToolProvider
     def tool_specs(self) -> list[dict[str, Any]]:
@@ -303,8 +318,7 @@ class RosToolProvider:
         """Cancel every running call that moves the robot; waits for the servers' answers."""
         calls = [c for c in self._active.values() if c.tool.moves_robot]
         for c in calls:
-            c.reason = reason
-            c.cancel_event.set()
+            c.cancel(reason)
         if calls:
             await asyncio.wait(
                 [asyncio.ensure_future(c.finished.wait()) for c in calls],
@@ -323,7 +337,6 @@ class RosToolProvider:
             return
         self._closed = True
         for c in list(self._active.values()):
-            c.reason = "shutdown"
             if c.goal_handle is not None:
                 try:
                     c.goal_handle.cancel_goal_async()
@@ -332,7 +345,7 @@ class RosToolProvider:
             if c.stop_msg is not None:
                 self._clients[c.tool.name].publish(c.stop_msg)
             try:
-                c.loop.call_soon_threadsafe(c.cancel_event.set)
+                c.loop.call_soon_threadsafe(c.cancel, "shutdown")
             except RuntimeError:
                 pass
         self._ros.close()  # joins the thread: nothing uses the clients after this
@@ -382,18 +395,29 @@ class RosToolProvider:
         return False
 
     async def _wait(self, call: _Call, fut: asyncio.Future, deadline: float) -> Any:
-        """``fut``'s result, or _Interrupted on cancel_all / the tool's deadline."""
-        if call.cancel_event.is_set():
-            raise _Interrupted("cancelled", call.reason)
-        stop = asyncio.ensure_future(call.cancel_event.wait())
+        """``fut``'s result, or _Interrupted on cancel_all / the tool's deadline.
+
+        Awaits the call's gate, which the outcome's settle, ``cancel`` and the deadline
+        timer all release directly: the coroutine resumes one loop iteration after the
+        outcome lands (``asyncio.wait`` would add a task and an iteration per wait).
+        """
+        loop = call.loop
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            call.wake()
+
+        timer = loop.call_at(deadline, expire)
         try:
-            remaining = max(0.0, deadline - call.loop.time())
-            done, _ = await asyncio.wait(
-                {fut, stop}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
+            while not (fut.done() or call.cancel_event.is_set() or expired):
+                call.gate = loop.create_future()  # (again after a stray wake-up)
+                await call.gate
         finally:
-            stop.cancel()
-        if fut in done:
+            timer.cancel()
+            call.gate = None
+        if fut.done():
             return fut.result()
         if call.cancel_event.is_set():
             raise _Interrupted("cancelled", call.reason)
@@ -429,10 +453,7 @@ class RosToolProvider:
         deadline = loop.time() + tool.timeout_s
         goal_fut: asyncio.Future = loop.create_future()
         result_fut: asyncio.Future = loop.create_future()
-        self._ros.post(
-            self._send_goal, call, client, goal, progress if b.feedback else None, goal_fut,
-            result_fut,
-        )  # fmt: skip
+        self._send_goal(call, client, goal, progress if b.feedback else None, goal_fut, result_fut)
         try:
             try:
                 gh = await self._wait(call, goal_fut, deadline)
@@ -494,7 +515,8 @@ class RosToolProvider:
         goal_fut: asyncio.Future,
         result_fut: asyncio.Future,
     ) -> None:
-        """Tools thread: send the goal; on the server's answer, ask for the result at once."""
+        """Loop thread: send the goal. On the server's answer (tools thread), the result is
+        asked for at once, before the loop even hears of the acceptance."""
         loop = call.loop
         on_feedback = None
         if progress is not None:
@@ -505,27 +527,29 @@ class RosToolProvider:
                 except RuntimeError:
                     pass
 
+        def result_response() -> None:
+            self._mark(call.use_id, "result_response")
+
         def on_goal_response(f: Any) -> None:  # tools thread
             self._mark(call.use_id, "goal_response")
             try:
                 gh = f.result()
                 if gh.accepted:
-                    rf = gh.get_result_async()
-                    rf.add_done_callback(
-                        _relay(loop, result_fut, lambda: self._mark(call.use_id, "result_response"))
+                    gh.get_result_async().add_done_callback(
+                        _relay(call, result_fut, result_response)
                     )
             except Exception as e:  # noqa: BLE001 - the loop side reports it
-                _settle(loop, goal_fut, exc=e)
+                _settle(call, goal_fut, exc=e)
                 return
-            _settle(loop, goal_fut, gh)
+            _settle(call, goal_fut, gh)
 
         try:
+            fut = client.send_goal_async(goal, feedback_callback=on_feedback)
+            fut.add_done_callback(on_goal_response)  # inline, or now if already answered
             self._mark(call.use_id, "goal_sent")
-            client.send_goal_async(goal, feedback_callback=on_feedback).add_done_callback(
-                on_goal_response
-            )
         except Exception as e:  # noqa: BLE001
-            _settle(loop, goal_fut, exc=e)
+            if not goal_fut.done():
+                goal_fut.set_exception(e)
 
     async def _cancel_goal(self, call: _Call) -> bool | None:
         """Ask the server to cancel; True if it accepted, None if there was no goal."""
@@ -534,7 +558,7 @@ class RosToolProvider:
             return None
         try:
             fut: asyncio.Future = call.loop.create_future()
-            gh.cancel_goal_async().add_done_callback(_relay(call.loop, fut))  # any thread is safe
+            gh.cancel_goal_async().add_done_callback(_relay(call, fut))  # safe from any thread
             resp = await asyncio.wait_for(fut, CANCEL_ACK_S)
         except TimeoutError:
             return False
@@ -585,7 +609,7 @@ class RosToolProvider:
         self._mark(use.tool_use_id, "goal_sent")
         rfut = client.call_async(req)  # sent under the client's lock: safe from this thread
         rfut.add_done_callback(
-            _relay(call.loop, fut, lambda: self._mark(use.tool_use_id, "result_response"))
+            _relay(call, fut, lambda: self._mark(use.tool_use_id, "result_response"))
         )
         try:
             resp = await self._wait(call, fut, call.loop.time() + tool.timeout_s)
