@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Stop after this many seconds (0 = never; "
         "offline: the demo ends by itself, bounded by 180 s).",
     )
+    p.add_argument(
+        "--stay",
+        action="store_true",
+        help="Offline: keep running after the scripted conversation (e.g. for a browser "
+        "viewer with --kvs-channel) until Ctrl-C.",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 

@@ -115,6 +115,8 @@ class Offline:
         self.stack = contextlib.ExitStack()
         self.audio: Any = None
         self.emu: Any = None
+        self.kvs: Any = None
+        self.viewer_url = ""
 
     def __enter__(self) -> Offline:
         from sonic_voice.emulators.sonic.server import (
@@ -137,6 +139,24 @@ class Offline:
         self.emu = self.stack.enter_context(
             EmulatorThread(scenario=str(self.scenario_path), realtime=True)
         )
+        self.kvs = None
+        self.viewer_url = ""
+        if self.args.kvs_channel:
+            # Remote visitors too: the KVS stand-in (control plane + signaling) and the
+            # viewer page, so a browser on this machine can join the conversation.
+            from sonic_voice.emulators.kvs import KvsEmulatorThread
+            from sonic_voice.web import serve_in_thread
+
+            self.kvs = self.stack.enter_context(
+                KvsEmulatorThread(channels=(self.args.kvs_channel,))
+            )
+            server, url = serve_in_thread()
+            self.stack.callback(server.shutdown)
+            em = self.kvs.emulator
+            self.viewer_url = (
+                f"{url}?endpoint={em.endpoint_url}&channel={self.args.kvs_channel}"
+                f"&region={em.region}"
+            )
         return self
 
     @property
@@ -189,10 +209,28 @@ def run_offline(args: argparse.Namespace) -> int:
                 audio_params.update(latency="0.05", output_block_ms=20.0)
             _node(AudioIONode, stack, audio_params)
         base = _node(SimBaseNode, stack, base_params)
+        if off.kvs is not None:
+            from sonic_voice.nodes.kvs_webrtc import KvsWebrtcNode
+
+            kvs_params = node_params(args, "kvs_webrtc")
+            kvs_params.update(
+                channel_name=args.kvs_channel,
+                endpoint_url=off.kvs.emulator.endpoint_url,
+                region=off.kvs.emulator.region,
+                ice_servers="[]",  # host candidates only: everything stays on this machine
+            )
+            _node(KvsWebrtcNode, stack, kvs_params)
+            log.info("  KVS stand-in at %s; a browser can join at", off.kvs.emulator.endpoint_url)
+            log.info("  %s (any access key and secret)", off.viewer_url)
         session = _node(SonicSessionNode, stack, session_params)
         stack.add(make_monitor(run, stack.context))
         stack.start()
         ok = _converse(run, off, session, base, lines, args)
+        if ok and args.stay:
+            log.info("%s  scripted conversation done; still running (Ctrl-C to stop)", run.t())
+            with contextlib.suppress(KeyboardInterrupt):
+                while not getattr(session, "fatal_error", None):
+                    time.sleep(0.5)
         if not ok:
             for r in off.emu.records:
                 pcm = np.frombuffer(bytes(r.pcm), "<i2").astype(np.float32)
