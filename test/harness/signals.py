@@ -50,6 +50,25 @@ def best_alignment(reference: np.ndarray, recording: np.ndarray) -> tuple[int, f
     return lag, float(np.dot(ref, seg) / denom) if denom else 0.0
 
 
+def chunk_correlations(
+    reference: np.ndarray, recording: np.ndarray, chunk: int, search: int
+) -> np.ndarray:
+    """NCC of each ``chunk``-sample piece of ``reference`` at its own best lag, searched
+    within ``search`` samples of the global alignment. A single device glitch (an xrun
+    that drops or repeats a few ms) lowers one piece, not the whole signal; corruption by
+    the code under test (lost or reordered blocks, resampler state errors) lowers many."""
+    lag, _ = best_alignment(reference, recording)
+    out = []
+    for start in range(0, len(reference) - chunk + 1, chunk):
+        piece = reference[start : start + chunk]
+        if not np.any(piece):
+            continue
+        lo = max(0, lag + start - search)
+        window = recording[lo : lag + start + chunk + search]
+        out.append(best_alignment(piece, window)[1] if len(window) >= chunk else 0.0)
+    return np.array(out)
+
+
 def longest_silent_run(x: np.ndarray, threshold: int = 0) -> int:
     """Length of the longest run of samples with ``|x| <= threshold``."""
     quiet = np.abs(x.astype(np.int32)) <= threshold
