@@ -1,0 +1,340 @@
+"""Robot-side latency of the Nova Sonic session node, both ways, against the stand-in.
+
+Everything runs in this process (one clock, ``time.perf_counter_ns``): the Bedrock
+stand-in on its own loop thread, an isolated ROS graph whose executor spins the
+sonic_session node and a bench node, the session's own asyncio loop. Real parts
+throughout: rclpy/DDS, the SDK over awscrt HTTP/2 + TLS with SigV4 event signing.
+
+- **uplink**: a 32 ms ``audio/mic`` message published (stamped just before ``publish``)
+  -> its frame's last byte read from the HTTP/2 connection by the stand-in (its
+  ``on_audio_input`` hook). Frames carry a sequence number in two samples, so each is
+  matched exactly. Paced in real time, as a microphone delivers them.
+- **downlink**: the stand-in writes one 40 ms ``audioOutput`` (``push_audio_output``;
+  stamped by its ``on_audio_output`` hook right after the write) -> that PCM arrives on
+  ``audio/out`` at a subscriber. Paced in real time.
+
+Also printed, to locate where time goes: the uplink's hops (publish -> the node's ROS
+callback -> the session loop -> the SDK send), and whether TCP_NODELAY is set on the
+client's socket to the stand-in (awscrt leaves Nagle on; the transport forces it off).
+
+The stand-in runs in a process of its own by default, as the service is far away in
+reality: its decoding and signature checks then do not compete with the robot's threads
+for the GIL. Its stamps are ``perf_counter_ns`` too (CLOCK_MONOTONIC, one clock for every
+process on the machine), collected from it at the end. ``--stand-in-here`` runs it in
+this process instead (a harsher figure: the stand-in's work lands on the robot's CPU).
+
+Run: ``.venv/bin/python bench/sonic_latency.py [N] [--stand-in-here]`` (N samples per
+direction, default 400).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import stat
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import figure, isolate, pct, setup_path
+
+WARMUP = 20
+IN_FRAME = 512  # 32 ms at 16 kHz: audio_io's block and the session's chunk
+OUT_FRAME = 960  # 40 ms at 24 kHz: the stand-in's (and the service's) output chunk
+
+
+def tag_frame(n: int, seq: int) -> bytes:
+    """A quiet frame whose first two samples carry ``seq`` (never all zero)."""
+    import numpy as np
+
+    f = np.zeros(n, np.int16)
+    f[0], f[1] = 1 + seq % 997, 1 + seq // 997
+    return f.tobytes()
+
+
+def read_tag(pcm: bytes) -> int | None:
+    import numpy as np
+
+    a = np.frombuffer(pcm[:4], "<i2")
+    if len(a) < 2 or a[0] <= 0 or a[1] <= 0:
+        return None  # e.g. the node's silence filler
+    return int(a[1] - 1) * 997 + int(a[0] - 1)
+
+
+class StandIn:
+    """The Bedrock stand-in with stamps: frame arrivals (``on_audio_input``) and output
+    writes (``on_audio_output``), keyed by the frames' sequence numbers."""
+
+    def __init__(self) -> None:
+        from sonic_voice.emulators.sonic import EmulatorThread
+
+        self.emu = EmulatorThread(scenario={"turns": []}, realtime=False).start()
+        self.arrived: dict[int, int] = {}
+        self.written: dict[int, int] = {}
+        self.emu.on_audio_input(lambda rec, pcm, t: self._stamp(self.arrived, pcm, t))
+        self.emu.on_audio_output(lambda rec, pcm, t: self._stamp(self.written, pcm, t))
+        self.endpoint_uri, self.ca_file = self.emu.endpoint_uri, self.emu.ca_file
+
+    @staticmethod
+    def _stamp(store: dict[int, int], pcm: bytes, t_ns: int) -> None:
+        seq = read_tag(pcm)
+        if seq is not None:
+            store[seq] = t_ns
+
+    def push(self, pcm: bytes) -> None:
+        self.emu.push_audio_output(pcm)
+
+    def end(self) -> None:
+        self.emu.call(self.emu.emulator.end_audio_output)
+
+    def stamps(self) -> tuple[dict[int, int], dict[int, int]]:
+        return dict(self.arrived), dict(self.written)
+
+    def stop(self) -> None:
+        self.emu.stop()
+
+
+def _stand_in_process(conn: Any) -> None:
+    """Child process: a StandIn driven over a pipe (push, end, stamps, stop)."""
+    stand_in = StandIn()
+    conn.send((stand_in.endpoint_uri, stand_in.ca_file))
+    while True:
+        cmd, arg = conn.recv()
+        if cmd == "push":
+            stand_in.push(arg)
+        elif cmd == "end":
+            stand_in.end()
+        elif cmd == "stamps":
+            conn.send(stand_in.stamps())
+        elif cmd == "stop":
+            stand_in.stop()
+            conn.send(None)
+            return
+
+
+class RemoteStandIn:
+    """The same, in a child process (spawned: no rclpy or threads inherited)."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_stand_in_process, args=(child,), daemon=True)
+        self.proc.start()
+        if not self.conn.poll(60):
+            raise SystemExit("the stand-in process did not start")
+        self.endpoint_uri, self.ca_file = self.conn.recv()
+
+    def push(self, pcm: bytes) -> None:
+        self.conn.send(("push", pcm))
+
+    def end(self) -> None:
+        self.conn.send(("end", None))
+
+    def stamps(self) -> tuple[dict[int, int], dict[int, int]]:
+        self.conn.send(("stamps", None))
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        self.conn.send(("stop", None))
+        self.conn.poll(30)
+        self.proc.join(10)
+
+
+def nodelay_on_client_sockets(port: int) -> list[int]:
+    """TCP_NODELAY of this process's sockets connected to ``port`` (the client side)."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            s = socket.socket(fileno=os.dup(fd))
+        except (OSError, ValueError):
+            continue
+        try:
+            if s.family == socket.AF_INET and s.type == socket.SOCK_STREAM:
+                if s.getpeername()[1] == port:
+                    out.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return out
+
+
+def ms(pairs: list[tuple[int, int]]) -> list[float]:
+    return [(b - a) / 1e6 for a, b in pairs]
+
+
+def main() -> None:
+    isolate()
+    setup_path()
+    home = tempfile.mkdtemp(prefix="sv-bench-")
+    os.environ.setdefault("ROS_HOME", home)
+    os.environ.setdefault("ROS_LOG_DIR", os.path.join(home, "log"))
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(var, None)
+    os.environ["AWS_CONFIG_FILE"] = os.path.join(home, "aws-config-none")
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.path.join(home, "aws-credentials-none")
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from std_msgs.msg import UInt8MultiArray
+
+    from sonic_voice.emulators.sonic import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
+    from sonic_voice.nodes.common import AUDIO_QOS, MIC_TOPIC, OUT_TOPIC
+    from sonic_voice.nodes.sonic_session import SonicSessionNode
+
+    from test.harness.ros import RosGraph, wait_for
+
+    os.environ["AWS_ACCESS_KEY_ID"] = DEFAULT_ACCESS_KEY
+    os.environ["AWS_SECRET_ACCESS_KEY"] = DEFAULT_SECRET_KEY
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    here = "--stand-in-here" in sys.argv
+    n = int(args[0]) if args else 400
+    total = n + WARMUP
+
+    emu = StandIn() if here else RemoteStandIn()
+    graph = RosGraph()
+    try:
+        node = SonicSessionNode(
+            context=graph.context,
+            parameter_overrides=[
+                Parameter("endpoint_uri", value=emu.endpoint_uri),
+                Parameter("ca_bundle", value=emu.ca_file),
+            ],
+        )
+        graph.add(node)
+        bench = graph.node("sonic_bench")
+        mic = bench.create_publisher(UInt8MultiArray, MIC_TOPIC, AUDIO_QOS)
+        lock = threading.Lock()
+        got_out: dict[int, int] = {}
+
+        def on_out(msg: UInt8MultiArray) -> None:
+            t = time.perf_counter_ns()
+            seq = read_tag(bytes(msg.data[:4]))
+            if seq is not None:
+                with lock:
+                    got_out[seq] = t
+
+        # The listener on audio/out has an executor of its own, as a consumer in another
+        # process would: its wake-up is not charged to the node.
+        listener = Node("sonic_bench_out", context=graph.context)
+        listener.create_subscription(UInt8MultiArray, OUT_TOPIC, on_out, AUDIO_QOS)
+        listen = SingleThreadedExecutor(context=graph.context)
+        listen.add_node(listener)
+        threading.Thread(target=listen.spin, name="bench-out", daemon=True).start()
+        if not wait_for(lambda: node._state == "listening" and mic.get_subscription_count(), 30):
+            raise SystemExit(f"the session did not come up: {node._state} {node.last_error}")
+        nodelay = nodelay_on_client_sockets(int(emu.endpoint_uri.rsplit(":", 1)[1]))
+
+        # Stage stamps inside the node (instance attributes shadow the methods it calls).
+        stages: dict[str, dict[int, int]] = {"ros": {}, "loop": {}, "send": {}}
+        send_log: list[tuple[int, bytes]] = []  # (stamp, event JSON), decoded afterwards
+        on_audio = node._on_audio
+
+        def stamp_ros(msg: Any, source: str) -> None:
+            seq = read_tag(bytes(msg.data[:4]))
+            if seq is not None:
+                stages["ros"][seq] = time.perf_counter_ns()
+            on_audio(msg, source)
+
+        node._on_audio = stamp_ros
+        session = node.session
+        push = session.push_audio
+
+        def stamp_loop(pcm: Any) -> None:
+            seq = read_tag(pcm[:2].tobytes() if hasattr(pcm, "tobytes") else bytes(pcm[:4]))
+            if seq is not None:
+                stages["loop"][seq] = time.perf_counter_ns()
+            push(pcm)
+
+        session.push_audio = stamp_loop
+        stream = session._leg.stream
+        send = stream.send
+
+        async def stamp_send(event: bytes) -> None:
+            send_log.append((time.perf_counter_ns(), event))
+            await send(event)
+
+        stream.send = stamp_send
+
+        # ---------------------------------------------------------------- uplink
+        sent: dict[int, int] = {}
+        frames = [tag_frame(IN_FRAME, i) for i in range(total)]
+        period = IN_FRAME / 16000
+        t0 = time.perf_counter()
+        for i, f in enumerate(frames):
+            msg = UInt8MultiArray()
+            msg.data = f
+            sent[i] = time.perf_counter_ns()
+            mic.publish(msg)
+            delay = t0 + (i + 1) * period - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        time.sleep(1.0)  # the last frames reach the stand-in
+        arrived, _ = emu.stamps()
+        if len(arrived) < total:
+            raise SystemExit(f"uplink: {total - len(arrived)} frames never arrived")
+        keep = range(WARMUP, total)
+        up = ms([(sent[i], arrived[i]) for i in keep])
+        hop_ros = ms([(sent[i], stages["ros"][i]) for i in keep])
+        hop_loop = ms([(stages["ros"][i], stages["loop"][i]) for i in keep])
+        for t, event in send_log:
+            body = json.loads(event)["event"]
+            if "audioInput" in body:
+                seq = read_tag(base64.b64decode(body["audioInput"]["content"])[:4])
+                if seq is not None:
+                    stages["send"][seq] = t
+        hop_send = ms([(stages["loop"][i], stages["send"][i]) for i in keep])
+        hop_wire = ms([(stages["send"][i], arrived[i]) for i in keep])
+
+        # ---------------------------------------------------------------- downlink
+        period = OUT_FRAME / 24000
+        t0 = time.perf_counter()
+        for i in range(total):
+            emu.push(tag_frame(OUT_FRAME, i))
+            delay = t0 + (i + 1) * period - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        if not wait_for(lambda: len(got_out) >= total, 20):
+            raise SystemExit(f"downlink: {total - len(got_out)} chunks never arrived")
+        emu.end()
+        _, written = emu.stamps()
+        down = ms([(written[i], got_out[i]) for i in keep])
+    finally:
+        if "listen" in locals():
+            listen.shutdown(timeout_sec=2)
+        graph.close()
+        emu.stop()
+
+    where = "in this process" if here else "in its own process"
+    print(f"sonic_latency: {n} frames each way (+{WARMUP} warm-up), real-time pacing; ROS graph,")
+    print(f"  node and publisher/listener in one process, stand-in {where}")
+    print(f"tcp_nodelay_client_sockets: {nodelay} (1 = Nagle off)")
+    for name, values in (
+        ("uplink_hop_publish_to_node_callback", hop_ros),
+        ("uplink_hop_callback_to_session_loop", hop_loop),
+        ("uplink_hop_session_loop_to_sdk_send", hop_send),
+        ("uplink_hop_sdk_send_to_stand_in", hop_wire),
+    ):
+        figure(f"{name}_p50", pct(values, 50), "ms")
+        figure(f"{name}_p99", pct(values, 99), "ms")
+    figure("uplink_mic_to_stand_in_p50", pct(up, 50), "ms")
+    figure("uplink_mic_to_stand_in_p99", pct(up, 99), "ms", "<= 5 ms")
+    figure("downlink_stand_in_to_audio_out_p50", pct(down, 50), "ms")
+    figure("downlink_stand_in_to_audio_out_p99", pct(down, 99), "ms", "<= 25 ms")
+
+
+if __name__ == "__main__":
+    main()
