@@ -40,6 +40,7 @@ import os
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ RESULT_KEEP_S = 1  # the server keeps finished goals (and lists them in every st
 class FarEnd:
     """The Fibonacci server's side: stamps its goal callback and its result, in order."""
 
-    def __init__(self, node: Any, audio: bool) -> None:
+    def __init__(self, node: Any, audio: bool, goal_s: float = 0.0) -> None:
         from rclpy.action import ActionServer, CancelResponse, GoalResponse
         from std_msgs.msg import UInt8MultiArray
         from test_msgs.action import Fibonacci
@@ -76,6 +77,7 @@ class FarEnd:
         self.accepted_ns: list[int] = []
         self.result_ns: list[int] = []
         self._fib = Fibonacci
+        self._goal_s = goal_s
 
         def on_goal(goal: Any) -> Any:
             self.accepted_ns.append(time.perf_counter_ns())
@@ -96,6 +98,8 @@ class FarEnd:
             node.create_timer(0.02, lambda: pub.publish(block))
 
     def _execute(self, goal_handle: Any) -> Any:
+        if self._goal_s:
+            time.sleep(self._goal_s)  # the robot at work (sequential goals: nothing waits)
         s = [0, 1]
         while len(s) < goal_handle.request.order + 1:
             s.append(s[-1] + s[-2])
@@ -107,7 +111,6 @@ class FarEnd:
 
 def thread_cpu() -> dict[str, float]:
     """CPU seconds used so far by each live thread of this process, by Python thread name."""
-    import threading
 
     tick = os.sysconf("SC_CLK_TCK")
     names = {t.native_id: t.name for t in threading.enumerate()}
@@ -123,9 +126,8 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
-def far_end_process(domain_id: int, audio: bool, conn: Any) -> None:
+def far_end_process(domain_id: int, audio: bool, goal_s: float, conn: Any) -> None:
     """Child process: the far end on its own context and executor until told to stop."""
-    import threading
 
     import rclpy
     from rclpy.context import Context
@@ -135,7 +137,7 @@ def far_end_process(domain_id: int, audio: bool, conn: Any) -> None:
     ctx = Context()
     rclpy.init(context=ctx, domain_id=domain_id)
     node = Node("bench_far_end", context=ctx)
-    far = FarEnd(node, audio)
+    far = FarEnd(node, audio, goal_s)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
     t = threading.Thread(target=ex.spin, daemon=True)
@@ -156,6 +158,19 @@ def main() -> None:
     ap.add_argument("--same-process", action="store_true", help="the server in this process")
     ap.add_argument("--no-audio", action="store_true", help="no microphone traffic")
     ap.add_argument("--stages", action="store_true", help="per-stage offsets from t0")
+    ap.add_argument(
+        "--goal-ms",
+        type=float,
+        default=0.0,
+        help="how long each goal runs (0: the result exists before the client asks for it)",
+    )
+    ap.add_argument(
+        "--session-executor",
+        choices=["multi", "single"],
+        default="multi",
+        help="what spins the session-like node: run_node's MultiThreadedExecutor (as today) "
+        "or a SingleThreadedExecutor",
+    )
     args = ap.parse_args()
     isolate()
     setup_path()
@@ -175,14 +190,25 @@ def main() -> None:
     cfg = Path(home) / "tools.yaml"
     cfg.write_text(textwrap.dedent(TOOLS))
     graph = RosGraph(threads=os.cpu_count() or 2)  # as run_node's MultiThreadedExecutor()
+    if args.session_executor == "single":
+        from rclpy.executors import SingleThreadedExecutor
+
+        graph.executor.shutdown()
+        graph._thread.join(10)
+        graph.executor = SingleThreadedExecutor(context=graph.context)
+        graph._thread = threading.Thread(target=graph._spin, name="ros-graph", daemon=True)
+        graph._thread.start()
     child = conn = far = None
     try:
         if args.same_process:
-            far = FarEnd(graph.node("bench_far_end"), audio)
+            far = FarEnd(graph.node("bench_far_end"), audio, args.goal_ms / 1000)
         else:
             mp = multiprocessing.get_context("spawn")
             conn, child_conn = mp.Pipe()
-            child = mp.Process(target=far_end_process, args=(graph.domain_id, audio, child_conn))
+            child = mp.Process(
+                target=far_end_process,
+                args=(graph.domain_id, audio, args.goal_ms / 1000, child_conn),
+            )
             child.start()
             assert conn.poll(30) and conn.recv() == "ready", "far end did not start"
 
@@ -196,7 +222,10 @@ def main() -> None:
 
         def on_mic(msg: Any) -> None:  # executor thread, as SonicSessionNode._on_audio
             if loop_box:
-                loop_box[0].call_soon_threadsafe(push_audio, msg_pcm(msg))
+                try:
+                    loop_box[0].call_soon_threadsafe(push_audio, msg_pcm(msg))
+                except RuntimeError:  # the loop has ended
+                    loop_box.clear()
 
         session.create_subscription(UInt8MultiArray, MIC_TOPIC, on_mic, AUDIO_QOS)
         provider = load_provider(session, str(cfg), None)
@@ -248,9 +277,10 @@ def main() -> None:
 
     where = "this process" if args.same_process else "another process"
     print(
-        f"tool_latency: {args.n} sequential Fibonacci goals, one per {args.period:g} s, "
-        f"server in {where}, mic audio {'50 Hz' if audio else 'off'} "
-        f"({pushed[0]} blocks reached the loop), isolated graph"
+        f"tool_latency: {args.n} sequential Fibonacci goals ({args.goal_ms:g} ms each), one per "
+        f"{args.period:g} s, server in {where}, mic audio {'50 Hz' if audio else 'off'} "
+        f"({pushed[0]} blocks reached the loop), session node on a "
+        f"{args.session_executor}-threaded executor, isolated graph"
     )
     if args.stages:
         order = ["received", "goal_sent", "server_accepted", "goal_response", "accepted",

@@ -405,3 +405,58 @@ def test_allowlist_parameter(ros_graph: Any, tmp_path: Path) -> None:
         assert r.status == "error" and "not allowed" in r.content["error"]
     finally:
         provider.shutdown()
+
+
+def _fib(n: int) -> list[int]:
+    s = [0, 1]
+    while len(s) < n + 1:
+        s.append(s[-1] + s[-2])
+    return s[: n + 1]
+
+
+def test_concurrent_goals_all_answered(ros_graph: Any, tools: Any) -> None:
+    """Goals sent from the loop while the tools thread takes answers: every call gets its
+    own result (rclpy 9.1.2's send/take race would leave one waiting), and the client keeps
+    no future per goal (9.1.2 leaked one). Rounds of 8 at once: a server's goal service keeps
+    the default 10 requests, so a bigger burst loses requests at the server, not here."""
+    server = fibonacci_server(ros_graph.node("fib_server"), steps=0)
+    rounds = [[1 + (r + i) % 12 for i in range(8)] for r in range(5)]
+
+    async def main() -> list[ToolResult]:
+        results: list[ToolResult] = []
+        for r, orders in enumerate(rounds):
+            calls = [tools.run(ToolUse(f"c{r}-{i}", "fib", {"order": o}), Progress())
+                     for i, o in enumerate(orders)]  # fmt: skip
+            results += await asyncio.gather(*calls)
+        return results
+
+    results = asyncio.run(main())
+    orders = [o for r in rounds for o in r]
+    assert [r.status for r in results] == ["ok"] * len(orders), [r.content for r in results]
+    assert [r.content["result"]["sequence"] for r in results] == [_fib(o) for o in orders]
+    assert sorted(g.order for g in server.goals) == sorted(orders)
+    assert tools._clients["fib"]._futures == []
+    assert tools.running == 0
+
+
+def test_clients_on_their_own_node_and_thread(ros_graph: Any, tmp_path: Path) -> None:
+    import threading
+
+    p = tmp_path / "tools.yaml"
+    p.write_text(textwrap.dedent(TOOLS))
+    node = ros_graph.node("own_thread")
+    provider = load_provider(node, str(p), LOCATIONS)
+
+    def threads() -> list[str]:
+        return [t.name for t in threading.enumerate()]
+
+    try:
+        assert "own_thread_tools-executor" in threads()
+        assert wait_for(lambda: "own_thread_tools" in node.get_node_names(), 10)
+        n = sum(t.binding.kind == "topic" for t in provider.tools.values())  # all on cmd_vel
+        assert n == 3 and wait_for(lambda: node.count_publishers("/cmd_vel") == n, 10)
+        pubs = node.get_publisher_names_and_types_by_node("own_thread_tools", "/")
+        assert ("/cmd_vel", ["geometry_msgs/msg/Twist"]) in pubs
+    finally:
+        provider.shutdown()
+    assert "own_thread_tools-executor" not in threads()

@@ -34,7 +34,11 @@ ALLOWLIST_PARAM = "tools_allowlist"
 
 
 def load_provider(node: Any, tools_file: str, locations_file: str | None = None) -> Any:
-    """Load ``tools_file`` (+ named locations) and make the node's ROS clients.
+    """Load ``tools_file`` (+ named locations) and make the ROS clients.
+
+    The clients live on a node of their own, ``<node>_tools``, with its own executor thread
+    (see :class:`sonic_voice.tools.provider.ToolsExecutor`); call ``shutdown()`` on the
+    provider before the context goes (it joins that thread).
 
     Declares the node parameter ``tools_allowlist`` (string array; empty = every tool the
     file allows). Raises :class:`ToolConfigError` naming file, tool and field on any

@@ -2,22 +2,23 @@
 topic messages.
 
 Threads: ``run``/``cancel_all`` are awaited on the session's asyncio loop. The tools' ROS
-clients live on their own node (``<node>_tools``) spun by a SingleThreadedExecutor in its own
-thread (:class:`ToolsExecutor`), so a tool call never queues behind audio callbacks on the
-session node's executor, and no thread pool sits between a response arriving and its
-handling. One crossing each way per step:
+clients live on their own node (``<node>_tools``) spun by a SingleThreadedExecutor in a
+thread of its own (:class:`ToolsExecutor`), not on the session node's executor, where a
+response waits behind audio callbacks and rclpy's MultiThreadedExecutor thread hand-offs.
 
-- loop -> tools thread: ``executor.create_task`` (the request is sent on the thread that
-  takes the responses, which also avoids rclpy's send/take race on ``send_goal_async``);
-- tools thread -> loop: an rclpy done-callback that completes an asyncio future with
-  ``call_soon_threadsafe`` (:func:`_relay`).
+The path of an action call, one thread crossing per step:
 
-The goal response is handled on the tools thread: an accepted goal's get-result request is
-sent from there at once, before the loop even hears of the acceptance.
+- loop: validate, build the goal, send it (:class:`_ActionClient` makes that safe from
+  this thread);
+- tools thread, as the goal response is taken: an accepted goal's get-result request is
+  sent at once, then the handle is handed to the loop (``call_soon_threadsafe``);
+- tools thread, as the result is taken: handed to the loop the same way; ``run`` resumes on
+  the loop's next iteration (:meth:`_Call.wake`) and returns the ToolResult.
 
-Every call ends in exactly one ToolResult with words the model can relay: invalid input
-(no ROS call made), server absent, goal rejected, aborted, timeout (the goal is cancelled),
-cancelled (barge-in, a stop tool, session end, shutdown).
+rclpy done-callbacks on the action client's futures run inline on the tools thread (no
+executor task each). Every call ends in exactly one ToolResult with words the model can
+relay: invalid input (no ROS call made), server absent, goal rejected, aborted, timeout (the
+goal is cancelled), cancelled (barge-in, a stop tool, session end, shutdown).
 """
 
 from __future__ import annotations
@@ -168,12 +169,14 @@ class _ActionClient(ActionClient):
 class ToolsExecutor:
     """The tools' own node and a SingleThreadedExecutor spinning it in a dedicated thread.
 
-    Why not the session node's executor: there every response waits for a wake-up of the
-    MultiThreadedExecutor's wait loop (which rebuilds its wait set over all of the node's
-    entities, audio subscriptions included), a hop to a pool thread to take it, then one
-    more executor task and pool hop for each rclpy done-callback; each of those threads
-    also has to win the GIL. Here a response is taken and its done-callbacks run on one
-    thread whose wait set holds only the tools' clients.
+    Why not the session node's executor (``run_node``'s MultiThreadedExecutor): there each
+    response waits for the spin thread's wake-up, its rebuild of a wait set over all the
+    node's entities, a hand-off to a pool thread, then one more task and hand-off for each
+    rclpy done-callback, every thread having to win the GIL in turn. And rclpy 9.1.2's
+    MultiThreadedExecutor re-submits a task that has not started yet instead of waiting
+    (ros2/rclpy#1452): with 50 Hz of audio it keeps about half a core busy and the GIL with
+    it. Here a response is taken and handled on one thread whose wait set holds only the
+    tools' clients.
 
     The node is named ``<parent>_tools`` in the parent's namespace, so relative server
     names resolve as before; process-wide remappings apply, node-specific ones must name
@@ -254,14 +257,18 @@ class RosToolProvider:
         self.keep_marks = False
         self._ros = ToolsExecutor(node)
         tnode = self._ros.node
-        for t in self.tools.values():
-            b = t.binding
-            if b.kind == "action":
-                self._clients[t.name] = _ActionClient(tnode, b.cls, b.name)
-            elif b.kind == "service":
-                self._clients[t.name] = tnode.create_client(b.cls, b.name)
-            elif b.kind == "topic":
-                self._clients[t.name] = tnode.create_publisher(b.cls, b.name, b.qos_depth)
+        try:
+            for t in self.tools.values():
+                b = t.binding
+                if b.kind == "action":
+                    self._clients[t.name] = _ActionClient(tnode, b.cls, b.name)
+                elif b.kind == "service":
+                    self._clients[t.name] = tnode.create_client(b.cls, b.name)
+                elif b.kind == "topic":
+                    self._clients[t.name] = tnode.create_publisher(b.cls, b.name, b.qos_depth)
+        except Exception:
+            self._ros.close()
+            raise
         self._ros.start()
 
     # ------------------------------------------------------------------ ToolProvider
