@@ -116,17 +116,23 @@ def test_depth_adapts_to_jitter() -> None:
 def test_aiortc_hook_points_exist() -> None:
     """Fails loudly when an aiortc upgrade moves what aiortc_hooks relies on."""
     aiortc_hooks.check_hook_points()
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    try:
-        tr = pc.addTransceiver("audio", direction="recvonly")
-        aiortc_hooks.check_hook_points(tr.receiver)
-        jb = tr.receiver._RTCRtpReceiver__jitter_buffer
-        assert type(jb).__name__ == "JitterBuffer"
-        got = []
-        aiortc_hooks.tap_rtp(tr.receiver, got.append)
-        assert tr.receiver._RTCRtpReceiver__jitter_buffer is not jb
-    finally:
-        asyncio.run(pc.close())
+
+    async def run() -> None:
+        # Inside a running loop: aiortc objects look for one (the loop pytest-asyncio left
+        # behind may be closed when this runs after async tests).
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        try:
+            tr = pc.addTransceiver("audio", direction="recvonly")
+            aiortc_hooks.check_hook_points(tr.receiver)
+            jb = tr.receiver._RTCRtpReceiver__jitter_buffer
+            assert type(jb).__name__ == "JitterBuffer"
+            got = []
+            aiortc_hooks.tap_rtp(tr.receiver, got.append)
+            assert tr.receiver._RTCRtpReceiver__jitter_buffer is not jb
+        finally:
+            await pc.close()
+
+    asyncio.run(run())
     assert aiortc.__version__ in aiortc_hooks.TESTED_AIORTC, (
         f"aiortc {aiortc.__version__}: re-run test_jitter.py and bench/loss_sweep.py, "
         "then add the version to TESTED_AIORTC"

@@ -28,6 +28,7 @@ from sonic_voice.nodes.kvs_webrtc import VIEWER_TEXT_TOPIC, VIEWERS_TOPIC, KvsWe
 from test.harness.ros import wait_for
 from test.harness.signals import best_alignment, silence, speech_like
 from test.harness.viewer import TEST_SECRET, Viewer
+from test.test_kvs_link import answer_sdp, check_viewer_speech, opus_fmtp
 
 
 @pytest.fixture
@@ -96,8 +97,13 @@ def test_viewer_audio_and_text_through_the_node(ros_graph, stand_in) -> None:
         assert wait_for(lambda: len(listener.audio()) >= 16000 * 2.5, 20)
         time.sleep(0.2)
         assert {len(b) for b in listener.remote} == {512}
-        lag, ncc = best_alignment(speech, listener.audio())
-        assert ncc >= 0.9, f"audio/remote: ncc {ncc:.3f} at lag {lag}"
+        # The node runs our receive path (default); it may move whole 20 ms frames.
+        check_viewer_speech(speech, listener.audio(), resilient=True)
+        peer = node.master.peers["visitor"]  # (a dict read from this thread is safe)
+        assert peer.rx is not None and peer.rx.stats.normal >= 100, peer.rx
+        assert opus_fmtp(stand_in.sync(lambda: answer_sdp(stand_in.emulator, "visitor")))[
+            "useinbandfec"
+        ] == "1"
 
         # audio/out (24 kHz, odd chunks) -> the viewer.
         robot = speech_like(2.0, 24000, seed=22)

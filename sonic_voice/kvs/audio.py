@@ -14,6 +14,7 @@ split between them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import logging
 import time
@@ -41,8 +42,14 @@ class PacedAudioTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, in_rate: int = 24000) -> None:
+    def __init__(self, in_rate: int = 24000, hold_ms: float = 40.0) -> None:
         super().__init__()
+        # A partly queued frame waits this long after the last push for the rest of it
+        # (see OpusFecTrack.hold_ms): no holes inside speech from small or late chunks.
+        self.hold_s = hold_ms / 1000
+        self._last_push = float("-inf")
+        self._pushed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.in_rate = in_rate
         self._resampler = StreamResampler(in_rate, RTC_RATE)
         self._held = 0  # input samples inside the resampler, not yet out
@@ -66,14 +73,32 @@ class PacedAudioTrack(MediaStreamTrack):
         self._held += len(samples) - round(len(out) * self.in_rate / RTC_RATE)
         self._held = max(self._held, 0)
         self._buf += out.astype("<i2", copy=False).tobytes()
+        self._last_push = time.monotonic()
+        loop, event = self._loop, self._pushed
+        if loop is not None and event is not None and not loop.is_closed():
+            try:
+                same = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                same = False
+            if same:
+                event.set()
+            else:
+                loop.call_soon_threadsafe(event.set)
 
     def flush(self) -> int:
         """Drop everything queued (barge-in); returns the samples dropped (at 48 kHz)."""
         dropped = len(self._buf) // 2
         self._buf.clear()
+        self._last_push = float("-inf")
         self._resampler.reset()
         self._held = 0
         return dropped
+
+    def _short_wait(self) -> float:
+        """Seconds to wait for the rest of a partly queued frame (0: send now)."""
+        if len(self._buf) >= _FRAME_BYTES or not (self._buf or self._held):
+            return 0.0
+        return max(0.0, self._last_push + self.hold_s - time.monotonic())
 
     def _drain(self) -> None:
         """End of queued audio: let the resampler give up the samples it holds back."""
@@ -95,6 +120,13 @@ class PacedAudioTrack(MediaStreamTrack):
                 await asyncio.sleep(due - now)
             elif now - due > _RESYNC_S:
                 self._start = now - self._sent * FRAME_MS / 1000
+        if self._pushed is None:
+            self._loop = asyncio.get_running_loop()
+            self._pushed = asyncio.Event()
+        while (wait := self._short_wait()) > 0:
+            self._pushed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pushed.wait(), wait)
         if self.readyState != "live":
             raise MediaStreamError
         if len(self._buf) < _FRAME_BYTES:
@@ -133,6 +165,31 @@ def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
     return np.clip(np.rint(mono), -32768, 32767).astype(np.int16)
 
 
+class RemoteBlocker:
+    """One viewer's received audio (mono int16 at any rate, any chunk size) -> mono int16
+    blocks of exactly ``block_ms`` at ``rate`` for ``deliver``; resampler state per viewer.
+
+    Fed by :func:`consume_remote` (aiortc's decoded frames) or by the resilient receiver's
+    48 kHz output (:func:`sonic_voice.kvs.jitter.install_receiver`).
+    """
+
+    def __init__(
+        self, deliver: Callable[[np.ndarray], None], rate: int = 16000, block_ms: float = 32.0
+    ) -> None:
+        self.deliver = deliver
+        self.rate = rate
+        self.blocks = 0
+        self._chunker = FrameChunker(samples_per_block(rate, block_ms))
+        self._resampler: StreamResampler | None = None
+
+    def push(self, mono: np.ndarray, in_rate: int = RTC_RATE) -> None:
+        if self._resampler is None or self._resampler.in_rate != in_rate:
+            self._resampler = StreamResampler(in_rate, self.rate)
+        for block in self._chunker.push(self._resampler.process(mono)):
+            self.deliver(block)
+            self.blocks += 1
+
+
 async def consume_remote(
     track: MediaStreamTrack,
     deliver: Callable[[np.ndarray], None],
@@ -142,18 +199,13 @@ async def consume_remote(
     """Read ``track`` until it ends; ``deliver`` gets mono int16 blocks at ``rate``.
 
     The one consumer of this track (aiortc queues decoded frames without bound when nobody
-    reads). Returns the number of blocks delivered.
+    reads). Returns the number of blocks delivered. This is aiortc's stock receive path
+    (``KvsSettings.resilient_receive=False``).
     """
-    chunker = FrameChunker(samples_per_block(rate, block_ms))
-    resampler: StreamResampler | None = None
-    blocks = 0
+    blocker = RemoteBlocker(deliver, rate, block_ms)
     while True:
         try:
             frame = await track.recv()
         except MediaStreamError:
-            return blocks
-        if resampler is None or resampler.in_rate != frame.sample_rate:
-            resampler = StreamResampler(frame.sample_rate, rate)
-        for block in chunker.push(resampler.process(frame_to_mono(frame))):
-            deliver(block)
-            blocks += 1
+            return blocker.blocks
+        blocker.push(frame_to_mono(frame), frame.sample_rate)

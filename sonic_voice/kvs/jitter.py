@@ -204,6 +204,7 @@ class Frame:
 @dataclass
 class JitterStats:
     packets: int = 0
+    fec_packets: int = 0  # packets that carried in-band FEC (LBRR) for the frame before
     duplicates: int = 0
     late: int = 0  # arrived after their frame had been played (or concealed)
     normal: int = 0
@@ -253,6 +254,8 @@ class AdaptiveJitterBuffer:
     def push(self, seq: int, timestamp: int, payload: bytes, arrival: float) -> None:
         st = self.stats
         st.packets += 1
+        if packet_has_fec(payload):
+            st.fec_packets += 1
         eseq = self._seq(seq)
         ets = self._ts(timestamp)
         self._last_arrival = arrival
@@ -442,6 +445,11 @@ class AdaptiveJitterBuffer:
 
 
 # -- asyncio wrapper over an aiortc receiver ----------------------------------------------
+_LATE_WAKE_S = 0.010  # woken this late for a frame: the loop stalled
+# aiortc needs ~2 loop iterations from socket to receiver: after a stall, yield until this
+# many iterations in a row brought no packet (at most _MAX_YIELDS_AFTER_STALL).
+_QUIET_YIELDS = 3
+_MAX_YIELDS_AFTER_STALL = 50
 class ResilientAudioReceiver:
     """Plays one aiortc audio receiver through :class:`AdaptiveJitterBuffer`.
 
@@ -505,6 +513,15 @@ class ResilientAudioReceiver:
                     except TimeoutError:
                         pass
                 now = time.monotonic()
+                due = self.buffer.next_due
+                if due is not None and now - due > _LATE_WAKE_S:
+                    # Woken late: the event loop was blocked, and the packets that came
+                    # meanwhile still sit in the socket, unread. Let aiortc's receive chain
+                    # (datagram -> ICE/DTLS task -> receiver) hand them over before deciding
+                    # that their frames are missing, or a stall alone becomes a run of
+                    # concealed frames followed by "late" packets thrown away.
+                    await self._let_io_in()
+                    now = time.monotonic()
                 lost = self.buffer.nacks_due(now)
                 if lost and self._ssrc is not None:
                     task = loop.create_task(self._hooks.send_nack(self.receiver, self._ssrc, lost))
@@ -514,6 +531,17 @@ class ResilientAudioReceiver:
                     self._deliver(frame)
         except asyncio.CancelledError:
             pass
+
+    async def _let_io_in(self) -> None:
+        """Yield to the loop until packets stop coming in (a few iterations after the last
+        one; bounded), so a backlog read after a stall reaches the buffer first."""
+        quiet = 0
+        for _ in range(_MAX_YIELDS_AFTER_STALL):
+            before = self.buffer.stats.packets
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if self.buffer.stats.packets == before else 0
+            if quiet >= _QUIET_YIELDS:
+                return
 
     def _deliver(self, frame: Frame) -> None:
         if self.on_frame is not None:
@@ -528,8 +556,16 @@ class ResilientAudioReceiver:
         """Next frame (pull alternative to ``on_pcm48k``)."""
         return await self._queue.get()
 
+    @property
+    def task(self) -> asyncio.Task:
+        """The playout task (ends after :meth:`stop`), for owners that track their tasks."""
+        return self._task
+
     def stop(self) -> None:
+        """Stop playing out (the peer is going); pending NACK sends are cancelled too."""
         self._task.cancel()
+        for task in list(self._nack_tasks):
+            task.cancel()
 
 
 def install_receiver(

@@ -155,7 +155,7 @@ class KvsMaster:
     def _play(self, samples: np.ndarray) -> None:
         for peer in self.peers.values():
             if peer.connected.is_set() and not peer.closed.is_set():
-                peer.out.push(samples)
+                peer.play(samples)
 
     def flush(self) -> None:
         """Barge-in: drop all queued robot speech for every viewer now."""

@@ -24,6 +24,7 @@ into a description aiortc produced (aiortc writes no fmtp/rtcp-fb for audio). Ap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import re
 import threading
@@ -39,9 +40,12 @@ from aiortc.mediastreams import MediaStreamError
 from sonic_voice.audio.pcm import as_pcm16
 from sonic_voice.audio.resample import StreamResampler
 
-RATE = 48000
+RATE = 48000  # the Opus RTP clock
 FRAME = 960
 TIME_BASE = fractions.Fraction(1, RATE)
+
+
+ENCODER_RATES = (8000, 12000, 16000, 24000, 48000)  # what libopus takes as input
 
 
 @dataclass
@@ -52,16 +56,30 @@ class OpusSendConfig:
     dtx: bool = False
     complexity: int = 10
     max_queue_s: float = 120.0
+    # Rate libopus is fed at. Setting it to the producer's rate (24 kHz for Nova Sonic)
+    # skips resampling, whose filter would hold ~32 ms of audio back (soxr HQ 24 -> 48 kHz);
+    # the RTP clock is 48 kHz whatever this is.
+    input_rate: int = RATE
+    # A frame that is only partly queued waits for the rest of its 20 ms while the
+    # producer pushed within this long (then it is padded with silence: the end of an
+    # utterance). Any chunking is allowed, so a small first chunk, or a producer that
+    # shares a stalled event loop with this track, must not leave holes inside speech; the
+    # frame leaves a little late instead, which the receiver's jitter buffer absorbs.
+    hold_ms: float = 40.0
+
+    def __post_init__(self) -> None:
+        if self.input_rate not in ENCODER_RATES:
+            raise ValueError(f"input_rate must be one of {ENCODER_RATES}, not {self.input_rate}")
 
 
 def make_opus_encoder(cfg: OpusSendConfig) -> av.CodecContext:
-    """A libopus encoder: mono s16 48 kHz in, one 20 ms packet per 960 samples out."""
+    """A libopus encoder: mono s16 at ``cfg.input_rate`` in, one 20 ms packet per frame out."""
     ctx = av.CodecContext.create("libopus", "w")
-    ctx.sample_rate = RATE
+    ctx.sample_rate = cfg.input_rate
     ctx.layout = "mono"
     ctx.format = "s16"
     ctx.bit_rate = cfg.bitrate
-    ctx.time_base = TIME_BASE
+    ctx.time_base = fractions.Fraction(1, cfg.input_rate)
     ctx.options = {
         "application": "voip",
         "frame_duration": "20",
@@ -80,7 +98,9 @@ class OpusFecTrack(MediaStreamTrack):
 
     ``push(pcm, rate)`` from any thread (e.g. a ROS callback with ``audio/out`` at 24 kHz);
     ``flush()`` drops what is queued (barge-in). Between utterances it sends silence, so
-    the RTP clock never jumps and the browser's jitter buffer stays settled.
+    the RTP clock never jumps and the browser's jitter buffer stays settled. Pushed chunks
+    are re-framed gap-free: a frame is padded with silence only at the end of what was
+    queued, once the producer has been quiet for ``hold_ms``.
     """
 
     kind = "audio"
@@ -88,68 +108,116 @@ class OpusFecTrack(MediaStreamTrack):
     def __init__(self, config: OpusSendConfig | None = None) -> None:
         super().__init__()
         self.cfg = config or OpusSendConfig()
+        self.rate = self.cfg.input_rate
+        self.frame = self.rate // 50  # 20 ms
+        self._time_base = fractions.Fraction(1, self.rate)
         self._enc = make_opus_encoder(self.cfg)
         self._lock = threading.Lock()
         self._chunks: deque[np.ndarray] = deque()
         self._queued = 0
         self._resamplers: dict[int, StreamResampler] = {}
+        self._resampled = False  # a resampler may hold samples back (drained at the end)
         self._pending = np.zeros(0, np.int16)
+        self._last_push = float("-inf")
+        self._pushed: asyncio.Event | None = None  # set on push; made on recv's loop
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._start: float | None = None
         self._n = 0  # frames handed to the encoder
         self._packets: deque[av.Packet] = deque()
         self.sent_frames = 0
         self.speech_frames = 0
-        self.send_times: dict[int, float] = {}  # pts -> monotonic time sent (for benches)
+        self.padded_frames = 0  # frames completed with silence (ends of utterances)
+        self.send_times: dict[int, float] = {}  # pts (48 kHz) -> monotonic time sent (benches)
         self.record_send_times = False
 
     def push(self, pcm: bytes | np.ndarray, rate: int = RATE) -> None:
         """Queue mono PCM16 at ``rate`` to be sent in real time."""
         samples = as_pcm16(pcm).reshape(-1)
+        if self.readyState != "live" or not len(samples):
+            return
         with self._lock:
-            if rate != RATE:
+            if rate != self.rate:
                 rs = self._resamplers.get(rate)
                 if rs is None:
-                    rs = self._resamplers[rate] = StreamResampler(rate, RATE)
+                    rs = self._resamplers[rate] = StreamResampler(rate, self.rate)
                 samples = rs.process(samples)
+                self._resampled = True
+            self._last_push = time.monotonic()
             if len(samples):
                 self._chunks.append(np.array(samples, dtype=np.int16))
                 self._queued += len(samples)
-                while self._queued > self.cfg.max_queue_s * RATE:
+                while self._queued > self.cfg.max_queue_s * self.rate:
                     self._queued -= len(self._chunks.popleft())
+        self._wake()
+
+    def _wake(self) -> None:
+        """Tell a recv() waiting for the rest of a frame that more audio came."""
+        loop, event = self._loop, self._pushed
+        if loop is None or event is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            event.set()
+        else:
+            loop.call_soon_threadsafe(event.set)
 
     def flush(self) -> int:
-        """Drop everything not yet encoded; returns the samples dropped."""
+        """Drop everything not yet encoded; returns the samples dropped (at ``input_rate``)."""
         with self._lock:
             dropped = self._queued + len(self._pending)
             self._chunks.clear()
             self._queued = 0
             self._pending = np.zeros(0, np.int16)
+            self._last_push = float("-inf")
             for rs in self._resamplers.values():
                 rs.reset()
-            return dropped
+            self._resampled = False
+        self._wake()
+        return dropped
 
     @property
     def queued_seconds(self) -> float:
-        return (self._queued + len(self._pending)) / RATE
+        return (self._queued + len(self._pending)) / self.rate
+
+    def _short_wait(self, now: float) -> float:
+        """Seconds to wait for the rest of a partly queued frame (0: encode now)."""
+        with self._lock:
+            have = len(self._pending) + self._queued
+            if have >= self.frame or not (have or self._resampled):
+                return 0.0
+            return max(0.0, self._last_push + self.cfg.hold_ms / 1000 - now)
 
     def _next_pcm(self) -> tuple[np.ndarray, bool]:
+        """The next 20 ms to encode, and whether it carries queued audio."""
+        f = self.frame
         with self._lock:
             parts = [self._pending]
             have = len(self._pending)
-            while have < FRAME and self._chunks:
+            while have < f and self._chunks:
                 c = self._chunks.popleft()
                 self._queued -= len(c)
                 parts.append(c)
                 have += len(c)
+            if have < f and self._resampled:
+                # The end of what was queued: take what the resamplers still hold back.
+                for rs in self._resamplers.values():
+                    parts.append(rs.process(np.zeros(0, np.int16), last=True))
+                    rs.reset()
+                self._resampled = False
             buf = np.concatenate(parts) if len(parts) > 1 else self._pending
-            if have >= FRAME:
-                self._pending = buf[FRAME:]
-                return buf[:FRAME], True
+            have = len(buf)
+            if have >= f:
+                self._pending = buf[f:]
+                return buf[:f], True
+            self._pending = np.zeros(0, np.int16)
             if have:
                 # The end of an utterance: pad the last frame with silence.
-                self._pending = np.zeros(0, np.int16)
-                return np.concatenate((buf, np.zeros(FRAME - have, np.int16))), True
-            return np.zeros(FRAME, np.int16), False
+                self.padded_frames += 1
+                return np.concatenate((buf, np.zeros(f - have, np.int16))), True
+            return np.zeros(f, np.int16), False
 
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
@@ -162,24 +230,33 @@ class OpusFecTrack(MediaStreamTrack):
             now = time.monotonic()
             if self._start is None:
                 self._start = now
-            due = self._start + self._n * FRAME / RATE
+            due = self._start + self._n * 0.02
             if due > now:
                 await asyncio.sleep(due - now)
             elif now - due > 0.2:
                 # The loop was blocked for a long time: restart the clock, don't burst.
-                self._start = now - self._n * FRAME / RATE
+                self._start = now - self._n * 0.02
+            if self._pushed is None:
+                self._loop = asyncio.get_running_loop()
+                self._pushed = asyncio.Event()
+            while (wait := self._short_wait(time.monotonic())) > 0:
+                self._pushed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pushed.wait(), wait)
+            if self.readyState != "live":
+                raise MediaStreamError
             pcm, speech = self._next_pcm()
             frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate = RATE
-            frame.time_base = TIME_BASE
-            frame.pts = self._n * FRAME
+            frame.sample_rate = self.rate
+            frame.time_base = self._time_base
+            frame.pts = self._n * self.frame
             self._n += 1
             self.speech_frames += speech
             for p in self._enc.encode(frame):
                 self._packets.append(p)
         self.sent_frames += 1
         if self.record_send_times:
-            self.send_times[int(pkt.pts)] = time.monotonic()
+            self.send_times[int(pkt.pts) * (RATE // self.rate)] = time.monotonic()
         return pkt
 
 

@@ -1,5 +1,19 @@
 """One viewer: its aiortc RTCPeerConnection, its outgoing audio track, the consumer of its
-incoming audio, and its data channel. Closing a peer releases all of them."""
+incoming audio, and its data channel. Closing a peer releases all of them.
+
+Audio paths (``KvsSettings``):
+
+- in, ``resilient_receive`` (default): the viewer's RTP goes to our adaptive jitter buffer
+  with Opus FEC/PLC/NACK (:func:`sonic_voice.kvs.jitter.install_receiver`), 48 kHz mono out,
+  then this viewer's resampler and 32 ms blocker; otherwise aiortc's own receive path
+  (:func:`sonic_voice.kvs.audio.consume_remote`).
+- out, ``opus_fec`` (default): :class:`sonic_voice.kvs.opus_send.OpusFecTrack` (libopus with
+  in-band FEC, fed at ``out_rate``); otherwise :class:`sonic_voice.kvs.audio.PacedAudioTrack`
+  (aiortc's encoder).
+- the answer: :meth:`ViewerPeer.answer` returns it through
+  :func:`sonic_voice.kvs.opus_send.munge_sdp` (``useinbandfec=1`` so the viewer sends FEC,
+  ``a=rtcp-fb:<pt> nack``), which is what goes over signaling.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +28,10 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
-from sonic_voice.kvs.audio import PacedAudioTrack, consume_remote
+from sonic_voice.kvs.audio import PacedAudioTrack, RemoteBlocker, consume_remote
+from sonic_voice.kvs.jitter import ResilientAudioReceiver, install_receiver
 from sonic_voice.kvs.messages import RejectedMessage, dumps, parse_inbound
+from sonic_voice.kvs.opus_send import ENCODER_RATES, OpusFecTrack, OpusSendConfig, munge_sdp
 from sonic_voice.kvs.settings import KvsSettings
 
 log = logging.getLogger(__name__)
@@ -34,6 +50,17 @@ def parse_candidate(obj: dict[str, Any]) -> Any | None:
     return cand
 
 
+def opus_config(settings: KvsSettings) -> OpusSendConfig:
+    """The robot's Opus sender for ``settings``: fed at ``out_rate`` when libopus takes that
+    rate (24 kHz: no resampling delay), else resampled to 48 kHz."""
+    return OpusSendConfig(
+        bitrate=settings.opus_bitrate,
+        fec=True,
+        packet_loss_pct=settings.opus_packet_loss_pct,
+        input_rate=settings.out_rate if settings.out_rate in ENCODER_RATES else 48000,
+    )
+
+
 class ViewerPeer:
     """The robot's side of one viewer's WebRTC session."""
 
@@ -49,7 +76,11 @@ class ViewerPeer:
         self.client_id = client_id
         self.settings = settings
         self.pc = RTCPeerConnection(config)
-        self.out = PacedAudioTrack(settings.out_rate)
+        self.out: OpusFecTrack | PacedAudioTrack = (
+            OpusFecTrack(opus_config(settings)) if settings.opus_fec
+            else PacedAudioTrack(settings.out_rate)
+        )  # fmt: skip
+        self.rx: ResilientAudioReceiver | None = None  # the viewer's audio (resilient path)
         self.channels: list[Any] = []
         self.muted = False
         self.remote_set = False
@@ -67,6 +98,13 @@ class ViewerPeer:
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
+
+    def play(self, samples: np.ndarray) -> None:
+        """Queue robot speech (int16 mono at ``settings.out_rate``) for this viewer."""
+        if isinstance(self.out, OpusFecTrack):
+            self.out.push(samples, self.settings.out_rate)
+        else:
+            self.out.push(samples)
 
     def spawn(self, coro: Any, what: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=f"kvs-peer-{self.client_id}-{what}")
@@ -86,7 +124,19 @@ class ViewerPeer:
         if any(t.kind == "audio" for t in self.pc.getTransceivers()):
             self.pc.addTrack(self.out)  # reuses the offered audio transceiver
         await self.pc.setLocalDescription(await self.pc.createAnswer())
-        return self.pc.localDescription.sdp
+        sdp = self.pc.localDescription.sdp
+        if self.settings.resilient_receive or self.settings.opus_fec:
+            # aiortc writes no Opus fmtp/rtcp-fb and rebuilds its own description, so the
+            # string sent over signaling is where they go. useinbandfec=1 asks the viewer
+            # for FEC, which only our receive path uses; nack: we send NACKs for audio.
+            sdp = munge_sdp(
+                sdp,
+                OpusSendConfig(
+                    bitrate=self.settings.opus_bitrate, fec=self.settings.resilient_receive
+                ),
+                nack=self.settings.resilient_receive,
+            )
+        return sdp
 
     async def add_candidate(self, obj: dict[str, Any]) -> None:
         try:
@@ -121,6 +171,17 @@ class ViewerPeer:
             if not self.muted:
                 self._on_audio(self.client_id, block)
 
+        if self.settings.resilient_receive:
+            if self.rx is not None:
+                return  # one audio track per viewer is consumed
+            blocker = RemoteBlocker(
+                deliver, self.settings.remote_rate, self.settings.remote_block_ms
+            )
+            self.rx = install_receiver(self.pc, track, on_pcm48k=blocker.push)
+            self.rx.task.set_name(f"kvs-peer-{self.client_id}-audio-in")
+            self.tasks.add(self.rx.task)
+            self.rx.task.add_done_callback(self.tasks.discard)
+            return
         self.spawn(
             consume_remote(
                 track, deliver, self.settings.remote_rate, self.settings.remote_block_ms
@@ -180,6 +241,8 @@ class ViewerPeer:
         self.close_reason = reason
         log.info("viewer %s: closing (%s)", self.client_id, reason)
         self.out.stop()
+        if self.rx is not None:
+            self.rx.stop()
         try:
             await asyncio.wait_for(self.pc.close(), 10)
         except Exception as e:  # noqa: BLE001 - a failed close must still free the rest

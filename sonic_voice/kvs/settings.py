@@ -61,6 +61,15 @@ class KvsSettings:
     remote_rate: int = 16000  # viewer audio delivered to on_audio (audio/remote)
     remote_block_ms: float = 32.0
     out_rate: int = 24000  # rate of play() input (audio/out)
+    # Viewer -> robot: our adaptive jitter buffer with Opus in-band FEC, PLC and NACK
+    # (sonic_voice/kvs/jitter.py) instead of aiortc's fixed ~80 ms buffer that stalls on
+    # every lost packet. Our answer then says useinbandfec=1, so the viewer sends FEC.
+    resilient_receive: bool = True
+    # Robot -> viewer: libopus with in-band FEC at a speech bitrate, paced exactly
+    # (sonic_voice/kvs/opus_send.py), instead of aiortc's 96 kbit/s encoder without FEC.
+    opus_fec: bool = True
+    opus_bitrate: int = 32000  # bit/s; FEC needs headroom, libopus adds it from ~24 kbit/s
+    opus_packet_loss_pct: int = 10  # the loss libopus provisions its FEC for
     # Data channel.
     data_max_bytes: int = 4096
     text_max_chars: int = 2000
@@ -77,6 +86,12 @@ class KvsSettings:
             raise ValueError(f"max_viewers must be 1..100 (KVS allows {KVS_MAX_VIEWERS})")
         if not 5 <= self.message_ttl_s <= 120:
             raise ValueError("message_ttl_s must be 5..120 (the KVS range)")
+        if not 6000 <= self.opus_bitrate <= 510000:
+            raise ValueError(f"opus_bitrate must be 6000..510000 bit/s, not {self.opus_bitrate}")
+        if not 0 <= self.opus_packet_loss_pct <= 100:
+            raise ValueError(
+                f"opus_packet_loss_pct must be 0..100, not {self.opus_packet_loss_pct}"
+            )
 
     @property
     def default_stun_url(self) -> str:
