@@ -101,9 +101,12 @@ def test_viewer_audio_and_text_through_the_node(ros_graph, stand_in) -> None:
         check_viewer_speech(speech, listener.audio(), resilient=True)
         peer = node.master.peers["visitor"]  # (a dict read from this thread is safe)
         assert peer.rx is not None and peer.rx.stats.normal >= 100, peer.rx
-        assert opus_fmtp(stand_in.sync(lambda: answer_sdp(stand_in.emulator, "visitor")))[
-            "useinbandfec"
-        ] == "1"
+        assert (
+            opus_fmtp(stand_in.sync(lambda: answer_sdp(stand_in.emulator, "visitor")))[
+                "useinbandfec"
+            ]
+            == "1"
+        )
 
         # audio/out (24 kHz, odd chunks) -> the viewer.
         robot = speech_like(2.0, 24000, seed=22)
@@ -131,3 +134,38 @@ def test_viewer_audio_and_text_through_the_node(ros_graph, stand_in) -> None:
     finally:
         stand_in.call(viewer.close(), 15)
     assert wait_for(lambda: listener.viewers[-1] == 0, 15)
+
+
+def test_audio_path_parameters_reach_the_master(ros_graph) -> None:
+    """resilient_receive / opus_fec / opus_bitrate / opus_packet_loss_pct become the master's
+    settings (on by default); an out-of-range bitrate is refused by its descriptor."""
+
+    def node_with(**params) -> KvsWebrtcNode:
+        values = {"autostart": False, "channel_name": "robot", **params}
+        node = KvsWebrtcNode(
+            context=ros_graph.context,
+            parameter_overrides=[Parameter(k, value=v) for k, v in values.items()],
+        )
+        ros_graph.add(node)
+        return node
+
+    s = node_with()._settings()
+    assert (s.resilient_receive, s.opus_fec, s.opus_bitrate, s.opus_packet_loss_pct) == (
+        True,
+        True,
+        32000,
+        10,
+    )
+    node = node_with(
+        resilient_receive=False, opus_fec=False, opus_bitrate=24000, opus_packet_loss_pct=20
+    )
+    s = node._settings()
+    assert (s.resilient_receive, s.opus_fec, s.opus_bitrate, s.opus_packet_loss_pct) == (
+        False,
+        False,
+        24000,
+        20,
+    )
+    result = node.set_parameters([Parameter("opus_bitrate", value=1000)])[0]
+    assert not result.successful and "opus_bitrate" in result.reason, result
+    assert node.get_parameter("opus_bitrate").value == 24000

@@ -10,6 +10,9 @@ Lifecycle (managed node, brought up by itself when ``autostart`` is true):
 - deactivate: close every viewer and the signaling connection;
 - cleanup / shutdown: stop the loop.
 
+Audio: viewers' speech goes through our loss-resilient receive path and robot speech out as
+Opus with in-band FEC (``resilient_receive``, ``opus_fec``; see docs/audio-quality.md).
+
 Topics: publishes ``audio/remote`` (PCM16LE mono 16 kHz, 32 ms blocks, every viewer mixed
 in arrival order), ``kvs/viewers`` (``std_msgs/Int32``, latched: connected viewers) and
 ``kvs/viewer_text`` (String JSON ``{"text": ..., "viewer": <client id>}``: validated chat
@@ -95,6 +98,36 @@ class KvsWebrtcNode(LifecycleNode):
             descriptor("Close a viewer not connected this long.", float_range=(5.0, 300.0, 0.0)),
         )
         d(
+            "resilient_receive",
+            True,
+            descriptor(
+                "Viewer audio through our adaptive jitter buffer with Opus in-band FEC, loss "
+                "concealment and NACK (false: aiortc's fixed ~80 ms buffer, which stalls on "
+                "every lost packet). The answer then asks the viewer for FEC (useinbandfec=1)."
+            ),
+        )
+        d(
+            "opus_fec",
+            True,
+            descriptor(
+                "Robot speech to viewers as libopus with in-band FEC at opus_bitrate, paced "
+                "exactly (false: aiortc's encoder, 96 kbit/s, no FEC)."
+            ),
+        )
+        d(
+            "opus_bitrate",
+            32000,
+            descriptor(
+                "Opus bitrate to viewers, bit/s (speech; FEC needs headroom from ~24000).",
+                int_range=(6000, 510000, 0),
+            ),
+        )
+        d(
+            "opus_packet_loss_pct",
+            10,
+            descriptor("Packet loss the Opus FEC is provisioned for, %.", int_range=(0, 100, 0)),
+        )
+        d(
             "start_timeout_s",
             30.0,
             descriptor(
@@ -135,6 +168,10 @@ class KvsWebrtcNode(LifecycleNode):
             stun_url=self._p("stun_url") or None,
             prefer_turn_tcp=bool(self._p("prefer_turn_tcp")),
             ice_timeout_s=float(self._p("ice_timeout_s")),
+            resilient_receive=bool(self._p("resilient_receive")),
+            opus_fec=bool(self._p("opus_fec")),
+            opus_bitrate=int(self._p("opus_bitrate")),
+            opus_packet_loss_pct=int(self._p("opus_packet_loss_pct")),
         )
 
     # -- lifecycle ----------------------------------------------------------------------
