@@ -318,6 +318,8 @@ class SonicStream:
         self._http = http
         self._output: Any = None
         self._closed = False
+        self._receiving = False
+        self._ended = asyncio.Event()  # the service ended the response (or it failed)
         self.opened_at = asyncio.get_running_loop().time()
 
     async def _ready(self, limit_s: float) -> None:
@@ -345,32 +347,59 @@ class SonicStream:
         """
         from aws_sdk_bedrock_runtime.models import InvokeModelWithBidirectionalStreamOutputChunk
 
-        while True:
-            item = await self._output.receive()
-            if item is None:
-                return None
-            if isinstance(item, InvokeModelWithBidirectionalStreamOutputChunk):
-                return item.value.bytes_ or b""
-            value = getattr(item, "value", None)
-            if isinstance(value, BaseException):
-                raise value
-            log.debug("unknown output member %s ignored", type(item).__name__)
+        self._receiving = True
+        try:
+            while True:
+                try:
+                    item = await self._output.receive()
+                except BaseException:
+                    self._ended.set()
+                    raise
+                if item is None:
+                    self._ended.set()
+                    return None
+                if isinstance(item, InvokeModelWithBidirectionalStreamOutputChunk):
+                    return item.value.bytes_ or b""
+                value = getattr(item, "value", None)
+                if isinstance(value, BaseException):
+                    self._ended.set()
+                    raise value
+                log.debug("unknown output member %s ignored", type(item).__name__)
+        finally:
+            self._receiving = False
 
     async def close_input(self) -> None:
         with contextlib.suppress(Exception):
             await self._duplex.input_stream.close()
 
-    async def close(self) -> None:
-        """Close the input, let the receiver drain, release the connection."""
+    async def close(self, drain_s: float = 3.0) -> None:
+        """Close the input, let the receiver drain, release the connection.
+
+        The service ends its response once it has read the whole input; releasing the
+        connection before that resets the stream and can lose the last events (promptEnd,
+        sessionEnd) still queued in the SDK's body writer. So wait for the response's end
+        (seen by the reader task, or drained here when nobody reads), ``drain_s`` at most.
+        """
         if self._closed:
             return
         self._closed = True
         await self.close_input()
+        if self._output is not None and not self._ended.is_set():
+            if self._receiving:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ended.wait(), drain_s)
+            else:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._drain(), drain_s)
         with contextlib.suppress(Exception):
             if self._output is not None:
                 await self._output.close()
         with contextlib.suppress(Exception):
             await self._http.close()
+
+    async def _drain(self) -> None:
+        while await self.receive() is not None:
+            pass
 
 
 def _quiet_body_writer() -> None:
