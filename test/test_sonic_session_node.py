@@ -550,7 +550,9 @@ def test_deactivate_ends_the_stream_politely_and_cancels_tools(rig: Any, tmp_pat
     assert node._state_machine.current_state[1] == "inactive"
     assert server.cancel_received.wait(TIMEOUT), "the running goal was not cancelled"
     rec = first_stream(emu)
-    assert emu.wait_for(lambda: rec.end_reason == "sessionEnd", TIMEOUT), rec.end_reason
+    with contextlib.suppress(TimeoutError):
+        emu.wait_for(lambda: rec.end_reason == "sessionEnd", TIMEOUT)
+    assert rec.end_reason == "sessionEnd", (rec.end_reason, rec.event_names[-4:])
     assert rec.event_names[-3:] == ["contentEnd", "promptEnd", "sessionEnd"]
     assert rec.end_frame_received and rec.signature_chain_ok
     # The call ended with a "cancelled" toolResult, sent before the stream closed.
