@@ -32,6 +32,7 @@ from sonic_voice import web
 from sonic_voice.audio.resample import StreamResampler
 from sonic_voice.emulators.kvs import KvsEmulatorThread
 from sonic_voice.kvs.master import KvsMaster
+from sonic_voice.kvs.opus_send import OpusFecTrack
 from sonic_voice.kvs.settings import KvsSettings
 
 from test.harness.chromium import Chromium
@@ -337,12 +338,69 @@ def _summary(matches: list[tuple[float, int, float]]) -> str:
     return ", ".join(f"{t:.2f}s:{ncc:.2f}@{lag}" for t, lag, ncc in matches)
 
 
+# Recorded before the page's own scripts run: every RTCPeerConnection the page makes, so a
+# test can read what Chromium negotiated (the page keeps its connection private).
+RECORD_PEERS_JS = """
+(() => {
+  const Native = window.RTCPeerConnection;
+  window.__svPeers = [];
+  function Recorded(...args) {
+    const pc = new Native(...args);
+    window.__svPeers.push(pc);
+    return pc;
+  }
+  Recorded.prototype = Native.prototype;
+  Object.setPrototypeOf(Recorded, Native);
+  window.RTCPeerConnection = Recorded;
+})();
+"""
+
+NEGOTIATED_JS = """
+(async () => {
+  const pc = window.__svPeers[window.__svPeers.length - 1];
+  const report = await pc.getStats();
+  const byId = new Map();
+  report.forEach((r) => byId.set(r.id, r));
+  const codec = (kind) => {
+    let out = null;
+    report.forEach((r) => {
+      if (r.type === kind && r.kind === "audio" && r.codecId) {
+        const c = byId.get(r.codecId) || {};
+        out = { mimeType: c.mimeType, fmtp: c.sdpFmtpLine || "" };
+      }
+    });
+    return out;
+  };
+  return {
+    remote: pc.remoteDescription.sdp,
+    outbound: codec("outbound-rtp"),
+    inbound: codec("inbound-rtp"),
+  };
+})()
+"""
+
+
+def _opus_fmtp(sdp: str) -> dict[str, str]:
+    """Opus ``a=fmtp`` parameters of an SDP's first audio section."""
+    lines = sdp.replace("\r\n", "\n").split("\n")
+    pt = next(ln.split()[0].split(":")[1] for ln in lines if "opus/48000" in ln.lower())
+    fmtp = next((ln for ln in lines if ln.startswith(f"a=fmtp:{pt} ")), None)
+    if fmtp is None:
+        return {}
+    return dict(kv.split("=", 1) for kv in fmtp.split(" ", 1)[1].split(";"))
+
+
 @pytest.mark.timeout(120)
 async def test_chromium_viewer_talks_with_robot_master(page_server: str) -> None:
     """Chromium's fake microphone (espeak-ng speech) reaches the robot's master as 16 kHz
     audio that matches the WAV; the robot's speech plays in the page (its capture matches
     what the robot sent); a transcript and state the robot broadcasts show in the DOM; the
-    page's chat text and mute reach the robot, validated."""
+    page's chat text and mute reach the robot, validated.
+
+    With the master's default audio paths (issue 7): the answer Chromium receives and applies
+    carries ``useinbandfec=1`` (munged by the master), Chromium's Opus encoder and decoder
+    run with it, the viewer's audio comes through our adaptive jitter buffer and the robot's
+    through the Opus FEC sender."""
     wav = await _speech_wav()
     speech, speech_rate = _wav_pcm(wav)
     speech16 = _resample(speech, speech_rate, 16000)
@@ -378,12 +436,32 @@ async def test_chromium_viewer_talks_with_robot_master(page_server: str) -> None
         await master.start()
         try:
             async with Chromium(fake_mic=wav) as browser:
+                await browser.send(
+                    "Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_PEERS_JS}
+                )
                 await open_viewer(
                     browser, page_server, kvs.endpoint_url, "visitor-e2e", capture=True
                 )
                 await browser.wait_for(
                     "kvsViewer.connectionState === 'connected' && kvsViewer.dataChannelOpen", 40
                 )
+
+                # The changed SDP: what the stand-in routed to the page, what Chromium
+                # applied, and what its Opus encoder/decoder run with.
+                emu = kvs.emulator
+                routed = kvs.sync(lambda: emu.routed("SDP_ANSWER"))
+                routed = [r for r in routed if r.recipient == "visitor-e2e"]
+                sent = _opus_fmtp(_payload(routed[-1])["sdp"])
+                assert sent["useinbandfec"] == "1" and sent["usedtx"] == "0", sent
+                nego = await browser.evaluate(NEGOTIATED_JS)
+                applied = _opus_fmtp(nego["remote"])
+                assert applied["useinbandfec"] == "1", applied
+                print(f"Chromium audio codecs: out {nego['outbound']} in {nego['inbound']}")
+                for way in ("outbound", "inbound"):
+                    assert nego[way]["mimeType"].lower() == "audio/opus", nego
+                    assert "useinbandfec=1" in nego[way]["fmtp"], nego
+                peer = master.peers["visitor-e2e"]
+                assert isinstance(peer.out, OpusFecTrack) and peer.rx is not None
 
                 # page -> robot: several seconds of the fake microphone, before the robot
                 # speaks (so echo cancellation has nothing to cancel).
@@ -447,6 +525,12 @@ async def test_chromium_viewer_talks_with_robot_master(page_server: str) -> None
                 lags = np.array([lag for _, lag, ncc in played_back if ncc >= 0.6])
                 assert np.all(np.diff(lags) >= -0.05 * 24000), _summary(played_back)
                 assert lags.max() - lags.min() <= 1.0 * 24000, _summary(played_back)
+                # The viewer's speech came through our jitter buffer, the robot's through
+                # the FEC sender.
+                rx = peer.rx.stats
+                print(f"robot receive path: {rx}".split(", delays_ms")[0])
+                assert rx.normal >= 5 / 0.02 and rx.plc + rx.silence <= 0.1 * rx.played, rx
+                assert peer.out.speech_frames >= 3 / 0.02, peer.out.speech_frames
                 stats = await browser.evaluate("kvsViewer.stats()")
                 assert stats["inbound"]["totalSamplesReceived"] > 3 * 48000, stats
                 assert stats["inbound"]["totalAudioEnergy"] > 0.01, stats
@@ -470,7 +554,6 @@ async def test_chromium_viewer_talks_with_robot_master(page_server: str) -> None
                 ]
 
                 # GO_AWAY to the page: it re-presigns and reconnects; media stays up.
-                emu = kvs.emulator
                 await asyncio.to_thread(kvs.send_go_away, "visitor-e2e")
                 assert await asyncio.to_thread(
                     kvs.wait_until,
