@@ -1,7 +1,8 @@
 """Tool-call latency through the ROS tools layer (real rclpy, real action server).
 
 The setup is a robot's: the far end, a ``test_msgs/action/Fibonacci`` server, runs in
-another process (as Nav2 does) and publishes 20 ms microphone blocks on ``audio/mic`` at
+another process (as Nav2 does; it keeps finished goals 1 s, so its status messages list
+~10 goals at the default pace) and publishes 20 ms microphone blocks on ``audio/mic`` at
 50 Hz. This process is the session's: a node spun by a MultiThreadedExecutor (as
 ``run_node`` does) whose ``audio/mic`` subscription hands every block to the asyncio loop
 (as ``sonic_session`` does), and the provider built on that node by ``load_provider``.
@@ -16,15 +17,22 @@ Figures, t0 -> t1 (``time.perf_counter_ns``: CLOCK_MONOTONIC, comparable across 
 - ``tool_use_to_server_accepted`` (for reading the above): t1 is the server's goal
   callback answering ACCEPT, in the server's process.
 - ``server_result_to_tool_result``: t0 when the server's execute callback hands its result
-  to rclpy (which sends it from there), in the server's process; t1 when ``run`` has
-  returned the ToolResult to its caller on the loop. Goal <= 5 ms.
+  to rclpy (which then answers the get-result request), in the server's process; t1 when
+  ``run`` has returned the ToolResult to its caller on the loop. Goal <= 5 ms. With
+  ``--goal-ms 0`` (default) the result exists before the client's get-result request
+  arrives, so this includes that request's round trip (the worst case); with a goal that
+  runs, the request is already waiting at the server.
 - ``cpu_per_call``: this process's CPU time from t0 to the ToolResult, per call: the
-  work the path costs, less sensitive than wall time to other load on the machine.
+  work the path costs, less sensitive than wall time to other load on the machine
+  (it includes whatever audio this process handled meanwhile).
 
 Options: ``--same-process`` puts the server in this process on the graph's executor (it
 then competes for this process's GIL; the harder, less realistic case), ``--no-audio``,
-``--period S``, ``--stages`` (per-stage p50/p99 offsets from t0 along the path, from the
-provider's marks and the server's stamps: where the time goes, thread by thread).
+``--period S``, ``--goal-ms MS``, ``--session-executor single`` (the session-like node on a
+SingleThreadedExecutor: rclpy 9.1.2's MultiThreadedExecutor busy-loops on every audio
+block, ros2/rclpy#1452, and takes the GIL with it), ``--stages`` (per-stage p50/p99
+offsets from t0 along the path, from the provider's marks and the server's stamps, and the
+CPU each thread of this process spent per call).
 
 Run: ``.venv/bin/python bench/tool_latency.py [N] [options]``.
 """
