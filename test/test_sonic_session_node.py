@@ -428,12 +428,14 @@ def test_barge_in_flushes_and_audio_io_drops_queued_output(rig: Any, pulse: Any)
     flush_ns = probe.flushes[0]
     before = [t for t in trace if t[0] <= flush_ns][-1]
     final = trace[-1]
-    # Output was queued when the person spoke; the flush dropped it. audio_io may still
-    # play the few chunks that were in flight on audio/out when the flush overtook them
-    # (the flush has its own callback group so it never waits behind audio).
+    # Output was queued when the person spoke; the flush dropped it. Chunks still in flight
+    # on audio/out when the flush overtook them (it has its own callback group, so it never
+    # waits behind audio) are dropped too: they carry the interrupted answer's epoch. What
+    # plays after the flush is what the device had already taken (its latency, 15 ms) and
+    # the tracer's own 2 ms resolution.
     assert before[2] > 0.5 * OUT_RATE, f"only {before[2] / OUT_RATE:.2f} s queued at the flush"
     after_s = (final[1] - before[1]) / OUT_RATE
-    assert after_s < 0.25, f"{after_s:.2f} s played from the queue after the flush"
+    assert after_s < 0.08, f"{after_s:.3f} s played from the queue after the flush"
     # The speaker: the answer was cut, and silence follows (allowing the device path's
     # latency between audio_io's buffer and the recording).
     written_s = len(out_log.pcm()) / 2 / OUT_RATE

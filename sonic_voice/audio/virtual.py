@@ -65,6 +65,11 @@ class VirtualAudio:
                 "--use-pid-file=no",
                 "--disable-shm=yes",
                 "--system=no",
+                # Real-time scheduling where allowed (root, or rtkit): on a busy machine a
+                # starved daemon drops samples silently (the client sees no overflow).
+                "--high-priority=yes",
+                "--realtime=yes",
+                "--no-cpu-limit=yes",
             ],
             env=penv,
             stdout=self._log,
@@ -79,13 +84,16 @@ class VirtualAudio:
             time.sleep(0.05)
         else:
             raise RuntimeError("pulseaudio did not come up in 10 s")
+        # Real-time priority for the daemon's threads where allowed (root): on a busy
+        # machine a starved daemon drops samples silently (the client sees no overflow).
+        _realtime(self.proc)
         # A null sink with no client does not run its clock: the microphone would deliver
         # nothing and the speaker would drain irregularly. Real cards always run, so keep
         # one silent client on each (zeros add nothing to what tests play or record).
         self._room = [self._silence_into(sink) for sink in ("micfeed", "speaker")]
 
     def _silence_into(self, sink: str) -> subprocess.Popen:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [
                 "pacat",
                 "--playback",
@@ -100,6 +108,8 @@ class VirtualAudio:
             env=self.client_env(),
             stdin=open("/dev/zero", "rb"),
         )
+        _realtime(proc)
+        return proc
 
     def warm_up(self) -> None:
         """Open and run one PortAudio stream: the first stream of a fresh daemon stalls
@@ -146,6 +156,7 @@ class VirtualAudio:
             env=self.client_env(),
             stdin=subprocess.PIPE,
         )
+        _realtime(proc)
         threading.Thread(
             target=_feed, args=(proc, samples.astype("<i2").tobytes()), daemon=True
         ).start()
@@ -167,6 +178,17 @@ class VirtualAudio:
             self.proc.kill()
         self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _realtime(proc: subprocess.Popen, priority: int = 20) -> None:
+    """SCHED_FIFO for an audio process's threads where allowed (root): on a busy machine a
+    starved daemon or client drops samples silently (the PortAudio client sees no xrun)."""
+    if os.geteuid() == 0 and shutil.which("chrt"):
+        subprocess.run(
+            ["chrt", "-a", "-f", "-p", str(priority), str(proc.pid)],
+            capture_output=True,
+            check=False,
+        )
 
 
 def _feed(proc: subprocess.Popen, data: bytes) -> None:
@@ -196,6 +218,7 @@ class Recorder:
             env=server.client_env(),
             stdout=subprocess.PIPE,
         )
+        _realtime(self.proc)
         self._chunks: list[bytes] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()

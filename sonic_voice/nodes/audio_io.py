@@ -46,8 +46,10 @@ from sonic_voice.nodes.common import (
     MIC_TOPIC,
     OUT_RATE,
     OUT_TOPIC,
+    EpochGate,
     descriptor,
     json_msg,
+    msg_epoch,
     msg_pcm,
     pcm_msg,
     run_node,
@@ -155,6 +157,7 @@ class AudioIONode(LifecycleNode):
         self.echo: EchoCanceller | None = None
         self._mic_pub = None
         self._state_pub = None
+        self._epochs = EpochGate()
         self.diag: Diagnostics | None = None
         self._subs: list = []
         self._timer = None
@@ -390,8 +393,13 @@ class AudioIONode(LifecycleNode):
                 self.mic_blocks += 1
 
     def _on_out(self, msg: UInt8MultiArray) -> None:
+        play, flush_first = self._epochs.admit(msg_epoch(msg))
         pb = self.playback
-        if pb is not None and self._active:
+        if pb is None or not self._active:
+            return
+        if flush_first:
+            pb.flush()
+        if play and len(msg.data):
             pb.write(msg_pcm(msg))
 
     def _on_flush(self, _msg: Empty) -> None:

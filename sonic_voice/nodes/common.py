@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from std_msgs.msg import String, UInt8MultiArray
+from std_msgs.msg import MultiArrayDimension, String, UInt8MultiArray
 
 MIC_TOPIC = "audio/mic"
 REMOTE_TOPIC = "audio/remote"
@@ -67,6 +67,57 @@ def msg_pcm(msg: UInt8MultiArray) -> np.ndarray:
     data = msg.data
     raw = data.tobytes() if hasattr(data, "tobytes") else bytes(data)
     return np.frombuffer(raw, dtype="<i2")
+
+
+EPOCH_LABEL = "epoch:"
+
+
+def out_msg(pcm: bytes, epoch: int) -> UInt8MultiArray:
+    """An ``audio/out`` chunk tagged with the answer's epoch.
+
+    The epoch rises at each barge-in. ``audio/flush`` is a separate topic, so chunks that
+    were already in flight on ``audio/out`` can arrive after it; players drop chunks of an
+    older epoch and flush when a newer one starts (an empty chunk of the new epoch is sent
+    right before ``audio/flush``), in order with the audio itself. The tag is the label of
+    the one layout dimension (a 1-D array of bytes), so other consumers read plain PCM.
+    """
+    msg = UInt8MultiArray()
+    msg.layout.dim = [
+        MultiArrayDimension(label=f"{EPOCH_LABEL}{epoch}", size=len(pcm), stride=len(pcm))
+    ]
+    msg.data = pcm
+    return msg
+
+
+def msg_epoch(msg: UInt8MultiArray) -> int | None:
+    """The epoch of an ``audio/out`` chunk (None when untagged, e.g. a third-party source)."""
+    dims = msg.layout.dim
+    if dims and dims[0].label.startswith(EPOCH_LABEL):
+        try:
+            return int(dims[0].label[len(EPOCH_LABEL) :])
+        except ValueError:
+            return None
+    return None
+
+
+class EpochGate:
+    """Per-player state for epoch-tagged output: ``admit(epoch)`` says whether a chunk may
+    play and whether the player must flush first (a newer answer started)."""
+
+    def __init__(self) -> None:
+        self.current = -1
+
+    def admit(self, epoch: int | None) -> tuple[bool, bool]:
+        """(play it, flush first)."""
+        if epoch is None:
+            return True, False
+        if epoch < self.current:
+            return False, False  # a chunk of an interrupted answer, still in flight
+        if epoch > self.current:
+            first = self.current < 0
+            self.current = epoch
+            return True, not first
+        return True, False
 
 
 def json_msg(payload: dict[str, Any]) -> String:

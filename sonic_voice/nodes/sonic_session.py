@@ -50,6 +50,7 @@ from sonic_voice.nodes.common import (
     descriptor,
     json_msg,
     msg_pcm,
+    out_msg,
     run_node,
 )
 from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStatus
@@ -78,12 +79,14 @@ class _RosListener(SessionListener):
             # (end of their turn) to the first audio of the answer.
             self.node.last_response_ms = (time.monotonic() - self.node._user_final_t) * 1000
             self.node._user_final_t = None
-        msg = UInt8MultiArray()
-        msg.data = pcm
-        self.node.out_pub.publish(msg)
+        self.node.out_pub.publish(out_msg(pcm, self.node.out_epoch))
         self.node.out_chunks += 1
 
     def on_interrupted(self) -> None:
+        # A new epoch, announced in order on audio/out (chunks still in flight are dropped
+        # by the players), then the fast path: audio/flush.
+        self.node.out_epoch += 1
+        self.node.out_pub.publish(out_msg(b"", self.node.out_epoch))
         self.node.flush_pub.publish(Empty())
         self.node.get_logger().info("barge-in: output flushed")
 
@@ -190,6 +193,7 @@ class SonicSessionNode(LifecycleNode):
         self.last_error = ""
         self._fatal_error: str | None = None
         self.out_chunks = 0
+        self.out_epoch = 0
         self.last_response_ms: float | None = None
         self._user_final_t: float | None = None
         self.diag: Diagnostics | None = None
