@@ -98,7 +98,9 @@ def _settle(
 
     def settle() -> None:
         if not afut.done():
-            if exc is not None:
+            if isinstance(exc, asyncio.CancelledError):
+                afut.cancel()
+            elif exc is not None:
                 afut.set_exception(exc)
             else:
                 afut.set_result(value)
