@@ -21,7 +21,11 @@ Figures, t0 -> t1 (``time.perf_counter_ns``: CLOCK_MONOTONIC, comparable across 
   ``run`` has returned the ToolResult to its caller on the loop. Goal <= 5 ms. With
   ``--goal-ms 0`` (default) the result exists before the client's get-result request
   arrives, so this includes that request's round trip (the worst case); with a goal that
-  runs, the request is already waiting at the server.
+  runs, the request is already waiting at the server. It includes the far end's own
+  rclpy ActionServer sending the answer (a done-callback task later: ~2 ms here, µs for a
+  C++ server such as Nav2's), so also:
+- ``result_sent_to_tool_result``: t0 when the far end's rclpy has sent the result response
+  (stamped in its ``_send_result_response``), t1 as above: the tools layer's share.
 - ``cpu_per_call``: this process's CPU time from t0 to the ToolResult, per call: the
   work the path costs, less sensitive than wall time to other load on the machine
   (it includes whatever audio this process handled meanwhile).
@@ -100,6 +104,14 @@ class FarEnd:
             cancel_callback=lambda gh: CancelResponse.ACCEPT,
             result_timeout=RESULT_KEEP_S,
         )
+        self.result_sent_ns: list[int] = []
+        send = self.server._send_result_response  # rclpy sends the answer here (a task later)
+
+        def send_and_stamp(header: Any, future: Any) -> None:
+            send(header, future)
+            self.result_sent_ns.append(time.perf_counter_ns())
+
+        self.server._send_result_response = send_and_stamp
         if audio:
             pub = node.create_publisher(UInt8MultiArray, MIC_TOPIC, AUDIO_QOS)
             block = UInt8MultiArray(data=bytes(MIC_BLOCK))
@@ -154,7 +166,7 @@ def far_end_process(domain_id: int, audio: bool, goal_s: float, conn: Any) -> No
     conn.recv()  # stop
     ex.shutdown(timeout_sec=5)
     t.join(10)
-    conn.send((far.accepted_ns, far.result_ns))
+    conn.send((far.accepted_ns, far.result_ns, far.result_sent_ns))
     node.destroy_node()
     ctx.try_shutdown()
 
@@ -268,17 +280,22 @@ def main() -> None:
         provider.shutdown()
         if child is not None:
             conn.send("stop")
-            accepted_ns, result_ns = conn.recv()
+            accepted_ns, result_ns, result_sent_ns = conn.recv()
             child.join(10)
         else:
-            accepted_ns, result_ns = far.accepted_ns, far.result_ns
+            accepted_ns, result_ns, result_sent_ns = (
+                far.accepted_ns,
+                far.result_ns,
+                far.result_sent_ns,
+            )
     finally:
         if child is not None and child.is_alive():
             child.kill()
         graph.close()
-    assert len(accepted_ns) == len(result_ns) == WARMUP + args.n, "one goal per call expected"
-    for row, a, r in zip(rows, accepted_ns[WARMUP:], result_ns[WARMUP:], strict=True):
-        row["server_accepted"], row["server_result"] = a, r
+    assert len(accepted_ns) == len(result_ns) == len(result_sent_ns) == WARMUP + args.n
+    stamps = zip(accepted_ns[WARMUP:], result_ns[WARMUP:], result_sent_ns[WARMUP:], strict=True)
+    for row, (a, r, s) in zip(rows, stamps, strict=True):
+        row["server_accepted"], row["server_result"], row["server_result_sent"] = a, r, s
 
     def ms(a: str, b: str) -> list[float]:
         return [(row[b] - row[a]) / 1e6 for row in rows]
@@ -292,7 +309,8 @@ def main() -> None:
     )
     if args.stages:
         order = ["received", "goal_sent", "server_accepted", "goal_response", "accepted",
-                 "server_result", "result_response", "result", "t1"]  # fmt: skip
+                 "server_result", "server_result_sent", "result_response", "result",
+                 "t1"]  # fmt: skip
         for k in [k for k in order if k in rows[0]]:
             v = ms("t0", k)
             print(f"  stage t0 -> {k:16s} p50 {pct(v, 50):7.2f} ms  p99 {pct(v, 99):7.2f} ms")
@@ -306,6 +324,9 @@ def main() -> None:
     figure("tool_use_to_server_accepted_p99", pct(ms("t0", "server_accepted"), 99), "ms")
     figure("server_result_to_tool_result_p50", pct(ms("server_result", "t1"), 50), "ms", "<= 5 ms")
     figure("server_result_to_tool_result_p99", pct(ms("server_result", "t1"), 99), "ms", "<= 5 ms")
+    sent = ms("server_result_sent", "t1")  # the part after the far end's rclpy sent it
+    figure("result_sent_to_tool_result_p50", pct(sent, 50), "ms", "<= 5 ms, tools layer's share")
+    figure("result_sent_to_tool_result_p99", pct(sent, 99), "ms", "<= 5 ms, tools layer's share")
     cpu = [row["cpu"] * 1000 for row in rows]
     figure("cpu_per_call_p50", pct(cpu, 50), "ms")
 
