@@ -460,3 +460,28 @@ def test_clients_on_their_own_node_and_thread(ros_graph: Any, tmp_path: Path) ->
     finally:
         provider.shutdown()
     assert "own_thread_tools-executor" not in threads()
+
+
+def test_tool_node_keeps_its_name_under_a_launch_rename(tmp_path: Path) -> None:
+    """`ros2 launch` passes `__node:=sonic_session` to the whole process; the tools' node
+    must not take that name too (two nodes with one name), while remappings still apply."""
+    import rclpy
+    from rclpy.node import Node
+
+    from test.harness.ros import next_domain_id
+
+    p = tmp_path / "tools.yaml"
+    p.write_text(textwrap.dedent(TOOLS))
+    ctx = rclpy.Context()
+    args = ["x", "--ros-args", "-r", "__node:=sonic_session", "-r", "cmd_vel:=/base/cmd_vel"]
+    rclpy.init(args=args, context=ctx, domain_id=next_domain_id())
+    node = Node("anything", context=ctx)
+    provider = load_provider(node, str(p), LOCATIONS)
+    try:
+        assert node.get_name() == "sonic_session"
+        assert provider._ros.node.get_name() == "sonic_session_tools"
+        assert node.count_publishers("/base/cmd_vel") == 3
+    finally:
+        provider.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)

@@ -192,6 +192,10 @@ class ToolsExecutor:
             name,
             context=parent.context,
             namespace=parent.get_namespace(),
+            # A launch file's `__node:=sonic_session` is a process-wide argument: without a
+            # local rename it would name this node `sonic_session` too (two nodes, one name).
+            # Local arguments win over global ones; global remappings still apply.
+            cli_args=["--ros-args", "-r", f"__node:={name}"],
             start_parameter_services=False,
             parameter_overrides=[
                 Parameter("use_sim_time", Parameter.Type.BOOL, False),
