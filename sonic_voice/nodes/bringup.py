@@ -257,32 +257,40 @@ def _loads(data: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the stack
 class Stack:
-    """The nodes in one process on one executor thread."""
+    """The nodes in one process, each on its own SingleThreadedExecutor thread (one node
+    never waits behind another's callbacks; see ``run_node`` for why not multi-threaded)."""
 
     def __init__(self) -> None:
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
 
         self.context = rclpy.Context()
         rclpy.init(context=self.context, signal_handler_options=rclpy.SignalHandlerOptions.NO)
-        self.executor = MultiThreadedExecutor(num_threads=6, context=self.context)
         self.nodes: list[Any] = []
-        self._thread: threading.Thread | None = None
+        self._spinners: list[tuple[Any, threading.Thread]] = []
 
     def add(self, node: Any) -> Any:
+        from rclpy.executors import SingleThreadedExecutor
+
+        executor = SingleThreadedExecutor(context=self.context)
+        executor.add_node(node)
+        thread = threading.Thread(
+            target=self._spin, args=(executor,), name=f"ros-{node.get_name()}", daemon=True
+        )
         self.nodes.append(node)
-        self.executor.add_node(node)
+        self._spinners.append((executor, thread))
         return node
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._spin, name="ros-executor", daemon=True)
-        self._thread.start()
+        for _, thread in self._spinners:
+            if not thread.is_alive():
+                thread.start()
 
-    def _spin(self) -> None:
+    @staticmethod
+    def _spin(executor: Any) -> None:
         from rclpy.executors import ExternalShutdownException
 
         with contextlib.suppress(ExternalShutdownException):
-            self.executor.spin()
+            executor.spin()
 
     def close(self) -> None:
         import rclpy
@@ -291,9 +299,11 @@ class Stack:
             if hasattr(node, "shutdown_resources"):
                 with contextlib.suppress(Exception):
                     node.shutdown_resources()
-        self.executor.shutdown()
-        if self._thread is not None:
-            self._thread.join(10)
+        for executor, _ in self._spinners:
+            executor.shutdown()
+        for _, thread in self._spinners:
+            if thread.is_alive():
+                thread.join(10)
         for node in reversed(self.nodes):
             with contextlib.suppress(Exception):
                 node.destroy_node()

@@ -157,13 +157,19 @@ def run_node(factory: Callable[..., Any], args: list[str] | None = None) -> None
     ``factory`` builds the node (lifecycle nodes bring themselves up when ``autostart``).
     The executor runs in this thread; it is shut down and the node destroyed before
     rclpy shuts down, so the process exits cleanly.
+
+    A SingleThreadedExecutor: rclpy 9.1.2's MultiThreadedExecutor re-queues tasks that
+    have not started instead of waiting (ros2/rclpy#1452, fixed by #1547), which with one
+    50 Hz audio subscription burns 40-57 % of a core and holds the GIL that every other
+    thread of the node needs. Nothing here needs parallel callbacks: the nodes' slow work
+    runs on their asyncio loops or their own threads, and action execution is async.
     """
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
     rclpy.init(args=args)
     node = None
-    executor = MultiThreadedExecutor()
+    executor = SingleThreadedExecutor()
     try:
         node = factory()
         executor.add_node(node)
