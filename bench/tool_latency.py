@@ -32,11 +32,12 @@ Figures, t0 -> t1 (``time.perf_counter_ns``: CLOCK_MONOTONIC, comparable across 
 
 Options: ``--same-process`` puts the server in this process on the graph's executor (it
 then competes for this process's GIL; the harder, less realistic case), ``--no-audio``,
-``--period S``, ``--goal-ms MS``, ``--session-executor single`` (the session-like node on a
-SingleThreadedExecutor: rclpy 9.1.2's MultiThreadedExecutor busy-loops on every audio
-block, ros2/rclpy#1452, and takes the GIL with it), ``--stages`` (per-stage p50/p99
-offsets from t0 along the path, from the provider's marks and the server's stamps, and the
-CPU each thread of this process spent per call).
+``--period S``, ``--goal-ms MS``, ``--session-executor multi`` (the session-like node on a
+MultiThreadedExecutor, as the nodes ran before: rclpy 9.1.2's MultiThreadedExecutor
+busy-loops on every audio block, ros2/rclpy#1452, and takes the GIL with it; run_node and
+the all-in-one runner now use a SingleThreadedExecutor, the default here), ``--stages``
+(per-stage p50/p99 offsets from t0 along the path, from the provider's marks and the
+server's stamps, and the CPU each thread of this process spent per call).
 
 Run: ``.venv/bin/python bench/tool_latency.py [N] [options]``.
 """
@@ -187,9 +188,9 @@ def main() -> None:
     ap.add_argument(
         "--session-executor",
         choices=["multi", "single"],
-        default="multi",
-        help="what spins the session-like node: run_node's MultiThreadedExecutor (as today) "
-        "or a SingleThreadedExecutor",
+        default="single",
+        help="what spins the session-like node: a SingleThreadedExecutor, as run_node and "
+        "the runner do, or a MultiThreadedExecutor (the old way, for comparison)",
     )
     args = ap.parse_args()
     isolate()
