@@ -207,7 +207,7 @@ def main() -> None:
     total = n + WARMUP
 
     emu = StandIn() if here else RemoteStandIn()
-    graph = RosGraph()
+    graph = RosGraph(executor="single")  # as run_node spins the node
     try:
         node = SonicSessionNode(
             context=graph.context,

@@ -3,7 +3,7 @@
 The setup is a robot's: the far end, a ``test_msgs/action/Fibonacci`` server, runs in
 another process (as Nav2 does; it keeps finished goals 1 s, so its status messages list
 ~10 goals at the default pace) and publishes 20 ms microphone blocks on ``audio/mic`` at
-50 Hz. This process is the session's: a node spun by a MultiThreadedExecutor (as
+50 Hz. This process is the session's: a node spun by a SingleThreadedExecutor (as
 ``run_node`` does) whose ``audio/mic`` subscription hands every block to the asyncio loop
 (as ``sonic_session`` does), and the provider built on that node by ``load_provider``.
 Calls are sequential, one every ``--period`` seconds (a conversation does not fire a
@@ -210,15 +210,7 @@ def main() -> None:
     audio = not args.no_audio
     cfg = Path(home) / "tools.yaml"
     cfg.write_text(textwrap.dedent(TOOLS))
-    graph = RosGraph(threads=os.cpu_count() or 2)  # as run_node's MultiThreadedExecutor()
-    if args.session_executor == "single":
-        from rclpy.executors import SingleThreadedExecutor
-
-        graph.executor.shutdown()
-        graph._thread.join(10)
-        graph.executor = SingleThreadedExecutor(context=graph.context)
-        graph._thread = threading.Thread(target=graph._spin, name="ros-graph", daemon=True)
-        graph._thread.start()
+    graph = RosGraph(threads=os.cpu_count() or 2, executor=args.session_executor)
     child = conn = far = None
     try:
         if args.same_process:

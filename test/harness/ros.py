@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 
 # Domain ids 1..100, a different base per test process so parallel runs do not meet.
@@ -28,11 +28,18 @@ def next_domain_id() -> int:
 
 
 class RosGraph:
-    def __init__(self, domain_id: int | None = None, threads: int = 4) -> None:
+    def __init__(
+        self, domain_id: int | None = None, threads: int = 4, executor: str = "multi"
+    ) -> None:
+        """``executor="single"`` spins like the product (run_node, the runner): benchmarks
+        use it; tests keep "multi" so blocking test servers still take cancels."""
         self.domain_id = domain_id if domain_id is not None else next_domain_id()
         self.context = Context()
         rclpy.init(context=self.context, domain_id=self.domain_id)
-        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
+        if executor == "single":
+            self.executor = SingleThreadedExecutor(context=self.context)
+        else:
+            self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
         self.nodes: list[Node] = []
         self._thread = threading.Thread(target=self._spin, name="ros-graph", daemon=True)
         self._thread.start()
