@@ -450,6 +450,8 @@ _LATE_WAKE_S = 0.010  # woken this late for a frame: the loop stalled
 # many iterations in a row brought no packet (at most _MAX_YIELDS_AFTER_STALL).
 _QUIET_YIELDS = 3
 _MAX_YIELDS_AFTER_STALL = 50
+
+
 class ResilientAudioReceiver:
     """Plays one aiortc audio receiver through :class:`AdaptiveJitterBuffer`.
 
