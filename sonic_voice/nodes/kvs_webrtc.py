@@ -45,8 +45,10 @@ from sonic_voice.nodes.common import (
     LATCHED_QOS,
     OUT_TOPIC,
     REMOTE_TOPIC,
+    EpochGate,
     descriptor,
     json_msg,
+    msg_epoch,
     run_node,
 )
 
@@ -61,6 +63,7 @@ class KvsWebrtcNode(LifecycleNode):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("kvs_webrtc", **kwargs)
+        self._epochs = EpochGate()
         d = self.declare_parameter
         d("autostart", True, descriptor("Configure and activate at start-up."))
         d("channel_name", "", descriptor("KVS signaling channel name (required)."))
@@ -291,8 +294,15 @@ class KvsWebrtcNode(LifecycleNode):
 
     # -- ROS -> master (executor threads; the master hops onto its loop) -----------------
     def _on_out(self, msg: UInt8MultiArray) -> None:
-        if self.master is not None:
-            data = msg.data
+        # Chunks of an interrupted answer still in flight are dropped; a new answer after a
+        # barge-in flushes first (see nodes/common.py out_msg), in order with the audio.
+        play, flush_first = self._epochs.admit(msg_epoch(msg))
+        if self.master is None:
+            return
+        if flush_first:
+            self.master.flush()
+        data = msg.data
+        if play and len(data):
             self.master.play(data.tobytes() if hasattr(data, "tobytes") else bytes(data))
 
     def _on_flush(self, _msg: Empty) -> None:
