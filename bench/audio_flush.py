@@ -38,8 +38,9 @@ def main() -> None:
     os.environ.update(server.env)
     import sounddevice as sd
 
-    from sonic_voice.audio.devices import PlaybackStream, StreamSettings
+    from sonic_voice.audio.devices import PlaybackStream, StreamSettings, quiet_alsa
 
+    quiet_alsa()  # underrun lines are counted (pb.status_flags), not printed
     pb = PlaybackStream(StreamSettings(rate=RATE, block_ms=args.block_ms, latency=args.latency))
     # Wrap the callback to learn PortAudio's DAC estimate of every block.
     dac_log: list[tuple[float, int]] = []

@@ -92,39 +92,10 @@ def test_far_end_queue_is_bounded_and_rates_are_checked() -> None:
 
 
 def _play_into_mic(pulse, samples: np.ndarray, rate: int) -> subprocess.Popen:
-    """Play ``samples`` into the virtual microphone from a deep (300 ms) client buffer.
-
-    Why not ``pulse.play_into_mic``: it asks pacat for 20 ms of buffering, and on a loaded
-    machine pacat then underruns; PulseAudio fills the hole with silence and the rest of
-    the person's speech arrives later (measured under load: 5-70 ms holes, which alone took
-    the person's whole-signal correlation to 0.36-0.50). The echo canceller is not what
-    made those holes. With 300 ms the feed never starves; its extra latency only moves
-    where the person starts, which the test finds by correlation anyway."""
-    proc = subprocess.Popen(
-        [
-            "pacat",
-            "--playback",
-            "-d",
-            "micfeed",
-            "--raw",
-            "--format=s16le",
-            f"--rate={rate}",
-            "--channels=1",
-            "--latency-msec=300",
-        ],
-        env=pulse.client_env(),
-        stdin=subprocess.PIPE,
-    )
-
-    def feed() -> None:
-        try:
-            proc.stdin.write(samples.astype("<i2").tobytes())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-
-    threading.Thread(target=feed, daemon=True).start()
-    return proc
+    """The person's speech into the virtual microphone from a deep (300 ms) client buffer:
+    a shallow one starves under load and PulseAudio fills the holes with silence (5-70 ms
+    measured), which alone took the person's correlation to 0.36-0.50."""
+    return pulse.play_into_mic(samples, rate, latency_ms=300)
 
 
 class MicListener:
@@ -147,11 +118,13 @@ class MicListener:
 DEVICE = [Parameter("latency", value="0.1"), Parameter("output_block_ms", value=20.0)]
 
 
-def _echo_run(pulse, graph, echo_cancel: bool, robot: np.ndarray, person: np.ndarray):
+def _echo_run(
+    pulse, graph, echo_cancel: bool, robot: np.ndarray, person: np.ndarray, attempt: int = 0
+):
     """Robot speech on audio/out; 4.2 s in, the person starts talking into the mic. Returns
     (audio/mic, index where audio/out was published, index where the person started,
     speaker underflows)."""
-    tag = "on" if echo_cancel else "off"
+    tag = f"{'on' if echo_cancel else 'off'}{attempt}"
     listener = MicListener(graph, f"echo_mic_listener_{tag}")
     node = AudioIONode(
         context=graph.context,
@@ -183,7 +156,13 @@ def test_audio_io_cancels_the_robots_own_voice(pulse, ros_graph) -> None:
     module = pulse.echo_path(delay_ms=60, gain_db=-10.0)
     try:
         off, o0, p0, _ = _echo_run(pulse, ros_graph, False, robot, person)
-        on, o1, p1, underflows = _echo_run(pulse, ros_graph, True, robot, person)
+        # An underflow plays silence the canceller never sees (the machine's CPU, not the
+        # code under test; see the module docstring): measure again, up to 3 times, and
+        # judge the canceller on a run whose speaker played what it was given.
+        for attempt in range(3):
+            on, o1, p1, underflows = _echo_run(pulse, ros_graph, True, robot, person, attempt)
+            if underflows == 0:
+                break
     finally:
         pulse.remove_echo_path(module)
     # Echo only: from 1 s after the robot starts (AEC3 has converged) until the person.

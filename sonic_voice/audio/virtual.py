@@ -139,8 +139,15 @@ class VirtualAudio:
             ["pactl", *args], env=self.client_env(), capture_output=True, text=True, check=check
         )
 
-    def play_into_mic(self, samples: np.ndarray, rate: int) -> subprocess.Popen:
-        """Start playing int16 mono ``samples`` into the virtual microphone (returns at once)."""
+    def play_into_mic(
+        self, samples: np.ndarray, rate: int, latency_ms: int = 300
+    ) -> subprocess.Popen:
+        """Start playing int16 mono ``samples`` into the virtual microphone (returns at once).
+
+        A deep client buffer (300 ms): with a small one pacat underruns on a loaded machine
+        and PulseAudio fills the hole with silence (5-70 ms holes were measured), which no
+        test of ours should mistake for a bug. The extra latency only moves where the sound
+        starts; tests find that by correlation."""
         proc = subprocess.Popen(
             [
                 "pacat",
@@ -151,7 +158,7 @@ class VirtualAudio:
                 "--format=s16le",
                 f"--rate={rate}",
                 "--channels=1",
-                "--latency-msec=20",
+                f"--latency-msec={latency_ms}",
             ],
             env=self.client_env(),
             stdin=subprocess.PIPE,
