@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -348,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if offline:
             from sonic_voice.nodes.demo import run_offline
+
+            # The demo sends navigation goals and cmd_vel: keep its ROS graph on this
+            # machine, so it can never drive a real robot on the same network and domain.
+            os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
             return run_offline(args)
         return run_online(args)
