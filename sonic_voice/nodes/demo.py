@@ -161,10 +161,15 @@ class Offline:
 
     @property
     def scenario_path(self) -> Path:
-        return self.args.scenario or share_dir() / "config" / "scenarios" / "offline_demo.yaml"
+        return scenario_path(self.args)
 
     def __exit__(self, *exc: object) -> None:
         self.stack.close()
+
+
+def scenario_path(args: argparse.Namespace) -> Path:
+    """The stand-in's scenario: ``--scenario`` or the shipped offline demo."""
+    return Path(args.scenario or share_dir() / "config" / "scenarios" / "offline_demo.yaml")
 
 
 def run_offline(args: argparse.Namespace) -> int:
@@ -173,23 +178,25 @@ def run_offline(args: argparse.Namespace) -> int:
     from sonic_voice.nodes.sim_base import SimBaseNode
     from sonic_voice.nodes.sonic_session import SonicSessionNode
 
-    scenario_path = args.scenario or share_dir() / "config" / "scenarios" / "offline_demo.yaml"
+    scenario = scenario_path(args)
     try:
-        lines = visitor_lines(Path(scenario_path), args.wav)
+        lines = [] if args.no_local_audio else visitor_lines(scenario, args.wav)
     except (RuntimeError, ValueError, OSError, subprocess.CalledProcessError) as e:
         log.error("offline demo: %s", e)
         return 2
     cfg = share_dir() / "config"
     run = RunLog()
     log.info("sonic_voice offline demo: no AWS configuration, using the local stand-ins")
-    log.info("  scenario %s: %d visitor line(s)", scenario_path, len(lines))
+    log.info("  scenario %s: %d visitor line(s)", scenario, len(lines))
+    if args.no_local_audio:
+        log.info("  no local audio: the scripted visitor stays silent (join with a browser)")
     with Offline(args) as off, _stack() as stack:
         log.info("  Bedrock stand-in at %s", off.emu.endpoint_uri)
         session_params = node_params(args, "sonic_session")
         session_params.update(
             endpoint_uri=off.emu.endpoint_uri,
             ca_bundle=off.emu.ca_file,
-            region=off.emu._emu.region,
+            region=off.emu.emulator.region,
             aws_profile="",
         )
         if not session_params.get("tools_file"):
