@@ -24,9 +24,8 @@ import threading
 import time
 
 import numpy as np
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from std_msgs.msg import Empty, String, UInt8MultiArray
+from std_msgs.msg import String, UInt8MultiArray
 
 from sonic_voice.audio.devices import (
     CaptureStream,
@@ -39,17 +38,13 @@ from sonic_voice.audio.devices import (
 from sonic_voice.audio.echo import APM_RATES, EchoCanceller, tap_playback
 from sonic_voice.nodes.common import (
     AUDIO_QOS,
-    EVENT_QOS,
-    FLUSH_TOPIC,
     LATCHED_QOS,
     MIC_RATE,
     MIC_TOPIC,
     OUT_RATE,
-    OUT_TOPIC,
-    EpochGate,
     descriptor,
+    follow_output,
     json_msg,
-    msg_epoch,
     msg_pcm,
     pcm_msg,
     run_node,
@@ -157,7 +152,6 @@ class AudioIONode(LifecycleNode):
         self.echo: EchoCanceller | None = None
         self._mic_pub = None
         self._state_pub = None
-        self._epochs = EpochGate()
         self.diag: Diagnostics | None = None
         self._subs: list = []
         self._timer = None
@@ -221,20 +215,7 @@ class AudioIONode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._mic_pub = self.create_lifecycle_publisher(UInt8MultiArray, MIC_TOPIC, AUDIO_QOS)
         self._state_pub = self.create_publisher(String, STATE_TOPIC, LATCHED_QOS)
-        group = MutuallyExclusiveCallbackGroup()
-        self._subs = [
-            self.create_subscription(
-                UInt8MultiArray, OUT_TOPIC, self._on_out, AUDIO_QOS, callback_group=group
-            ),
-            # A separate group: a flush must not wait behind queued audio callbacks.
-            self.create_subscription(
-                Empty,
-                FLUSH_TOPIC,
-                self._on_flush,
-                EVENT_QOS,
-                callback_group=MutuallyExclusiveCallbackGroup(),
-            ),
-        ]
+        self._subs = follow_output(self, self._on_out, self._on_flush)
         self._timer = self.create_timer(0.25, self._watchdog)
         if self.diag is None:
             self.diag = Diagnostics(self, hardware_id="audio")
@@ -393,16 +374,11 @@ class AudioIONode(LifecycleNode):
                 self.mic_blocks += 1
 
     def _on_out(self, msg: UInt8MultiArray) -> None:
-        play, flush_first = self._epochs.admit(msg_epoch(msg))
         pb = self.playback
-        if pb is None or not self._active:
-            return
-        if flush_first:
-            pb.flush()
-        if play and len(msg.data):
+        if pb is not None and self._active:
             pb.write(msg_pcm(msg))
 
-    def _on_flush(self, _msg: Empty) -> None:
+    def _on_flush(self) -> None:
         pb = self.playback
         if pb is not None:
             dropped = pb.flush()

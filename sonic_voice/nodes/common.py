@@ -120,6 +120,47 @@ class EpochGate:
         return True, False
 
 
+def follow_output(
+    node: Any,
+    play: Callable[[UInt8MultiArray], None],
+    flush: Callable[[], None],
+) -> list[Any]:
+    """Subscribe a player (the speaker, the viewers) to ``audio/out`` and ``audio/flush``.
+
+    ``play(msg)`` gets each chunk that may still play; ``flush()`` runs on ``audio/flush``
+    and when a newer epoch starts (see :func:`out_msg`). The flush has its own callback
+    group so it never waits behind queued audio. Returns the two subscriptions.
+    """
+    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+    from std_msgs.msg import Empty
+
+    gate = EpochGate()
+
+    def on_out(msg: UInt8MultiArray) -> None:
+        admit, flush_first = gate.admit(msg_epoch(msg))
+        if flush_first:
+            flush()
+        if admit and len(msg.data):
+            play(msg)
+
+    return [
+        node.create_subscription(
+            UInt8MultiArray,
+            OUT_TOPIC,
+            on_out,
+            AUDIO_QOS,
+            callback_group=MutuallyExclusiveCallbackGroup(),
+        ),
+        node.create_subscription(
+            Empty,
+            FLUSH_TOPIC,
+            lambda _msg: flush(),
+            EVENT_QOS,
+            callback_group=MutuallyExclusiveCallbackGroup(),
+        ),
+    ]
+
+
 def json_msg(payload: dict[str, Any]) -> String:
     return String(data=json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
 

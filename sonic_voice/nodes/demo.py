@@ -19,14 +19,11 @@ a summary; exit status 0 on success.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -59,38 +56,22 @@ def guess_language(text: str) -> str:
 
 
 def read_wav_16k(path: Path) -> np.ndarray:
-    """A WAV file as 16 kHz mono int16 (any rate, mono or stereo, 16-bit)."""
-    from sonic_voice.audio.resample import StreamResampler
+    """A 16-bit WAV file (any rate, mono or stereo) as 16 kHz mono int16."""
+    from sonic_voice.emulators.sonic.audio import load_wav
 
-    with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2:
-            raise ValueError(f"{path}: only 16-bit PCM WAV files are supported")
-        data = np.frombuffer(w.readframes(w.getnframes()), "<i2")
-        if w.getnchannels() > 1:
-            data = data.reshape(-1, w.getnchannels()).mean(axis=1).astype(np.int16)
-        rate = w.getframerate()
-    if rate == MIC_RATE:
-        return data
-    rs = StreamResampler(rate, MIC_RATE)
-    return np.concatenate([rs.process(data), rs.process(np.zeros(0, np.int16), last=True)])
+    return np.frombuffer(load_wav(path, MIC_RATE), "<i2")
 
 
 def synthesize(text: str, voice: str) -> np.ndarray:
     """The visitor's line in ``voice`` (an espeak-ng language), 16 kHz mono int16."""
-    exe = shutil.which("espeak-ng")
-    if exe is None:
+    from sonic_voice.emulators.sonic import audio as synth
+
+    if not synth.espeak_available():
         raise RuntimeError(
             "espeak-ng is not installed (sudo apt-get install espeak-ng), so the visitor "
             "cannot speak: give recordings with --wav FILE"
         )
-    with tempfile.TemporaryDirectory(prefix="sv-demo-") as d:
-        out = Path(d) / "visitor.wav"
-        subprocess.run(
-            [exe, "-v", voice, "-s", "160", "-w", str(out), "--", text],
-            check=True,
-            capture_output=True,
-        )
-        return read_wav_16k(out)
+    return np.frombuffer(asyncio.run(synth.synthesize(text, voice, 160, MIC_RATE)), "<i2")
 
 
 def visitor_lines(scenario_path: Path, wavs: list[Path]) -> list[tuple[str, np.ndarray]]:
@@ -181,7 +162,7 @@ def run_offline(args: argparse.Namespace) -> int:
     scenario = scenario_path(args)
     try:
         lines = [] if args.no_local_audio else visitor_lines(scenario, args.wav)
-    except (RuntimeError, ValueError, OSError, subprocess.CalledProcessError) as e:
+    except (RuntimeError, ValueError, OSError) as e:
         log.error("offline demo: %s", e)
         return 2
     cfg = share_dir() / "config"

@@ -31,9 +31,8 @@ import json
 import threading
 from typing import Any
 
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from std_msgs.msg import Empty, Int32, String, UInt8MultiArray
+from std_msgs.msg import Int32, String, UInt8MultiArray
 
 from sonic_voice.kvs.control import ControlPlaneError
 from sonic_voice.kvs.master import KvsMaster
@@ -41,14 +40,11 @@ from sonic_voice.kvs.settings import KVS_MAX_VIEWERS, KvsSettings
 from sonic_voice.nodes.common import (
     AUDIO_QOS,
     EVENT_QOS,
-    FLUSH_TOPIC,
     LATCHED_QOS,
-    OUT_TOPIC,
     REMOTE_TOPIC,
-    EpochGate,
     descriptor,
+    follow_output,
     json_msg,
-    msg_epoch,
     run_node,
 )
 
@@ -63,7 +59,6 @@ class KvsWebrtcNode(LifecycleNode):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("kvs_webrtc", **kwargs)
-        self._epochs = EpochGate()
         d = self.declare_parameter
         d("autostart", True, descriptor("Configure and activate at start-up."))
         d("channel_name", "", descriptor("KVS signaling channel name (required)."))
@@ -198,19 +193,8 @@ class KvsWebrtcNode(LifecycleNode):
         self._viewers_pub = self.create_publisher(Int32, VIEWERS_TOPIC, LATCHED_QOS)
         self._text_pub = self.create_publisher(String, VIEWER_TEXT_TOPIC, EVENT_QOS)
         self._viewers_pub.publish(Int32(data=0))
-        out_group = MutuallyExclusiveCallbackGroup()
         self._subs = [
-            self.create_subscription(
-                UInt8MultiArray, OUT_TOPIC, self._on_out, AUDIO_QOS, callback_group=out_group
-            ),
-            # Its own group: a flush must not wait behind queued audio callbacks.
-            self.create_subscription(
-                Empty,
-                FLUSH_TOPIC,
-                self._on_flush,
-                EVENT_QOS,
-                callback_group=MutuallyExclusiveCallbackGroup(),
-            ),
+            *follow_output(self, self._on_out, self._on_flush),
             self.create_subscription(
                 String, TRANSCRIPT_TOPIC, lambda m: self._forward("transcript", m), EVENT_QOS
             ),
@@ -294,18 +278,11 @@ class KvsWebrtcNode(LifecycleNode):
 
     # -- ROS -> master (executor threads; the master hops onto its loop) -----------------
     def _on_out(self, msg: UInt8MultiArray) -> None:
-        # Chunks of an interrupted answer still in flight are dropped; a new answer after a
-        # barge-in flushes first (see nodes/common.py out_msg), in order with the audio.
-        play, flush_first = self._epochs.admit(msg_epoch(msg))
-        if self.master is None:
-            return
-        if flush_first:
-            self.master.flush()
-        data = msg.data
-        if play and len(data):
+        if self.master is not None:
+            data = msg.data
             self.master.play(data.tobytes() if hasattr(data, "tobytes") else bytes(data))
 
-    def _on_flush(self, _msg: Empty) -> None:
+    def _on_flush(self) -> None:
         if self.master is not None:
             self.master.flush()
 
