@@ -192,7 +192,7 @@ def main() -> None:
     from std_msgs.msg import UInt8MultiArray
 
     from sonic_voice.emulators.sonic import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
-    from sonic_voice.nodes.common import AUDIO_QOS, MIC_TOPIC, OUT_TOPIC
+    from sonic_voice.ros.topics import AUDIO_QOS, MIC_TOPIC, OUT_TOPIC
     from sonic_voice.nodes.sonic_session import SonicSessionNode
 
     from test.harness.ros import RosGraph, wait_for

@@ -85,7 +85,7 @@ class FarEnd:
         from std_msgs.msg import UInt8MultiArray
         from test_msgs.action import Fibonacci
 
-        from sonic_voice.nodes.common import AUDIO_QOS, MIC_TOPIC
+        from sonic_voice.ros.topics import AUDIO_QOS, MIC_TOPIC
 
         self.accepted_ns: list[int] = []
         self.result_ns: list[int] = []
@@ -201,7 +201,7 @@ def main() -> None:
     assert time.get_clock_info("perf_counter").implementation == "clock_gettime(CLOCK_MONOTONIC)"
     from std_msgs.msg import UInt8MultiArray
 
-    from sonic_voice.nodes.common import AUDIO_QOS, MIC_TOPIC, msg_pcm
+    from sonic_voice.ros.topics import AUDIO_QOS, MIC_TOPIC, msg_pcm
     from sonic_voice.sonic.tools_seam import ToolUse
     from sonic_voice.tools import load_provider
 

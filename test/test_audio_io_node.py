@@ -13,7 +13,7 @@ from std_msgs.msg import Empty, String, UInt8MultiArray
 
 from sonic_voice.audio.devices import DeviceNotFoundError, resolve_device
 from sonic_voice.nodes.audio_io import STATE_TOPIC, AudioIONode
-from sonic_voice.nodes.common import (
+from sonic_voice.ros.topics import (
     AUDIO_QOS,
     EVENT_QOS,
     FLUSH_TOPIC,

@@ -33,7 +33,7 @@ from std_msgs.msg import UInt8MultiArray
 
 from sonic_voice.audio.echo import EchoCanceller
 from sonic_voice.nodes.audio_io import AudioIONode
-from sonic_voice.nodes.common import AUDIO_QOS, MIC_TOPIC, OUT_TOPIC, msg_pcm, pcm_msg
+from sonic_voice.ros.topics import AUDIO_QOS, MIC_TOPIC, OUT_TOPIC, msg_pcm, pcm_msg
 
 from test.harness.ros import wait_for
 from test.harness.signals import best_alignment, chunk_correlations, speech_like
@@ -215,7 +215,7 @@ class SessionProbe:
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
         from std_msgs.msg import String
 
-        from sonic_voice.nodes.common import EVENT_QOS
+        from sonic_voice.ros.topics import EVENT_QOS
 
         self.node = graph.node(name)
         self.lock = threading.Lock()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from std_msgs.msg import UInt8MultiArray
 
-from sonic_voice.nodes.common import EpochGate, msg_epoch, out_msg
+from sonic_voice.ros.topics import EpochGate, msg_epoch, out_msg
 
 
 def test_epoch_travels_in_the_layout_and_the_data_stays_plain_pcm() -> None:

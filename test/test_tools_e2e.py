@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from rclpy.parameter import Parameter
 
-from sonic_voice.nodes.common import pcm_msg
+from sonic_voice.ros.topics import pcm_msg
 
 from test.harness.ros import wait_for
 from test.harness.signals import speech_like

@@ -1,12 +1,16 @@
 """audio_io: the robot's own microphone and speaker.
 
-Lifecycle (managed node, brought up by itself when ``autostart`` is true):
+Lifecycle (driven from outside: ``ros2 run`` with ``autostart``, the runner, or a launch
+file's ``LifecycleNode`` transitions):
 
-- configure: read parameters, open the devices (a missing device fails the transition
-  with an error that lists the devices present), create publishers and subscriptions;
+- configure: open the devices (a missing device fails the transition with one line that
+  lists the devices present), create publishers and subscriptions;
 - activate: start the device streams; microphone blocks are published on ``audio/mic``;
-- deactivate: stop the streams (queued output is dropped);
-- cleanup / shutdown: close the devices.
+- deactivate / cleanup / shutdown / SIGINT: stop and close the streams (queued output is
+  dropped).
+
+No asyncio here: PortAudio's threads hand blocks to the executor side and back; the mic
+blocks are published from one thread of their own (docs/architecture.md).
 
 Topics: publishes ``audio/mic`` (PCM16LE mono, ``mic_rate``, ``block_ms`` blocks) and
 ``audio_io/state`` (JSON, latched); subscribes ``audio/out`` (PCM16LE mono,
@@ -19,14 +23,16 @@ stays up and says so on ``audio_io/state``.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from std_msgs.msg import String, UInt8MultiArray
+from std_msgs.msg import UInt8MultiArray
 
+from sonic_voice import contracts as c
 from sonic_voice.audio.devices import (
     CaptureStream,
     DeviceNotFoundError,
@@ -36,123 +42,83 @@ from sonic_voice.audio.devices import (
     refresh_devices,
 )
 from sonic_voice.audio.echo import APM_RATES, EchoCanceller, tap_playback
-from sonic_voice.nodes.common import (
-    AUDIO_QOS,
-    LATCHED_QOS,
-    MIC_RATE,
-    MIC_TOPIC,
-    OUT_RATE,
-    descriptor,
-    follow_output,
-    json_msg,
-    msg_pcm,
-    pcm_msg,
-    run_node,
-)
 from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStatus
+from sonic_voice.ros.node import ConfigError, VoiceNode, param
+from sonic_voice.ros.runtime import run_node
+from sonic_voice.ros.topics import follow_output, json_msg, msg_pcm, pcm_msg, publisher
 
-STATE_TOPIC = "audio_io/state"
+STATE_TOPIC = c.AUDIO_IO_STATE.name
 
 
-class AudioIONode(LifecycleNode):
+@dataclass
+class AudioParams:
+    enable_input: bool = param(True, "Capture the microphone onto audio/mic.")
+    enable_output: bool = param(True, "Play audio/out on the speaker.")
+    input_device: str = param(
+        "", "Microphone: PortAudio index, exact name or name substring; '' = default."
+    )
+    output_device: str = param(
+        "", "Speaker: PortAudio index, exact name or name substring; '' = default."
+    )
+    mic_rate: int = param(
+        c.MIC_RATE, "Sample rate of audio/mic (Nova Sonic takes 16000).", range=(8000, 48000)
+    )
+    out_rate: int = param(
+        c.OUT_RATE, "Sample rate of audio/out (Nova Sonic speaks 24000).", range=(8000, 48000)
+    )
+    input_device_rate: int = param(
+        0,
+        "Rate to open the input device at; 0 = the topic rate when the device offers it, "
+        "else the device's default (converted with soxr).",
+        range=(0, 192000),
+    )
+    output_device_rate: int = param(
+        0,
+        "Rate to open the output device at; 0 = the topic rate when the device offers it, "
+        "else the device's default (converted with soxr).",
+        range=(0, 192000),
+    )
+    block_ms: float = param(32.0, "Microphone block length.", range=(10.0, 100.0))
+    output_block_ms: float = param(
+        20.0,
+        "Speaker callback block; smaller flushes faster but costs CPU (5 ms doubled the "
+        "output thread's and PulseAudio's CPU).",
+        range=(2.5, 50.0),
+    )
+    latency: str = param(
+        "0.015",
+        "PortAudio suggested latency: 'low', 'high' or seconds ('0.03'). Bounds how much audio "
+        "is already in the device when a flush comes.",
+    )
+    input_gain: float = param(1.0, "Microphone gain.", range=(0.0, 8.0), live=True)
+    output_gain: float = param(1.0, "Speaker gain.", range=(0.0, 8.0), live=True)
+    echo_cancel: bool = param(
+        True,
+        "WebRTC echo cancellation + noise suppression + high-pass on audio/mic, fed with what "
+        "the speaker plays (only when both devices are enabled). Turn off for robots with "
+        "hardware AEC.",
+    )
+    device_timeout_s: float = param(
+        3.0,
+        "No callback for this long = device lost. A stream's first callback can take over a "
+        "second on a busy machine (PulseAudio), so keep this above ~2 s.",
+        range=(0.2, 30.0),
+    )
+    device_retry_s: float = param(1.0, "Re-open period for a lost device.", range=(0.1, 60.0))
+
+
+class AudioIONode(VoiceNode):
     """Microphone -> ``audio/mic``; ``audio/out`` -> speaker; ``audio/flush`` -> silence."""
+
+    Params = AudioParams
 
     def __init__(self, **kwargs) -> None:
         super().__init__("audio_io", **kwargs)
         quiet_alsa()  # underruns are counted and reported on audio_io/state instead
-        self.declare_parameter("autostart", True, descriptor("Configure and activate at start-up."))
-        self.declare_parameter(
-            "enable_input", True, descriptor("Capture the microphone onto audio/mic.")
-        )
-        self.declare_parameter("enable_output", True, descriptor("Play audio/out on the speaker."))
-        self.declare_parameter(
-            "input_device",
-            "",
-            descriptor("Microphone: PortAudio index, exact name or name substring; '' = default."),
-        )
-        self.declare_parameter(
-            "output_device",
-            "",
-            descriptor("Speaker: PortAudio index, exact name or name substring; '' = default."),
-        )
-        self.declare_parameter(
-            "mic_rate",
-            MIC_RATE,
-            descriptor(
-                "Sample rate of audio/mic (Nova Sonic takes 16000).",
-                int_range=(8000, 48000, 0),
-            ),
-        )
-        self.declare_parameter(
-            "out_rate",
-            OUT_RATE,
-            descriptor(
-                "Sample rate of audio/out (Nova Sonic speaks 24000).", int_range=(8000, 48000, 0)
-            ),
-        )
-        for kind in ("input", "output"):
-            self.declare_parameter(
-                f"{kind}_device_rate",
-                0,
-                descriptor(
-                    f"Rate to open the {kind} device at; 0 = the topic rate when the device "
-                    "offers it, else the device's default (converted with soxr).",
-                    int_range=(0, 192000, 0),
-                ),
-            )
-        self.declare_parameter(
-            "block_ms", 32.0, descriptor("Microphone block length.", float_range=(10.0, 100.0, 0.0))
-        )
-        self.declare_parameter(
-            "output_block_ms",
-            5.0,
-            descriptor(
-                "Speaker callback block; smaller flushes faster.", float_range=(2.5, 50.0, 0.0)
-            ),
-        )
-        self.declare_parameter(
-            "latency",
-            "0.015",
-            descriptor(
-                "PortAudio suggested latency: 'low', 'high' or seconds ('0.03'). Bounds how "
-                "much audio is already in the device when a flush comes."
-            ),
-        )
-        self.declare_parameter(
-            "input_gain", 1.0, descriptor("Microphone gain.", float_range=(0.0, 8.0, 0.0))
-        )
-        self.declare_parameter(
-            "output_gain", 1.0, descriptor("Speaker gain.", float_range=(0.0, 8.0, 0.0))
-        )
-        self.declare_parameter(
-            "echo_cancel",
-            True,
-            descriptor(
-                "WebRTC echo cancellation + noise suppression + high-pass on audio/mic, fed "
-                "with what the speaker plays (only when both devices are enabled). Turn off "
-                "for robots with hardware AEC."
-            ),
-        )
-        self.declare_parameter(
-            "device_timeout_s",
-            3.0,
-            descriptor(
-                "No callback for this long = device lost. A stream's first callback can take "
-                "over a second on a busy machine (PulseAudio), so keep this above ~2 s.",
-                float_range=(0.2, 30.0, 0.0),
-            ),
-        )
-        self.declare_parameter(
-            "device_retry_s",
-            1.0,
-            descriptor("Re-open period for a lost device.", float_range=(0.1, 60.0, 0.0)),
-        )
         self.capture: CaptureStream | None = None
         self.playback: PlaybackStream | None = None
         self.echo: EchoCanceller | None = None
         self._mic_pub = None
-        self._state_pub = None
-        self.diag: Diagnostics | None = None
         self._subs: list = []
         self._timer = None
         self._active = False
@@ -163,14 +129,13 @@ class AudioIONode(LifecycleNode):
         self._next_retry = 0.0
         self._lock = threading.RLock()
         self.mic_blocks = 0
-        if self.get_parameter("autostart").value:
-            # Brought up from the constructor, as nav2's lifecycle manager would.
-            if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                self.trigger_activate()
+        self._state_pub = publisher(self, c.AUDIO_IO_STATE)
+        self.diag = Diagnostics(self, hardware_id="audio")
+        self.diag.add("devices", self._diag_devices)
 
     # -- parameters -------------------------------------------------------------------
     def _p(self, name: str):
-        return self.get_parameter(name).value
+        return getattr(self.params, name)
 
     def _settings(self, kind: str) -> StreamSettings:
         latency = self._p("latency")
@@ -197,7 +162,7 @@ class AudioIONode(LifecycleNode):
         )
 
     # -- lifecycle --------------------------------------------------------------------
-    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def configure(self) -> None:
         """Open the devices; a missing one fails configuration with the list of devices."""
         self.echo = None
         rate = int(self._p("mic_rate"))
@@ -210,20 +175,14 @@ class AudioIONode(LifecycleNode):
             self._open("input")
             self._open("output")
         except DeviceNotFoundError as e:
-            self.get_logger().error(str(e))
             self._close_devices()
-            return TransitionCallbackReturn.FAILURE
-        self._mic_pub = self.create_lifecycle_publisher(UInt8MultiArray, MIC_TOPIC, AUDIO_QOS)
-        self._state_pub = self.create_publisher(String, STATE_TOPIC, LATCHED_QOS)
+            raise ConfigError(str(e)) from None
+        self._mic_pub = publisher(self, c.MIC, lifecycle=True)
         self._subs = follow_output(self, self._on_out, self._on_flush)
         self._timer = self.create_timer(0.25, self._watchdog)
-        if self.diag is None:
-            self.diag = Diagnostics(self, hardware_id="audio")
-            self.diag.add("devices", self._diag_devices)
         self._publish_state("inactive")
-        return TransitionCallbackReturn.SUCCESS
 
-    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def activate(self) -> None:
         """Start the streams and the microphone publisher."""
         self._mic_thread = threading.Thread(target=self._publish_mic, name="mic-pub", daemon=True)
         self._mic_thread.start()
@@ -231,45 +190,23 @@ class AudioIONode(LifecycleNode):
             self._active = True
             for kind in ("input", "output"):
                 self._start(kind)
-        super().on_activate(state)
         self._publish_state("active")
-        return TransitionCallbackReturn.SUCCESS
 
-    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Stop the streams; queued output is dropped."""
-        self._stop_streams()
-        super().on_deactivate(state)
+    def on_param_changed(self, name: str, value: object) -> None:
+        for s in (self.capture, self.playback):
+            if s is not None and name == ("input_gain" if s is self.capture else "output_gain"):
+                s.settings.gain = float(value)  # type: ignore[arg-type]
+
+    async def stop(self) -> None:
+        """Stop and close the streams (PortAudio's close blocks: off the loop)."""
+        await asyncio.to_thread(self._stop_streams)
         self._publish_state("inactive")
-        return TransitionCallbackReturn.SUCCESS
 
-    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
-        return TransitionCallbackReturn.SUCCESS
-
-    def shutdown_resources(self) -> None:
-        """Called by the entry point before the node is destroyed."""
-        self._stop_streams()
-        self._close_devices()
-
-    def _teardown(self) -> None:
-        self._stop_streams()
-        self._close_devices()
+    def release(self) -> None:
         if self._timer is not None:
             self.destroy_timer(self._timer)
             self._timer = None
-        for s in self._subs:
-            self.destroy_subscription(s)
-        self._subs = []
-        if self._mic_pub is not None:
-            self.destroy_lifecycle_publisher(self._mic_pub)
-            self._mic_pub = None
-        if self.diag is not None:
-            self.diag.close()
-            self.diag = None
+        self.diag.close()
 
     # -- devices ----------------------------------------------------------------------
     def _open(self, kind: str) -> None:
@@ -302,7 +239,7 @@ class AudioIONode(LifecycleNode):
             self.capture = self.playback = None
         if self._mic_thread is not None:
             self._mic_queue.put(None)
-            self._mic_thread.join(2)
+            self._mic_thread.join(1)
             self._mic_thread = None
 
     def _close_devices(self) -> None:
@@ -405,11 +342,10 @@ class AudioIONode(LifecycleNode):
         return DiagStatus(OK, "ok", values)
 
     def _publish_state(self, lifecycle: str) -> None:
-        if self._state_pub is None:
-            return
         pb = self.playback
         self._state_pub.publish(
             json_msg(
+                c.AUDIO_IO_STATE,
                 {
                     "lifecycle": lifecycle,
                     "input": self._status["input"],
@@ -418,7 +354,7 @@ class AudioIONode(LifecycleNode):
                     "output_error": self._errors["output"],
                     "queued_ms": round(pb.buffer.queued_seconds * 1000, 1) if pb else 0.0,
                     "mic_blocks": self.mic_blocks,
-                }
+                },
             )
         )
 

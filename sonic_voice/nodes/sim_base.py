@@ -7,13 +7,14 @@ It is a kinematic unicycle: it turns toward the goal, drives there at ``linear_s
 then turns to the goal's heading (skipped when the goal orientation is the zero
 quaternion, i.e. "any heading"). No obstacles, no map; ``map`` and ``odom`` coincide.
 
-Lifecycle (brought up by itself when ``autostart`` is true):
+Lifecycle (driven from outside: ``ros2 run`` with ``autostart``, the runner, or a launch
+file's ``LifecycleNode`` transitions):
 
 - configure: read parameters, create the odometry publisher, the ``cmd_vel``
   subscription, the action server and the diagnostics;
 - activate: start the simulation timer (``rate_hz``); goals are accepted;
 - deactivate: stop the base; a running goal is aborted; new goals are rejected;
-- cleanup / shutdown: destroy the timer, server, publisher and subscription.
+- cleanup / shutdown / SIGINT: a running goal is aborted and the base stopped.
 
 Topics: publishes ``odom`` (``nav_msgs/Odometry``, every tick, ``odom_frame`` ->
 ``base_frame``) and ``/diagnostics``; subscribes ``cmd_vel`` (``geometry_msgs/Twist``;
@@ -31,6 +32,7 @@ rejected; goals within ``fail_radius`` of an entry of ``fail_on`` (a location na
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -44,13 +46,12 @@ from geometry_msgs.msg import PoseStamped, Quaternion, Twist
 from nav_msgs.msg import Odometry
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.exceptions import ParameterUninitializedException
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.parameter import Parameter
 from rclpy.task import Future
 
-from sonic_voice.nodes.common import EVENT_QOS, descriptor, run_node
 from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStatus
+from sonic_voice.ros.node import ConfigError, VoiceNode, param
+from sonic_voice.ros.runtime import run_node
+from sonic_voice.ros.topics import EVENT_QOS
 
 # Nav2's result codes (nav2_msgs/action/NavigateToPose), used when the type lacks them.
 _UNKNOWN = 9000
@@ -146,12 +147,50 @@ class _Run:
             self.outcome.set_result(outcome)
 
 
-class SimBaseNode(LifecycleNode):
+@dataclass
+class BaseParams:
+    action_name: str = param("navigate_to_pose", "NavigateToPose action server name.")
+    odom_topic: str = param("odom", "nav_msgs/Odometry output topic.")
+    cmd_vel_topic: str = param("cmd_vel", "geometry_msgs/Twist input topic.")
+    global_frame: str = param("map", "Frame of goals and feedback poses (= odom here).")
+    odom_frame: str = param("odom", "Odometry frame (header.frame_id of odom).")
+    base_frame: str = param("base_link", "Robot frame (child_frame_id of odom).")
+    linear_speed: float = param(0.5, "Driving speed toward a goal, m/s.", range=(0.01, 5.0))
+    angular_speed: float = param(1.0, "Turning speed, rad/s.", range=(0.05, 10.0))
+    rate_hz: float = param(20.0, "Simulation, odometry and feedback rate.", range=(1.0, 200.0))
+    start_x: float = param(0.0, "Start position x, m.", range=(-1e4, 1e4))
+    start_y: float = param(0.0, "Start position y, m.", range=(-1e4, 1e4))
+    start_yaw: float = param(0.0, "Start heading, rad.", range=(-math.pi, math.pi))
+    goal_tolerance: float = param(
+        0.05, "Arrived when this close to the goal, m.", range=(0.001, 5.0)
+    )
+    yaw_tolerance: float = param(
+        0.05, "Heading tolerance at the goal, rad.", range=(0.001, math.pi)
+    )
+    cmd_vel_timeout_s: float = param(
+        0.5, "Stop when cmd_vel is older than this.", range=(0.05, 10.0)
+    )
+    max_goal_distance: float = param(
+        0.0, "Reject goals farther than this from the base, m; 0 = no limit.", range=(0.0, 1e4)
+    )
+    fail_on: list = param(  # noqa: RUF009 - a field factory, like dataclasses.field
+        [],
+        "Goals near these places abort half way ('path blocked'): location names from "
+        "locations_file or 'x,y'. Unset = no failures.",
+    )
+    fail_radius: float = param(
+        0.3, "How near a goal must be to a fail_on place, m.", range=(0.0, 100.0)
+    )
+    locations_file: str = param("", "Locations YAML resolving fail_on names; '' = none.")
+
+
+class SimBaseNode(VoiceNode):
     """A kinematic base: ``NavigateToPose`` goals and ``cmd_vel`` in, ``odom`` out."""
+
+    Params = BaseParams
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("sim_base", **kwargs)
-        self._declare_parameters()
         self._lock = threading.RLock()
         self.x = self.y = self.yaw = 0.0
         self.v = self.w = 0.0
@@ -166,90 +205,17 @@ class SimBaseNode(LifecycleNode):
         self._cmd_sub = None
         self._server: ActionServer | None = None
         self._timer = None
-        self.diag: Diagnostics | None = None
         self.nav_type: Any = None
         self.counts = {"succeeded": 0, "canceled": 0, "aborted": 0, "rejected": 0}
         self.odom_published = 0
-        if self.get_parameter("autostart").value:
-            if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                self.trigger_activate()
-
-    # -- parameters -------------------------------------------------------------------
-    def _declare_parameters(self) -> None:
-        d = self.declare_parameter
-        d("autostart", True, descriptor("Configure and activate at start-up."))
-        d("action_name", "navigate_to_pose", descriptor("NavigateToPose action server name."))
-        d("odom_topic", "odom", descriptor("nav_msgs/Odometry output topic."))
-        d("cmd_vel_topic", "cmd_vel", descriptor("geometry_msgs/Twist input topic."))
-        d("global_frame", "map", descriptor("Frame of goals and feedback poses (= odom here)."))
-        d("odom_frame", "odom", descriptor("Odometry frame (header.frame_id of odom)."))
-        d("base_frame", "base_link", descriptor("Robot frame (child_frame_id of odom)."))
-        d(
-            "linear_speed",
-            0.5,
-            descriptor("Driving speed toward a goal, m/s.", float_range=(0.01, 5.0, 0.0)),
-        )
-        d(
-            "angular_speed",
-            1.0,
-            descriptor("Turning speed, rad/s.", float_range=(0.05, 10.0, 0.0)),
-        )
-        d(
-            "rate_hz",
-            20.0,
-            descriptor("Simulation, odometry and feedback rate.", float_range=(1.0, 200.0, 0.0)),
-        )
-        d("start_x", 0.0, descriptor("Start position x, m.", float_range=(-1e4, 1e4, 0.0)))
-        d("start_y", 0.0, descriptor("Start position y, m.", float_range=(-1e4, 1e4, 0.0)))
-        d("start_yaw", 0.0, descriptor("Start heading, rad.", float_range=(-math.pi, math.pi, 0.0)))
-        d(
-            "goal_tolerance",
-            0.05,
-            descriptor("Arrived when this close to the goal, m.", float_range=(0.001, 5.0, 0.0)),
-        )
-        d(
-            "yaw_tolerance",
-            0.05,
-            descriptor("Heading tolerance at the goal, rad.", float_range=(0.001, math.pi, 0.0)),
-        )
-        d(
-            "cmd_vel_timeout_s",
-            0.5,
-            descriptor("Stop when cmd_vel is older than this.", float_range=(0.05, 10.0, 0.0)),
-        )
-        d(
-            "max_goal_distance",
-            0.0,
-            descriptor(
-                "Reject goals farther than this from the base, m; 0 = no limit.",
-                float_range=(0.0, 1e4, 0.0),
-            ),
-        )
-        d(
-            "fail_on",
-            Parameter.Type.STRING_ARRAY,
-            descriptor(
-                "Goals near these places abort half way ('path blocked'): location names "
-                "from locations_file or 'x,y'. Unset = no failures."
-            ),
-        )
-        d(
-            "fail_radius",
-            0.3,
-            descriptor(
-                "How near a goal must be to a fail_on place, m.", float_range=(0.0, 100.0, 0.0)
-            ),
-        )
-        d("locations_file", "", descriptor("Locations YAML resolving fail_on names; '' = none."))
+        self.diag = Diagnostics(self, hardware_id="sim_base")
+        self.diag.add("base", self._diag_base)
 
     def _p(self, name: str) -> Any:
-        return self.get_parameter(name).value
+        return getattr(self.params, name)
 
     def _fail_rule(self) -> list[tuple[str, float, float]]:
-        try:
-            raw = self._p("fail_on")
-        except ParameterUninitializedException:  # declared without a default: unset
-            raw = None
+        raw = self._p("fail_on")
         entries = [e.strip() for e in (raw or []) if e and e.strip()]
         if not entries:
             return []
@@ -272,18 +238,19 @@ class SimBaseNode(LifecycleNode):
         return points
 
     # -- lifecycle --------------------------------------------------------------------
-    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def configure(self) -> None:
         """Check parameters, create the publisher, subscription and action server."""
         try:
             self.nav_type = _nav_type()
             self._fail_points = self._fail_rule()
         except (RuntimeError, ValueError, OSError, yaml.YAMLError) as e:
-            self.get_logger().error(f"configuration failed: {e}")
-            return TransitionCallbackReturn.FAILURE
+            raise ConfigError(f"configuration failed: {e}") from None
         with self._lock:
             self.x, self.y = float(self._p("start_x")), float(self._p("start_y"))
             self.yaw = wrap_angle(float(self._p("start_yaw")))
             self.v = self.w = 0.0
+        if self._server is not None:  # configured before: keep the entities
+            return
         self._odom_pub = self.create_lifecycle_publisher(Odometry, self._p("odom_topic"), 10)
         self._cmd_sub = self.create_subscription(
             Twist,
@@ -303,62 +270,40 @@ class SimBaseNode(LifecycleNode):
             cancel_callback=self._on_cancel,
             callback_group=ReentrantCallbackGroup(),
         )
-        self.diag = Diagnostics(self, hardware_id="sim_base")
-        self.diag.add("base", self._diag_base)
         self.get_logger().info(
             f"simulated base at ({self.x:.2f}, {self.y:.2f}, {self.yaw:.2f} rad), action "
             f"{self._server_name()}, {self._p('linear_speed')} m/s"
         )
-        return TransitionCallbackReturn.SUCCESS
 
-    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def activate(self) -> None:
         """Start the simulation clock; goals are accepted from now on."""
         self._last_tick = None
-        self._timer = self.create_timer(
-            1.0 / float(self._p("rate_hz")),
-            self._tick,
-            callback_group=MutuallyExclusiveCallbackGroup(),
-        )
+        if self._timer is None:
+            self._timer = self.create_timer(
+                1.0 / float(self._p("rate_hz")),
+                self._tick,
+                callback_group=MutuallyExclusiveCallbackGroup(),
+            )
         self._active = True
-        return super().on_activate(state)
 
-    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Stop the base and abort a running goal."""
+    def deactivate(self) -> None:
+        """Stop the base and abort a running goal (at once: no loop work needed)."""
         self._stop("aborted", _UNKNOWN, "base deactivated")
-        if self._timer is not None:
-            self.destroy_timer(self._timer)
-            self._timer = None
-        return super().on_deactivate(state)
 
-    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
-        return TransitionCallbackReturn.SUCCESS
-
-    def shutdown_resources(self) -> None:
-        """Called by the entry point before the node is destroyed: abort and stop."""
+    async def stop(self) -> None:
+        """A running goal is aborted and the base stopped."""
         self._stop("aborted", _UNKNOWN, "base shutting down")
+        await asyncio.sleep(0)
+
+    def release(self) -> None:
+        """Destroy the timer first (no tick after the context goes), then the rest."""
         if self._timer is not None:
             self.destroy_timer(self._timer)
             self._timer = None
-        if self.diag is not None:
-            self.diag.close()
-            self.diag = None
-
-    def _teardown(self) -> None:
-        self.shutdown_resources()
+        self.diag.close()
         if self._server is not None:
             self._server.destroy()
             self._server = None
-        if self._cmd_sub is not None:
-            self.destroy_subscription(self._cmd_sub)
-            self._cmd_sub = None
-        if self._odom_pub is not None:
-            self.destroy_lifecycle_publisher(self._odom_pub)
-            self._odom_pub = None
 
     def _stop(self, outcome: str, code: int, message: str) -> None:
         with self._lock:

@@ -54,18 +54,36 @@ class RosGraph:
         """A plain helper node on this graph."""
         return self.add(Node(name, context=self.context, **kwargs))
 
-    def add(self, node: Node) -> Node:
+    def add(self, node: Node, bring_up: bool | None = None) -> Node:
+        """Spin ``node``; a sonic_voice lifecycle node is also configured and activated (as
+        the runner does) when its ``autostart`` parameter is true or ``bring_up`` says so."""
+        from sonic_voice.ros.node import VoiceNode
+        from sonic_voice.ros.node import bring_up as up
+
         self.nodes.append(node)
         self.executor.add_node(node)
+        if isinstance(node, VoiceNode):
+            if bring_up is None:
+                bring_up = bool(node.get_parameter("autostart").value)
+            if bring_up:
+                up(node)
         return node
 
     def close(self) -> None:
+        """Stop sonic_voice nodes while the executor still spins (goals get cancelled),
+        then stop spinning and destroy everything."""
+        import concurrent.futures
+
+        from sonic_voice.ros.node import VoiceNode
+
+        voice = [n for n in reversed(self.nodes) if isinstance(n, VoiceNode)]
+        concurrent.futures.wait([n.begin_stop() for n in voice], timeout=5)
         self.executor.shutdown(timeout_sec=5)
         self._thread.join(10)
         for n in reversed(self.nodes):
             try:
-                if hasattr(n, "shutdown_resources"):
-                    n.shutdown_resources()
+                if isinstance(n, VoiceNode):
+                    n.release()
                 n.destroy_node()
             except Exception:  # noqa: BLE001
                 pass

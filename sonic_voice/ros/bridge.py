@@ -1,0 +1,195 @@
+"""The one rclpy <-> asyncio bridge of a process (docs/architecture.md).
+
+Every sonic_voice process has one asyncio loop, in one thread, owned by :class:`Bridge`.
+The pure cores (``sonic/``, ``kvs/``, the tools) run on it; rclpy runs on the process's
+one executor (a ``SingleThreadedExecutor``: see :mod:`sonic_voice.ros.compat`). They meet
+only here:
+
+- ROS -> loop: :meth:`Bridge.subscribe` hands each message to a loop-side handler with one
+  ``call_soon_threadsafe`` (one thread crossing, no copy); :meth:`Bridge.stream` gives the
+  same as an async iterator;
+- loop -> ROS: rclpy publishers and clients are thread-safe to call from the loop;
+  :meth:`Bridge.wait` awaits an rclpy future on the loop (a done-callback completes an
+  asyncio future: never ``.result()`` in a callback, never ``spin_until_future_complete``
+  inside a library call);
+- lifecycle work: transition callbacks schedule loop work with :meth:`Bridge.submit` and
+  return; they never block an executor thread on a loop future (the loop may need that
+  very executor to take a goal's cancel response). The one place that waits is the
+  process's shutdown (:func:`sonic_voice.ros.node.spin_until`), which keeps spinning while
+  it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_bridge: Bridge | None = None
+
+
+class Bridge:
+    """The process's asyncio loop thread and the crossings between it and rclpy."""
+
+    def __init__(self, name: str = "sonic-voice-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(self._on_loop_exception)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ process-wide
+    @classmethod
+    def get(cls) -> Bridge:
+        """The process's bridge, started on first use (and again after :meth:`close`)."""
+        global _bridge
+        with _lock:
+            if _bridge is None or not _bridge.running:
+                _bridge = cls()
+            return _bridge
+
+    @classmethod
+    def close_process_bridge(cls, timeout: float = 1.0) -> None:
+        """Stop the process's bridge, if any (the entry points' last step)."""
+        global _bridge
+        with _lock:
+            b, _bridge = _bridge, None
+        if b is not None:
+            b.close(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self.loop.is_closed()
+
+    def in_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    # ------------------------------------------------------------------ crossings
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop (from any thread; dropped once the loop is closed)."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the loop; the returned future's exceptions are logged."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        fut.add_done_callback(_log_failure)
+        return fut
+
+    async def wait(self, rclpy_future: Any) -> Any:
+        """Await an rclpy future on the loop (the result, or its exception raised here)."""
+        afut = self.loop.create_future()
+
+        def settle() -> None:
+            if afut.done():
+                return
+            if rclpy_future.cancelled():
+                afut.cancel()
+            elif rclpy_future.exception() is not None:
+                afut.set_exception(rclpy_future.exception())
+            else:
+                afut.set_result(rclpy_future.result())
+
+        rclpy_future.add_done_callback(lambda _f: self.call(settle))
+        return await afut
+
+    def subscribe(
+        self,
+        node: Any,
+        msg_type: Any,
+        topic: str,
+        qos: Any,
+        handler: Callable[[Any], None],
+        **kwargs: Any,
+    ) -> Any:
+        """A subscription whose messages are handled on the loop by ``handler(msg)``."""
+        loop = self.loop
+
+        def on_msg(msg: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                loop.call_soon_threadsafe(handler, msg)
+
+        return node.create_subscription(msg_type, topic, on_msg, qos, **kwargs)
+
+    def stream(
+        self, node: Any, msg_type: Any, topic: str, qos: Any, maxsize: int = 0, **kwargs: Any
+    ) -> MessageStream:
+        """A subscription read as an async iterator on the loop (newest dropped when full)."""
+        stream = MessageStream(maxsize)
+        stream.subscription = self.subscribe(node, msg_type, topic, qos, stream.put, **kwargs)
+        return stream
+
+    # ------------------------------------------------------------------ life
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Cancel what still runs on the loop (bounded by ``timeout``), stop it, join it."""
+        if not self.running:
+            return
+        if self.in_loop():
+            raise RuntimeError("Bridge.close() called from its own loop")
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_cancel_all(), self.loop).result(timeout)
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+
+    @staticmethod
+    def _on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, asyncio.CancelledError):
+            return
+        msg = context.get("message", "unhandled error on the loop")
+        log.error("%s: %r", msg, exc) if exc is not None else log.error("%s", msg)
+
+
+class MessageStream:
+    """Messages of one subscription, read on the loop with ``async for``."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+        self.subscription: Any = None
+        self.dropped = 0
+
+    def put(self, msg: Any) -> None:
+        try:
+            self._queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._queue.get()
+
+
+async def _cancel_all() -> None:
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _log_failure(fut: concurrent.futures.Future) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None and not isinstance(exc, asyncio.CancelledError):
+        log.error("loop task failed: %r", exc, exc_info=exc)

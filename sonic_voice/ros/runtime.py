@@ -1,0 +1,189 @@
+"""A sonic_voice process's ROS side: one context, one executor thread, the bridge, signals,
+and a bounded shutdown (docs/architecture.md, "Threads" and "Shutdown").
+
+Used by every node executable (:func:`run_node`) and by the all-in-one runner
+(``sonic_voice.app.stack``). On SIGINT or SIGTERM:
+
+1. every node's :meth:`~sonic_voice.ros.node.VoiceNode.stop` runs on the loop at once
+   (motion goals are cancelled first, the Bedrock stream closed politely when it can be)
+   while the executor **keeps spinning**, so cancel responses and last messages still flow;
+2. after ``budget_s`` (default 1.5 s) whatever is left is abandoned;
+3. the executor stops, its thread is joined, nodes are destroyed, the context shut down.
+
+rclpy's own signal handler is off (``SignalHandlerOptions.NO``): it would shut the context
+down at the first Ctrl-C, before any goal could be cancelled.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import rclpy
+from rclpy.exceptions import (
+    InvalidParameterTypeException,
+    InvalidParameterValueException,
+    ParameterException,
+)
+
+from sonic_voice.ros.bridge import Bridge
+from sonic_voice.ros.compat import make_executor
+from sonic_voice.ros.node import ConfigError, VoiceNode, bring_up
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_BUDGET_S = 1.5
+EXIT_CONFIG = 2  # a configuration the user must fix
+
+
+class Runtime:
+    """One process's context, executor thread and orderly shutdown."""
+
+    def __init__(
+        self,
+        args: list[str] | None = None,
+        *,
+        domain_id: int | None = None,
+        context: Any = None,
+    ) -> None:
+        self.context = context or rclpy.Context()
+        if context is None:
+            rclpy.init(
+                args=args,
+                context=self.context,
+                domain_id=domain_id,
+                signal_handler_options=rclpy.SignalHandlerOptions.NO,
+            )
+        self.executor = make_executor(self.context)
+        self.bridge = Bridge.get()
+        self.nodes: list[Any] = []
+        self.stop_requested = threading.Event()
+        self.signal_name = ""
+        self._thread = threading.Thread(target=self._spin, name="ros-executor", daemon=True)
+        self._closed = False
+
+    # ------------------------------------------------------------------ nodes
+    def add(self, node: Any) -> Any:
+        self.nodes.append(node)
+        self.executor.add_node(node)
+        return node
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        while self.context.ok() and not self._closed:
+            try:
+                self.executor.spin()
+            except (ExternalShutdownException, KeyboardInterrupt):
+                return
+            except Exception as e:  # noqa: BLE001 - a callback's bug must not stop the process
+                if self._closed or not self.context.ok():
+                    return
+                log.error("executor: a callback raised %r; spinning on", e)
+
+    # ------------------------------------------------------------------ signals
+    def handle_signals(self) -> None:
+        """SIGINT and SIGTERM request the orderly shutdown (main thread only)."""
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            self.signal_name = signal.Signals(signum).name
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until a stop is requested (True) or ``timeout`` passes (False)."""
+        return self.stop_requested.wait(timeout)
+
+    # ------------------------------------------------------------------ shutdown
+    def shutdown(self, budget_s: float = SHUTDOWN_BUDGET_S) -> float:
+        """Stop every node (bounded), then the executor and the context. Returns seconds."""
+        if self._closed:
+            return 0.0
+        t0 = time.monotonic()
+        futures = [n.begin_stop() for n in reversed(self.nodes) if isinstance(n, VoiceNode)]
+        if futures and self._thread.is_alive():
+            _done, pending = concurrent.futures.wait(futures, timeout=budget_s)
+            if pending:
+                log.warning(
+                    "shutdown: %d node(s) still stopping after %.1f s", len(pending), budget_s
+                )
+        elif futures:  # not spinning (start-up failed): give the loop the budget alone
+            concurrent.futures.wait(futures, timeout=budget_s)
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.executor.shutdown(timeout_sec=0.2)
+        if self._thread.is_alive():
+            self._thread.join(0.5)
+        for n in reversed(self.nodes):
+            with contextlib.suppress(Exception):
+                if isinstance(n, VoiceNode):
+                    n.release()
+                n.destroy_node()
+        self.nodes.clear()
+        with contextlib.suppress(Exception):
+            self.context.try_shutdown()
+        return time.monotonic() - t0
+
+
+def describe_startup_error(name: str, e: BaseException) -> str | None:
+    """One line for an error a user can fix at start-up (bad parameter, params file...)."""
+    if isinstance(e, InvalidParameterTypeException):
+        return f"{name}: {e.args[0] if e.args else e} (fix the params file or -p value)"
+    if isinstance(e, (InvalidParameterValueException, ParameterException, ConfigError)):
+        return f"{name}: {e}"
+    if type(e).__name__ == "RCLError" and "params file" in str(e):
+        msg = str(e).split(", at ")[0]
+        return f"{name}: {msg}"
+    return None
+
+
+def run_node(factory: Callable[..., Any], args: list[str] | None = None) -> None:
+    """The entry point of a node executable (``ros2 run sonic_voice <node>``).
+
+    With ``autostart`` (the default) this is the node's lifecycle manager: it configures and
+    activates the node, and exits 2 with one line when configuration fails. Under a launch
+    file that drives the transitions (``LifecycleNode``), pass ``autostart: false``.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    name = getattr(factory, "__name__", "node")
+    try:
+        rt = Runtime(args if args is not None else sys.argv)
+    except Exception as e:
+        line = describe_startup_error(name, e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    rt.handle_signals()
+    try:
+        node = factory(context=rt.context)
+    except Exception as e:
+        line = describe_startup_error(name, e)
+        rt.shutdown()
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    rt.add(node)
+    rt.start()
+    code = 0
+    if node.get_parameter("autostart").value and not bring_up(node):
+        code = EXIT_CONFIG  # the node said why, in one line
+    else:
+        rt.wait()
+    rt.shutdown()
+    Bridge.close_process_bridge()
+    sys.exit(code)

@@ -1,0 +1,161 @@
+"""ROS side of :mod:`sonic_voice.contracts`: QoS profiles, publishers/subscriptions by
+contract, and the audio message helpers (PCM16LE in ``UInt8MultiArray``, output epochs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from std_msgs.msg import Empty, Int32, MultiArrayDimension, String, UInt8MultiArray
+
+from sonic_voice import contracts as c
+
+_TYPES = {
+    "std_msgs/msg/UInt8MultiArray": UInt8MultiArray,
+    "std_msgs/msg/String": String,
+    "std_msgs/msg/Empty": Empty,
+    "std_msgs/msg/Int32": Int32,
+}
+
+
+def qos(row: c.Qos) -> QoSProfile:
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST,
+        depth=row.depth,
+        reliability=ReliabilityPolicy.RELIABLE if row.reliable else ReliabilityPolicy.BEST_EFFORT,
+        durability=DurabilityPolicy.TRANSIENT_LOCAL if row.latched else DurabilityPolicy.VOLATILE,
+    )
+
+
+AUDIO_QOS = qos(c.AUDIO)
+EVENT_QOS = qos(c.EVENTS)
+LATCHED_QOS = qos(c.LATCHED)
+
+
+def msg_type(topic: c.Topic) -> Any:
+    return _TYPES[topic.type]
+
+
+def publisher(node: Any, topic: c.Topic, lifecycle: bool = False) -> Any:
+    """A publisher for ``topic`` with its contract's type and QoS."""
+    make = node.create_lifecycle_publisher if lifecycle else node.create_publisher
+    return make(msg_type(topic), topic.name, qos(topic.qos))
+
+
+def subscription(node: Any, topic: c.Topic, callback: Callable[[Any], None], **kw: Any) -> Any:
+    return node.create_subscription(msg_type(topic), topic.name, callback, qos(topic.qos), **kw)
+
+
+def json_msg(topic: c.Topic, payload: dict[str, Any]) -> String:
+    """A ``String`` for a JSON topic, validated against its contract."""
+    return String(data=c.encode(topic, payload))
+
+
+# --------------------------------------------------------------------------- audio
+def pcm_msg(samples: np.ndarray) -> UInt8MultiArray:
+    """int16 samples -> UInt8MultiArray holding their little-endian bytes."""
+    msg = UInt8MultiArray()
+    msg.data = samples.astype("<i2", copy=False).tobytes()
+    return msg
+
+
+def msg_bytes(msg: UInt8MultiArray) -> bytes:
+    data = msg.data
+    return data.tobytes() if hasattr(data, "tobytes") else bytes(data)
+
+
+def msg_pcm(msg: UInt8MultiArray) -> np.ndarray:
+    """UInt8MultiArray -> int16 samples (a view of the message's bytes)."""
+    return np.frombuffer(msg_bytes(msg), dtype="<i2")
+
+
+EPOCH_LABEL = "epoch:"
+
+
+def out_msg(pcm: bytes, epoch: int) -> UInt8MultiArray:
+    """An ``audio/out`` chunk tagged with the answer's epoch.
+
+    The epoch rises at each barge-in. ``audio/flush`` is a separate topic, so chunks that
+    were already in flight on ``audio/out`` can arrive after it; players drop chunks of an
+    older epoch and flush when a newer one starts (an empty chunk of the new epoch is sent
+    right before ``audio/flush``), in order with the audio itself. The tag is the label of
+    the one layout dimension (a 1-D array of bytes), so other consumers read plain PCM.
+    """
+    msg = UInt8MultiArray()
+    msg.layout.dim = [
+        MultiArrayDimension(label=f"{EPOCH_LABEL}{epoch}", size=len(pcm), stride=len(pcm))
+    ]
+    msg.data = pcm
+    return msg
+
+
+def msg_epoch(msg: UInt8MultiArray) -> int | None:
+    """The epoch of an ``audio/out`` chunk (None when untagged, e.g. a third-party source)."""
+    dims = msg.layout.dim
+    if dims and dims[0].label.startswith(EPOCH_LABEL):
+        try:
+            return int(dims[0].label[len(EPOCH_LABEL) :])
+        except ValueError:
+            return None
+    return None
+
+
+class EpochGate:
+    """Per-player state for epoch-tagged output: ``admit(epoch)`` says whether a chunk may
+    play and whether the player must flush first (a newer answer started)."""
+
+    def __init__(self) -> None:
+        self.current = -1
+
+    def admit(self, epoch: int | None) -> tuple[bool, bool]:
+        """(play it, flush first)."""
+        if epoch is None:
+            return True, False
+        if epoch < self.current:
+            return False, False  # a chunk of an interrupted answer, still in flight
+        if epoch > self.current:
+            first = self.current < 0
+            self.current = epoch
+            return True, not first
+        return True, False
+
+
+def follow_output(
+    node: Any,
+    play: Callable[[UInt8MultiArray], None],
+    flush: Callable[[], None],
+) -> list[Any]:
+    """Subscribe a player (the speaker, the viewers) to ``audio/out`` and ``audio/flush``.
+
+    ``play(msg)`` gets each chunk that may still play; ``flush()`` runs on ``audio/flush``
+    and when a newer epoch starts (see :func:`out_msg`). Both run on the executor thread
+    and must return at once (hand over to a device buffer or the loop). Returns the two
+    subscriptions.
+    """
+    gate = EpochGate()
+
+    def on_out(msg: UInt8MultiArray) -> None:
+        admit, flush_first = gate.admit(msg_epoch(msg))
+        if flush_first:
+            flush()
+        if admit and len(msg.data):
+            play(msg)
+
+    group = MutuallyExclusiveCallbackGroup()
+    return [
+        subscription(node, c.OUT, on_out, callback_group=group),
+        subscription(node, c.FLUSH, lambda _msg: flush(), callback_group=group),
+    ]
+
+
+# Short names used by tests and benchmarks.
+MIC_TOPIC, REMOTE_TOPIC, OUT_TOPIC, FLUSH_TOPIC = (
+    c.MIC.name,
+    c.REMOTE.name,
+    c.OUT.name,
+    c.FLUSH.name,
+)
+MIC_RATE, OUT_RATE = c.MIC_RATE, c.OUT_RATE
