@@ -14,8 +14,8 @@ CONSOLE_SCRIPTS = [
     "sim_base = sonic_voice.nodes.sim_base:main",
     "sonic_session = sonic_voice.nodes.sonic_session:main",
     # The all-in-one runner (README's main job): `sonic-voice`, `ros2 run sonic_voice bringup`.
-    "sonic-voice = sonic_voice.nodes.bringup:cli",
-    "bringup = sonic_voice.nodes.bringup:cli",
+    "sonic-voice = sonic_voice.app.cli:cli",
+    "bringup = sonic_voice.app.cli:cli",
 ]
 
 setup(

@@ -194,6 +194,7 @@ class SimBaseNode(VoiceNode):
         self._lock = threading.RLock()
         self.x = self.y = self.yaw = 0.0
         self.v = self.w = 0.0
+        self.odometer = 0.0  # metres driven since start
         self._cmd = (0.0, 0.0)
         self._cmd_time = -math.inf
         self._run: _Run | None = None
@@ -431,6 +432,7 @@ class SimBaseNode(VoiceNode):
             mid = self.yaw + self.w * dt / 2
             self.x += self.v * math.cos(mid) * dt
             self.y += self.v * math.sin(mid) * dt
+            self.odometer += abs(self.v) * dt
             self.yaw = wrap_angle(self.yaw + self.w * dt)
             x, y, yaw, v, w = self.x, self.y, self.yaw, self.v, self.w
         self._publish_odom(x, y, yaw, v, w)

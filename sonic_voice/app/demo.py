@@ -1,0 +1,478 @@
+"""The offline demo: the whole stack on this machine, no AWS account needed.
+
+Started by ``sonic-voice`` when no AWS configuration is found (or with ``--offline``):
+
+- the Nova Sonic stand-in runs in-process (real HTTP/2 + TLS + SigV4 + event stream, so the
+  session talks to it through the real SDK) and answers from a scenario
+  (``config/scenarios/offline_demo.yaml``). It is scripted: it reacts to *sound* (the end
+  of each utterance), not to the words, so the demo log shows the scenario's lines;
+- a private PulseAudio server gives a virtual microphone and speaker (unless
+  ``--real-devices``); the visitor's turns (the scenario's lines synthesized with
+  espeak-ng, or the WAV files given with ``--wav``) are played into the microphone, so they
+  go through ``audio_io`` like real speech;
+- the simulated base serves ``nav2_msgs/action/NavigateToPose`` and the ``navigate_to``
+  tool drives it for real over ROS 2.
+
+**Its ROS graph is private** (:func:`private_graph`): the demo sends navigation goals, and
+on a robot computer running Nav2 they must never reach the real base. The runner moves
+itself into a network namespace of its own when the kernel allows it (then nothing else
+can even see the graph); otherwise it picks a ROS domain id that it checks is empty. In
+either case it refuses to start if another ``navigate_to_pose`` server answers there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sonic_voice.app.monitor import RunLog, log_base, make_monitor
+from sonic_voice.app.stack import Stack, StartupError
+from sonic_voice.paths import config_dir
+
+log = logging.getLogger("sonic_voice")
+
+DEMO_LIMIT_S = 180.0
+MIC_RATE = 16000
+NAV_ACTION = "navigate_to_pose"
+
+# A few very common words per language: enough to say which language a demo line is in.
+_WORDS = {
+    "es": {"el", "la", "los", "las", "de", "que", "me", "te", "por", "favor", "hola", "sí",
+           "claro", "hemos", "llegado", "puedes", "llevar", "a", "es", "una", "gracias"},
+    "en": {"the", "a", "to", "you", "is", "are", "i", "am", "can", "how", "help", "hello",
+           "we", "here", "please", "me", "take"},
+    "fr": {"le", "la", "les", "de", "je", "vous", "est", "bonjour", "merci", "nous", "à"},
+    "de": {"der", "die", "das", "und", "ich", "sie", "ist", "hallo", "bitte", "wir", "zu"},
+}  # fmt: skip
+
+
+def guess_language(text: str) -> str:
+    """The language of a demo line by its common words ('' when unsure)."""
+    words = [w.strip("¿?¡!.,;:\"'").lower() for w in text.split()]
+    scores = {lang: sum(w in vocab for w in words) for lang, vocab in _WORDS.items()}
+    best = max(scores, key=lambda k: scores[k])
+    return best if scores[best] > 0 else ""
+
+
+# --------------------------------------------------------------------------- private graph
+@dataclass
+class Graph:
+    """Where the demo's ROS graph lives."""
+
+    how: str  # "network namespace" | "ROS domain <n>"
+    domain_id: int | None = None
+
+
+def enter_network_namespace() -> bool:
+    """Move this process into a new network namespace with only ``lo`` (127.0.0.1 and the
+    127.0.0.2 aiortc needs). Must run before any thread starts. False when not allowed."""
+    if not hasattr(os, "unshare"):
+        return False
+    try:
+        if os.geteuid() == 0:
+            os.unshare(os.CLONE_NEWNET)
+        else:
+            uid, gid = os.getuid(), os.getgid()
+            os.unshare(os.CLONE_NEWUSER | os.CLONE_NEWNET)
+            Path("/proc/self/setgroups").write_text("deny")
+            Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
+            Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True)
+        subprocess.run(
+            ["ip", "addr", "add", "127.0.0.2/8", "dev", "lo"], check=False, capture_output=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return True
+
+
+def private_graph(allow_netns: bool) -> Graph:
+    """A ROS graph nobody else reaches: a network namespace, else a domain checked later."""
+    if allow_netns and os.environ.get("SONIC_VOICE_DEMO_NETNS", "1") != "0":
+        if enter_network_namespace():
+            return Graph("its own network namespace")
+    given = os.environ.get("ROS_DOMAIN_ID")
+    domain = int(given) if given and given.isdigit() else random.randint(120, 200)
+    return Graph(f"ROS domain {domain}", domain)
+
+
+def check_graph(node: Any, graph: Graph, wait_s: float) -> None:
+    """Refuse a graph where other nodes (domain mode) or a navigation server answer."""
+    deadline = time.monotonic() + wait_s
+    me = node.get_fully_qualified_name()
+    while True:
+        services = [n for n, _ in node.get_service_names_and_types()]
+        nav = [s for s in services if s.endswith(f"{NAV_ACTION}/_action/send_goal")]
+        if nav:
+            raise StartupError(
+                f"another {NAV_ACTION} server answers in the demo's graph ({graph.how}): "
+                f"{nav[0].rsplit('/_action', 1)[0]}; the demo will not send goals that could "
+                "move a real robot (stop it, or set ROS_DOMAIN_ID to an unused domain)"
+            )
+        others = [
+            f"{ns.rstrip('/')}/{n}"
+            for n, ns in node.get_node_names_and_namespaces()
+            if f"{ns.rstrip('/')}/{n}" != me
+        ]
+        if others and graph.domain_id is not None:
+            raise StartupError(
+                f"the demo's graph ({graph.how}) is not empty: {', '.join(sorted(others)[:3])}; "
+                "set ROS_DOMAIN_ID to an unused domain"
+            )
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- visitor
+def read_wav_16k(path: Path) -> Any:
+    """A checked 16-bit PCM WAV file (any rate, mono or stereo) as 16 kHz mono int16."""
+    import numpy as np
+
+    from sonic_voice.emulators.sonic.audio import load_wav
+
+    return np.frombuffer(load_wav(path, MIC_RATE), "<i2")
+
+
+def synthesize(text: str, voice: str) -> Any:
+    """The visitor's line in ``voice`` (an espeak-ng language), 16 kHz mono int16."""
+    import asyncio
+
+    import numpy as np
+
+    from sonic_voice.emulators.sonic import audio as synth
+
+    if not synth.espeak_available():
+        raise StartupError(
+            "espeak-ng is not installed (sudo apt-get install espeak-ng), so the visitor "
+            "cannot speak: give recordings with --wav FILE"
+        )
+    return np.frombuffer(asyncio.run(synth.synthesize(text, voice, 160, MIC_RATE)), "<i2")
+
+
+def visitor_lines(scenario_path: Path, wavs: list[Path]) -> list[tuple[str, Any]]:
+    """(text, audio) for each speech turn of the scenario, in order."""
+    import numpy as np
+
+    from sonic_voice.emulators.sonic.scenario import Scenario
+
+    lines = []
+    turns = [t for t in Scenario.load(scenario_path).turns if t.on != "text"]
+    for i, turn in enumerate(turns):
+        if i < len(wavs):
+            text, audio = f"(your recording {wavs[i].name})", read_wav_16k(wavs[i])
+        else:
+            text, audio = turn.user or "", synthesize(turn.user or "", turn.voice)
+        pad = np.zeros(MIC_RATE // 4, np.int16)
+        lines.append((text, np.concatenate([pad, audio, pad])))
+    return lines
+
+
+def scenario_path(args: argparse.Namespace) -> Path:
+    """The stand-in's scenario: ``--scenario`` or the shipped offline demo."""
+    return Path(args.scenario or config_dir() / "scenarios" / "offline_demo.yaml")
+
+
+# --------------------------------------------------------------------------- stand-ins
+class Offline:
+    """The pieces the offline demo starts besides the nodes (all stopped on exit)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stack = contextlib.ExitStack()
+        self.audio: Any = None
+        self.emu: Any = None
+        self.kvs: Any = None
+        self.viewer_url = ""
+
+    def __enter__(self) -> Offline:
+        try:
+            self._start()
+        except BaseException:
+            self.stack.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        from sonic_voice.emulators.sonic.server import (
+            DEFAULT_ACCESS_KEY,
+            DEFAULT_SECRET_KEY,
+            EmulatorThread,
+        )
+
+        if not self.args.real_devices and not self.args.no_local_audio:
+            from sonic_voice.audio.virtual import VirtualAudio
+
+            self.audio = self.stack.enter_context(contextlib.closing(VirtualAudio()))
+            self.audio.export()
+            self.audio.warm_up()
+        # The stand-in's throwaway keys, for this process only: the session signs with them
+        # through botocore's environment provider, exactly as it would with real keys.
+        os.environ["AWS_ACCESS_KEY_ID"] = DEFAULT_ACCESS_KEY
+        os.environ["AWS_SECRET_ACCESS_KEY"] = DEFAULT_SECRET_KEY
+        os.environ.pop("AWS_SESSION_TOKEN", None)
+        os.environ.pop("AWS_PROFILE", None)
+        self.emu = self.stack.enter_context(
+            EmulatorThread(scenario=str(scenario_path(self.args)), realtime=True)
+        )
+        if self.args.kvs_channel:
+            # Remote visitors too: the KVS stand-in (control plane + signaling) and the
+            # viewer page, so a browser on this machine can join the conversation.
+            from sonic_voice.emulators.kvs import KvsEmulatorThread
+            from sonic_voice.web import serve_in_thread
+
+            self.kvs = self.stack.enter_context(
+                KvsEmulatorThread(channels=(self.args.kvs_channel,))
+            )
+            server, url = serve_in_thread()
+            self.stack.callback(server.shutdown)
+            em = self.kvs.emulator
+            self.viewer_url = (
+                f"{url}?endpoint={em.endpoint_url}&channel={self.args.kvs_channel}"
+                f"&region={em.region}"
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+
+# --------------------------------------------------------------------------- the demo
+def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
+    """The offline demo conversation, end to end. Returns the exit status."""
+    scenario = scenario_path(args)
+    lines = [] if args.no_local_audio else visitor_lines(scenario, args.wav)
+    run = RunLog()
+    log.info("sonic_voice offline demo: no AWS configuration, using the local stand-ins")
+    log.info("  ROS graph: %s (the demo's goals cannot reach another robot)", graph.how)
+    log.info("  scenario %s: %d visitor line(s)", scenario, len(lines))
+    log.info("  the Bedrock stand-in is scripted: it answers each utterance's sound, not words")
+    if args.no_local_audio:
+        log.info("  no local audio: the scripted visitor stays silent (join with a browser)")
+    cfg = config_dir()
+    with Offline(args) as off:
+        stack = Stack(args.params_file, domain_id=graph.domain_id)
+        stack.runtime.stop_requested = stop
+        try:
+            monitor = stack.add(make_monitor(run, stack.context))
+            check_graph(monitor, graph, 1.5 if graph.domain_id is not None else 0.3)
+            log.info("  Bedrock stand-in at %s", off.emu.endpoint_uri)
+            session_params: dict[str, Any] = dict(
+                endpoint_uri=off.emu.endpoint_uri,
+                ca_bundle=off.emu.ca_file,
+                region=off.emu.emulator.region,
+                aws_profile="",
+                tools_file=args.tools_file or str(cfg / "tools.yaml"),
+                locations_file=args.locations_file or str(cfg / "locations.yaml"),
+                greeting="A visitor has just walked up to you. Greet them.",
+            )
+            if not args.no_local_audio:
+                # One process holds every node here (one GIL): a little more device latency
+                # keeps the virtual devices from underrunning on a busy machine.
+                stack.node("audio_io", {"latency": "0.05", "output_block_ms": 20.0})
+            base = stack.node("sim_base", {"locations_file": session_params["locations_file"]})
+            if off.kvs is not None:
+                stack.node(
+                    "kvs_webrtc",
+                    {
+                        "channel_name": args.kvs_channel,
+                        "endpoint_url": off.kvs.emulator.endpoint_url,
+                        "region": off.kvs.emulator.region,
+                        "ice_servers": "[]",  # host candidates only: all on this machine
+                    },
+                )
+                log.info(
+                    "  KVS stand-in at %s; a browser can join at", off.kvs.emulator.endpoint_url
+                )
+                log.info("  %s (any access key and secret)", off.viewer_url)
+            session = stack.node("sonic_session", _given(args, session_params))
+            session.get_logger().set_level(30)  # transcripts: the monitor prints them
+            stack.start()
+            ok = _converse(run, off, stack, base, lines, args)
+            if ok and args.stay:
+                log.info("%s  scripted conversation done; still running (Ctrl-C)", run.t())
+                while not stack.runtime.wait(0.5) and not session.fatal_error:
+                    pass
+            if not ok and not stack.runtime.stop_requested.is_set():
+                _stand_in_report(off)
+            _summary(run, base, ok)
+        finally:
+            took = stack.close()
+            log.debug("nodes stopped in %.2f s", took)
+    if stack.runtime.stop_requested.is_set() and not ok:
+        return 130
+    return 0 if ok else 1
+
+
+_tick: Any = None  # the demo's once-a-second housekeeping while it waits
+
+
+def _given(args: argparse.Namespace, values: dict[str, Any]) -> dict[str, Any]:
+    for key, arg in (
+        ("model_id", args.model),
+        ("voice_id", args.voice),
+        ("language", args.language),
+    ):
+        if arg:
+            values[key] = arg
+    return values
+
+
+def _wait(pred: Any, limit: float, stack: Stack, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if _tick is not None:
+            _tick()
+        if pred():
+            return True
+        if stack.fatal_errors():
+            return False
+        if stack.runtime.wait(step):  # a signal: stop now
+            return False
+    return False
+
+
+def _settled(run: RunLog, quiet_s: float = 0.8) -> Any:
+    """True once the robot is back to listening and has been for ``quiet_s``."""
+    since: list[float] = []
+
+    def pred() -> bool:
+        if run.last_state() != "listening":
+            since.clear()
+            return False
+        if not since:
+            since.append(time.monotonic())
+        return time.monotonic() - since[0] >= quiet_s
+
+    return pred
+
+
+def _converse(
+    run: RunLog, off: Offline, stack: Stack, base: Any, lines: list, args: argparse.Namespace
+) -> bool:
+    global _tick
+    limit = args.duration or DEMO_LIMIT_S
+    end = time.monotonic() + limit
+    pos: list[float] = []
+    next_log = [0.0]
+
+    def tick() -> None:  # a "base" line a second while it moves
+        if time.monotonic() >= next_log[0]:
+            next_log[0] = time.monotonic() + 1.0
+            log_base(run, base, pos)
+
+    _tick = tick
+
+    def left() -> float:
+        return max(0.0, end - time.monotonic())
+
+    # The robot speaks first (the greeting turn), then the visitor, turn by turn.
+    if not _wait(lambda: run.finals("ASSISTANT"), left(), stack):
+        return _fail(run, stack, "the robot never greeted")
+    if not _wait(_settled(run), left(), stack):
+        return _fail(run, stack, "the greeting did not finish")
+    for i, (text, audio) in enumerate(lines):
+        answered = len(run.finals("ASSISTANT"))
+        log.info("%s  (visitor speaks into the microphone: %s)", run.t(), text)
+        if not _play(off, audio, stack):
+            return _fail(run, stack, "the visitor's audio could not be played")
+        if not _wait(lambda n=answered: len(run.finals("ASSISTANT")) > n, left(), stack):
+            return _fail(run, stack, f"no answer to visitor line {i + 1}")
+        while not _wait(_tools_done(run), 1.0, stack):
+            if left() <= 0 or stack.runtime.stop_requested.is_set() or stack.fatal_errors():
+                return _fail(run, stack, "a tool call did not finish")
+        if not _wait(_settled(run), left(), stack):
+            return _fail(run, stack, "the robot did not finish speaking")
+    log_base(run, base, pos)
+    with run.lock:
+        failed = [
+            e for e in run.tool_events if e.get("event") == "result" and e.get("status") != "ok"
+        ]
+    if failed:
+        return _fail(run, stack, f"tool call(s) failed: {[_short(e) for e in failed]}")
+    return True
+
+
+def _play(off: Offline, audio: Any, stack: Stack) -> bool:
+    """Play one visitor line into the microphone; False when it could not finish (stalled
+    audio server, a signal) rather than an exception."""
+    if off.audio is None:
+        import sounddevice as sd
+
+        sd.play(audio, MIC_RATE, blocking=True)
+        return True
+    proc = off.audio.play_into_mic(audio, MIC_RATE)
+    deadline = time.monotonic() + len(audio) / MIC_RATE + 15
+    while proc.poll() is None:
+        if time.monotonic() > deadline or stack.runtime.wait(0.05):
+            proc.kill()
+            proc.wait()
+            return False
+    return proc.returncode == 0
+
+
+def _tools_done(run: RunLog) -> Any:
+    def pred() -> bool:
+        with run.lock:
+            started = sum(e.get("event") == "start" for e in run.tool_events)
+            ended = sum(e.get("event") == "result" for e in run.tool_events)
+        return ended >= started
+
+    return pred
+
+
+def _fail(run: RunLog, stack: Stack, why: str) -> bool:
+    if stack.runtime.stop_requested.is_set():
+        log.info("%s  stopped (%s)", run.t(), stack.runtime.signal_name or "signal")
+        return False
+    fatal = "; ".join(stack.fatal_errors().values())
+    log.error("%s  demo failed: %s%s", run.t(), why, f" ({fatal})" if fatal else "")
+    return False
+
+
+def _stand_in_report(off: Offline) -> None:
+    import numpy as np
+
+    for r in off.emu.records:
+        pcm = np.frombuffer(bytes(r.pcm), "<i2").astype(np.float32)
+        blocks = pcm[: len(pcm) // 1600 * 1600].reshape(-1, 1600)
+        level = 20 * np.log10(np.sqrt((blocks**2).mean(axis=1)) / 32768 + 1e-9)
+        log.error(
+            "  stand-in stream %d: %d audio frames, %d utterance(s) heard, loudest "
+            "0.1 s of input %.1f dBFS",
+            r.index, r.audio_frames, r.utterances, level.max() if len(level) else -200,
+        )  # fmt: skip
+
+
+def _summary(run: RunLog, base: Any, ok: bool) -> None:
+    users, robot = run.finals("USER"), run.finals("ASSISTANT")
+    with run.lock:
+        results = [e for e in run.tool_events if e.get("event") == "result"]
+    log.info("-" * 72)
+    log.info("summary (%.1f s)", time.monotonic() - run.started)
+    for e in users:
+        if not e.get("interactive"):
+            log.info("  visitor [%s]: %s", guess_language(e["text"]) or "?", e["text"])
+    for e in robot:
+        log.info("  robot   [%s]: %s", guess_language(e["text"]) or "?", e["text"])
+    for e in results:
+        log.info("  tool %s -> %s %s", e.get("tool"), e.get("status"), _short(e.get("result", {})))
+    log.info(
+        "  base at (%.2f, %.2f), drove %.2f m",
+        getattr(base, "x", 0.0),
+        getattr(base, "y", 0.0),
+        getattr(base, "odometer", 0.0),
+    )
+    log.info("demo %s", "completed" if ok else "FAILED")
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) < 160 else text[:157] + "..."
