@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sonic_voice.nodes.demo import guess_language
+from sonic_voice.app.demo import guess_language
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = Path(sys.executable).with_name("sonic-voice")

@@ -208,12 +208,6 @@ class Offline:
             EmulatorThread,
         )
 
-        if not self.args.real_devices and not self.args.no_local_audio:
-            from sonic_voice.audio.virtual import VirtualAudio
-
-            self.audio = self.stack.enter_context(contextlib.closing(VirtualAudio()))
-            self.audio.export()
-            self.audio.warm_up()
         # The stand-in's throwaway keys, for this process only: the session signs with them
         # through botocore's environment provider, exactly as it would with real keys.
         os.environ["AWS_ACCESS_KEY_ID"] = DEFAULT_ACCESS_KEY
@@ -240,6 +234,16 @@ class Offline:
                 f"&region={em.region}"
             )
 
+    def start_audio(self) -> None:
+        """The private PulseAudio server (virtual microphone and speaker), unless real
+        devices are asked for or there is no local audio."""
+        if not self.args.real_devices and not self.args.no_local_audio:
+            from sonic_voice.audio.virtual import VirtualAudio
+
+            self.audio = self.stack.enter_context(contextlib.closing(VirtualAudio()))
+            self.audio.export()
+            self.audio.warm_up()
+
     def __exit__(self, *exc: object) -> None:
         self.stack.close()
 
@@ -248,11 +252,9 @@ class Offline:
 def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
     """The offline demo conversation, end to end. Returns the exit status."""
     scenario = scenario_path(args)
-    lines = [] if args.no_local_audio else visitor_lines(scenario, args.wav)
     run = RunLog()
     log.info("sonic_voice offline demo: no AWS configuration, using the local stand-ins")
     log.info("  ROS graph: %s (the demo's goals cannot reach another robot)", graph.how)
-    log.info("  scenario %s: %d visitor line(s)", scenario, len(lines))
     log.info("  the Bedrock stand-in is scripted: it answers each utterance's sound, not words")
     if args.no_local_audio:
         log.info("  no local audio: the scripted visitor stays silent (join with a browser)")
@@ -260,6 +262,7 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
     with Offline(args) as off:
         stack = Stack(args.params_file, domain_id=graph.domain_id)
         stack.runtime.stop_requested = stop
+        ok = False
         try:
             monitor = stack.add(make_monitor(run, stack.context))
             check_graph(monitor, graph, 1.5 if graph.domain_id is not None else 0.3)
@@ -273,6 +276,14 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
                 locations_file=args.locations_file or str(cfg / "locations.yaml"),
                 greeting="A visitor has just walked up to you. Greet them.",
             )
+            # The session's settings are checked first: a mistake there is said at once,
+            # before the audio server and the visitor's voice are prepared.
+            session = stack.node("sonic_session", _given(args, session_params))
+            session.get_logger().set_level(30)  # transcripts: the monitor prints them
+            stack.configure("sonic_session")
+            lines = [] if args.no_local_audio else visitor_lines(scenario, args.wav)
+            log.info("  scenario %s: %d visitor line(s)", scenario, len(lines))
+            off.start_audio()
             if not args.no_local_audio:
                 # One process holds every node here (one GIL): a little more device latency
                 # keeps the virtual devices from underrunning on a busy machine.
@@ -292,8 +303,6 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
                     "  KVS stand-in at %s; a browser can join at", off.kvs.emulator.endpoint_url
                 )
                 log.info("  %s (any access key and secret)", off.viewer_url)
-            session = stack.node("sonic_session", _given(args, session_params))
-            session.get_logger().set_level(30)  # transcripts: the monitor prints them
             stack.start()
             ok = _converse(run, off, stack, base, lines, args)
             if ok and args.stay:

@@ -15,10 +15,11 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 
 from sonic_voice.paths import config_dir
-from sonic_voice.ros.node import VoiceNode, bring_up
+from sonic_voice.ros.node import VoiceNode
 from sonic_voice.ros.runtime import Runtime, describe_startup_error
 
 NODES = {
@@ -67,18 +68,54 @@ class Stack:
             raise StartupError(line) from None
         self.runtime.add(node)
         self.nodes[name] = node
+        self._check_types(name, node)
         return node
+
+    def _check_types(self, name: str, node: Any) -> None:
+        """A value of the wrong type in the user's params file: rcl keeps the value of the
+        same name from an earlier file (config/<node>.yaml) and says nothing, so look with
+        rclpy's own params-file reader and say it."""
+        from rclpy.parameter import Parameter as P
+        from rclpy.parameter import parameter_dict_from_yaml_file
+
+        for f in self.params_files:
+            try:
+                found = parameter_dict_from_yaml_file(
+                    str(f), use_wildcard=True, target_nodes=[node.get_fully_qualified_name()]
+                )
+            except (RuntimeError, OSError, AttributeError):
+                continue  # no section for this node (rcl itself reports a broken file)
+            for pname, msg in found.items():
+                if not node.has_parameter(pname):
+                    continue
+                want = node.get_parameter(pname).type_
+                got = P.Type(msg.value.type)
+                if want != got and want != P.Type.NOT_SET:
+                    value = P.from_parameter_msg(msg).value
+                    raise StartupError(
+                        f"{name}: parameter {pname} in {f} is {got.name.lower()} {value!r}; "
+                        f"it must be {want.name.lower()}"
+                    )
 
     def add(self, node: Any) -> Any:
         """A plain node (the monitor) on the same executor."""
         return self.runtime.add(node)
 
+    def configure(self, name: str) -> None:
+        """Configure one node now (e.g. to check its settings before slower start-up)."""
+        node = self.nodes[name]
+        if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            raise StartupError(f"{name}: {node.config_error or 'could not configure'}")
+
     def start(self) -> None:
-        """Spin, then configure and activate every node in the order they were made."""
+        """Spin, then configure (where not done yet) and activate every node in order."""
         self.runtime.start()
         for name, node in self.nodes.items():
-            if not bring_up(node):
-                raise StartupError(f"{name}: {node.config_error or 'could not start'}")
+            if node._state_machine.current_state[1] == "unconfigured":
+                self.configure(name)
+        for name, node in self.nodes.items():
+            if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                raise StartupError(f"{name}: {node.config_error or 'could not activate'}")
 
     def fatal_errors(self) -> dict[str, str]:
         return {n: node.fatal_error for n, node in self.nodes.items() if node.fatal_error}

@@ -188,6 +188,7 @@ class SimBaseNode(VoiceNode):
     """A kinematic base: ``NavigateToPose`` goals and ``cmd_vel`` in, ``odom`` out."""
 
     Params = BaseParams
+    stop_order = 2  # stops last: sees the cancels
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("sim_base", **kwargs)

@@ -154,6 +154,7 @@ class SonicSessionNode(VoiceNode):
     """Runs the Nova Sonic conversation for the robot."""
 
     Params = SessionParams
+    stop_order = 0  # cancels its goals first
 
     def __init__(self, tool_provider_factory: Any = None, **kwargs: Any) -> None:
         super().__init__("sonic_session", **kwargs)

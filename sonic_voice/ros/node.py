@@ -97,6 +97,9 @@ class VoiceNode(LifecycleNode):
     """Lifecycle node with typed parameters, a loop-side teardown and no self-activation."""
 
     Params: ClassVar[type]
+    # When the process stops, nodes stop in groups by this number, lowest first: the
+    # conversation (0) cancels its goals while the robot's servers (2) still answer.
+    stop_order: ClassVar[int] = 1
 
     def __init__(self, node_name: str, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)

@@ -113,15 +113,16 @@ class Runtime:
         if self._closed:
             return 0.0
         t0 = time.monotonic()
-        futures = [n.begin_stop() for n in reversed(self.nodes) if isinstance(n, VoiceNode)]
-        if futures and self._thread.is_alive():
-            _done, pending = concurrent.futures.wait(futures, timeout=budget_s)
+        deadline = t0 + budget_s
+        voice = [n for n in reversed(self.nodes) if isinstance(n, VoiceNode)]
+        for order in sorted({n.stop_order for n in voice}):
+            futures = [n.begin_stop() for n in voice if n.stop_order == order]
+            left = max(0.0, deadline - time.monotonic())
+            _done, pending = concurrent.futures.wait(futures, timeout=left)
             if pending:
                 log.warning(
                     "shutdown: %d node(s) still stopping after %.1f s", len(pending), budget_s
                 )
-        elif futures:  # not spinning (start-up failed): give the loop the budget alone
-            concurrent.futures.wait(futures, timeout=budget_s)
         self._closed = True
         with contextlib.suppress(Exception):
             self.executor.shutdown(timeout_sec=0.2)
