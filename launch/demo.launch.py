@@ -9,8 +9,8 @@ Starts, as processes:
   throwaway CA, the real event-stream protocol), answering from a scenario YAML;
 - ``python -m sonic_voice.emulators.kvs``: the KVS control plane and signaling stand-in
   (when ``enable_kvs``), so a browser viewer (web/) can connect on this machine;
-- the nodes of sonic_voice.launch.py, pointed at the stand-ins (``endpoint_uri``,
-  ``ca_bundle``, ``endpoint_url``) once both print that they listen;
+- ``sonic_voice.launch.py`` itself (included, not copied), pointed at the stand-ins
+  (``endpoint_uri``, ``ca_bundle``, ``kvs_endpoint``) once both print that they listen;
 - ``sim_base``: a simulated base serving ``navigate_to_pose`` and publishing ``odom``, so
   the demo tools (config/tools.yaml) drive somewhere.
 
@@ -28,8 +28,10 @@ import tempfile
 from ament_index_python.packages import get_package_share_directory
 from launch.actions import (
     DeclareLaunchArgument,
+    EmitEvent,
     ExecuteProcess,
     GroupAction,
+    IncludeLaunchDescription,
     OpaqueFunction,
     RegisterEventHandler,
     SetEnvironmentVariable,
@@ -37,9 +39,14 @@ from launch.actions import (
 )
 from launch.conditions import IfCondition
 from launch.event_handlers import OnProcessIO
+from launch.events import matches_action
+from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node, SetParameter
+from launch_ros.actions import LifecycleNode, SetParameter
+from launch_ros.event_handlers import OnStateTransition
+from launch_ros.events.lifecycle import ChangeState
 from launch_ros.parameter_descriptions import ParameterValue
+from lifecycle_msgs.msg import Transition
 
 from launch import LaunchContext, LaunchDescription
 
@@ -71,6 +78,33 @@ def params_files(context: LaunchContext, node: str) -> list:
     if extra:
         files.append(extra)
     return files
+
+
+def managed(node: LifecycleNode) -> list:
+    """The node, configured as it starts and activated once inactive."""
+    return [
+        node,
+        RegisterEventHandler(
+            OnStateTransition(
+                target_lifecycle_node=node,
+                goal_state="inactive",
+                entities=[
+                    EmitEvent(
+                        event=ChangeState(
+                            lifecycle_node_matcher=matches_action(node),
+                            transition_id=Transition.TRANSITION_ACTIVATE,
+                        )
+                    )
+                ],
+            )
+        ),
+        EmitEvent(
+            event=ChangeState(
+                lifecycle_node_matcher=matches_action(node),
+                transition_id=Transition.TRANSITION_CONFIGURE,
+            )
+        ),
+    ]
 
 
 def launch_setup(context: LaunchContext) -> list:
@@ -121,79 +155,14 @@ def launch_setup(context: LaunchContext) -> list:
         condition=IfCondition(LaunchConfiguration("enable_kvs")),
     )
 
-    audio_io = Node(
-        package=PACKAGE,
-        executable="audio_io",
-        name="audio_io",
-        namespace=namespace,
-        parameters=params_files(context, "audio_io"),
-        arguments=ros_args,
-        condition=IfCondition(LaunchConfiguration("enable_local_audio")),
-        output="screen",
-        emulate_tty=True,
-    )
-    kvs_webrtc = Node(
-        package=PACKAGE,
-        executable="kvs_webrtc",
-        name="kvs_webrtc",
-        namespace=namespace,
-        parameters=[
-            *params_files(context, "kvs_webrtc"),
-            {
-                "endpoint_url": f"http://127.0.0.1:{kvs_port}",
-                "create_channel": True,
-                # Host candidates only: nothing is asked of a public STUN server.
-                "ice_servers": ParameterValue("[]", value_type=str),
-            },
-            given(
-                context,
-                {
-                    "region": LaunchConfiguration("region"),
-                    "channel_name": LaunchConfiguration("channel"),
-                },
-            ),
-        ],
-        arguments=ros_args,
-        condition=IfCondition(LaunchConfiguration("enable_kvs")),
-        output="screen",
-        emulate_tty=True,
-    )
-    sonic_session = Node(
-        package=PACKAGE,
-        executable="sonic_session",
-        name="sonic_session",
-        namespace=namespace,
-        parameters=[
-            *params_files(context, "sonic_session"),
-            {
-                "endpoint_uri": f"https://127.0.0.1:{sonic_port}",
-                "ca_bundle": os.path.join(cert_dir, "ca.pem"),
-                # The scenario's first turn answers this text: the robot speaks first.
-                "greeting": "A visitor has just walked up to you. Greet them.",
-            },
-            given(
-                context,
-                {
-                    "region": LaunchConfiguration("region"),
-                    "model_id": LaunchConfiguration("model"),
-                    "voice_id": LaunchConfiguration("voice"),
-                    "language": LaunchConfiguration("language"),
-                    "tools_file": LaunchConfiguration("tools_file"),
-                    "locations_file": LaunchConfiguration("locations_file"),
-                },
-            ),
-        ],
-        arguments=ros_args,
-        output="screen",
-        emulate_tty=True,
-    )
-    sim_base = Node(
+    sim_base = LifecycleNode(
         package=PACKAGE,
         executable="sim_base",
         name="sim_base",
         namespace=namespace,
         parameters=[
             *params_files(context, "sim_base"),
+            {"autostart": False},
             given(context, {"locations_file": LaunchConfiguration("locations_file")}),
         ],
         arguments=ros_args,
@@ -201,14 +170,57 @@ def launch_setup(context: LaunchContext) -> list:
         emulate_tty=True,
     )
 
-    # Start the voice nodes once every stand-in has said where it listens (no sleeping).
-    voice = GroupAction(
-        [
-            SetParameter(name="use_sim_time", value=LaunchConfiguration("use_sim_time")),
-            audio_io,
-            kvs_webrtc,
-            sonic_session,
-        ]
+    # The robot's own launch file, pointed at the stand-ins, once every stand-in has said
+    # where it listens (no sleeping). An argument given on the command line wins.
+    voice = IncludeLaunchDescription(
+        PythonLaunchDescriptionSource(share("launch", "sonic_voice.launch.py")),
+        launch_arguments=[
+            ("namespace", LaunchConfiguration("namespace")),
+            ("params_file", LaunchConfiguration("params_file")),
+            ("tools_file", LaunchConfiguration("tools_file")),
+            ("locations_file", LaunchConfiguration("locations_file")),
+            ("region", LaunchConfiguration("region")),
+            ("model", LaunchConfiguration("model")),
+            ("voice", LaunchConfiguration("voice")),
+            ("language", LaunchConfiguration("language")),
+            ("channel", LaunchConfiguration("channel")),
+            ("use_sim_time", LaunchConfiguration("use_sim_time")),
+            ("enable_kvs", LaunchConfiguration("enable_kvs")),
+            ("enable_local_audio", LaunchConfiguration("enable_local_audio")),
+            ("log_level", LaunchConfiguration("log_level")),
+            (
+                "endpoint_uri",
+                (
+                    LaunchConfiguration("endpoint_uri").perform(context)
+                    or f"https://127.0.0.1:{sonic_port}"
+                ),
+            ),
+            (
+                "ca_bundle",
+                (
+                    LaunchConfiguration("ca_bundle").perform(context)
+                    or os.path.join(cert_dir, "ca.pem")
+                ),
+            ),
+            # The scenario's first turn answers this text: the robot speaks first.
+            (
+                "greeting",
+                (
+                    LaunchConfiguration("greeting").perform(context)
+                    or "A visitor has just walked up to you. Greet them."
+                ),
+            ),
+            (
+                "kvs_endpoint",
+                (
+                    LaunchConfiguration("kvs_endpoint").perform(context)
+                    or f"http://127.0.0.1:{kvs_port}"
+                ),
+            ),
+            # Host candidates only: nothing is asked of a public STUN server.
+            ("ice_servers", (LaunchConfiguration("ice_servers").perform(context) or "[]")),
+            ("create_channel", (LaunchConfiguration("create_channel").perform(context) or "true")),
+        ],
     )
     waiting = {"sonic"} | ({"kvs"} if enable_kvs else set())
 
@@ -239,7 +251,7 @@ def launch_setup(context: LaunchContext) -> list:
         GroupAction(
             [
                 SetParameter(name="use_sim_time", value=LaunchConfiguration("use_sim_time")),
-                sim_base,
+                *managed(sim_base),
             ]
         ),
     ]
@@ -294,6 +306,37 @@ def generate_launch_description() -> LaunchDescription:
                 default_value="",
                 description="Default locale until the person speaks, e.g. en-US; '' = as in the "
                 "params file.",
+            ),
+            DeclareLaunchArgument(
+                "endpoint_uri",
+                default_value="",
+                description="Bedrock endpoint; '' = the stand-in this file starts.",
+            ),
+            DeclareLaunchArgument(
+                "ca_bundle",
+                default_value="",
+                description="CA of the Bedrock endpoint; '' = the stand-in's throwaway CA.",
+            ),
+            DeclareLaunchArgument(
+                "greeting",
+                default_value="",
+                description="Text the robot answers first; '' = the demo's greeting.",
+            ),
+            DeclareLaunchArgument(
+                "kvs_endpoint",
+                default_value="",
+                description="KVS control-plane endpoint; '' = the stand-in this file starts.",
+            ),
+            DeclareLaunchArgument(
+                "ice_servers",
+                default_value="",
+                description="JSON list of ICE servers; '' = '[]' (host candidates only).",
+            ),
+            DeclareLaunchArgument(
+                "create_channel",
+                default_value="",
+                choices=["", "true", "false"],
+                description="Create the KVS channel if missing; '' = true (on the stand-in).",
             ),
             DeclareLaunchArgument(
                 "sonic_port",

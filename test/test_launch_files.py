@@ -18,7 +18,6 @@ import importlib
 import importlib.util
 import inspect
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -117,7 +116,7 @@ def launched_nodes(tree: ast.AST, path: Path) -> list[dict[str, Any]]:
     """Each ``Node(...)``: executable, name, the parameter names it sets by dict, and the
     config/<node>.yaml files it loads through ``params_files(context, "<node>")``."""
     nodes = []
-    for c in calls(tree, "Node"):
+    for c in calls(tree, "Node") + calls(tree, "LifecycleNode"):
         exe = literal(kwarg(c, "executable"), f"{path.name}: Node executable")
         name = literal(kwarg(c, "name"), f"{path.name}: Node name of {exe}")
         params_expr = kwarg(c, "parameters")
@@ -165,7 +164,7 @@ def node_executables() -> list[str]:
         module = target.split(":")[0]
         if module.startswith("sonic_voice.nodes.") and module.split(".")[-1] == exe:
             source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
-            if "(LifecycleNode)" in source:  # bringup runs nodes, it is not one
+            if "(VoiceNode)" in source:
                 out.append(exe)
     return out
 
@@ -389,53 +388,78 @@ LAUNCH_SKIP = _launch_available()
         ),
     ],
 )
-def test_launch_for_real(launch_file: str, arguments: dict, expect: dict) -> None:
-    """Run a launch file with LaunchService and wait for its nodes and their parameters."""
+def test_launch_for_real(launch_file: str, arguments: dict, expect: dict, tmp_path: Path) -> None:
+    """Run a launch file as ``ros2 launch`` does (LaunchService in the main thread of its
+    own process), wait for its nodes to be active with their parameters, then Ctrl-C."""
     import os
+    import signal
+    import subprocess
+    import sys
 
     import rclpy
-    from launch.actions import IncludeLaunchDescription
-    from launch.launch_description_sources import PythonLaunchDescriptionSource
+    from lifecycle_msgs.srv import GetState
     from rcl_interfaces.srv import GetParameters
     from rclpy.context import Context
 
-    from launch import LaunchDescription, LaunchService
-
     from test.harness.ros import next_domain_id
 
-    domain = next_domain_id()
-    os.environ["ROS_DOMAIN_ID"] = str(domain)
-    ls = LaunchService()
-    ls.include_launch_description(
-        LaunchDescription(
-            [
-                IncludeLaunchDescription(
-                    PythonLaunchDescriptionSource(str(LAUNCH_DIR / launch_file)),
-                    launch_arguments=list(arguments.items()),
-                )
-            ]
-        )
+    script = tmp_path / "run_launch.py"
+    script.write_text(
+        "import sys\n"
+        "from launch import LaunchDescription, LaunchService\n"
+        "from launch.actions import IncludeLaunchDescription\n"
+        "from launch.launch_description_sources import PythonLaunchDescriptionSource\n"
+        "ls = LaunchService()\n"
+        "ls.include_launch_description(LaunchDescription([IncludeLaunchDescription(\n"
+        "    PythonLaunchDescriptionSource(sys.argv[1]),\n"
+        "    launch_arguments=[a.split(':=', 1) for a in sys.argv[2:]])]))\n"
+        "sys.exit(ls.run())\n"
     )
-    thread = threading.Thread(target=ls.run, daemon=True)
-    thread.start()
+    domain = next_domain_id()
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(LAUNCH_DIR / launch_file)]
+        + [f"{k}:={v}" for k, v in arguments.items()],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     ctx = Context()
     rclpy.init(context=ctx, domain_id=domain)
     probe = rclpy.create_node("launch_probe", context=ctx)
+
+    def call(srv: Any, name: str, req: Any) -> Any:
+        client = probe.create_client(srv, name)
+        assert client.wait_for_service(timeout_sec=60), f"{name} did not come up"
+        fut = client.call_async(req)
+        rclpy.spin_until_future_complete(probe, fut, timeout_sec=30)
+        return fut.result()
+
     try:
         for node_name, params in expect.items():
-            client = probe.create_client(GetParameters, f"/{node_name}/get_parameters")
-            assert client.wait_for_service(timeout_sec=60), f"{node_name} did not come up"
-            fut = client.call_async(GetParameters.Request(names=list(params)))
-            deadline = time.monotonic() + 30
-            while not fut.done() and time.monotonic() < deadline:
-                rclpy.spin_once(probe, timeout_sec=0.1)
-            values = [v.string_value for v in fut.result().values]
-            assert values == list(params.values())
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # driven by the launch file, not by itself
+                state = call(GetState, f"/{node_name}/get_state", GetState.Request())
+                if state.current_state.label == "active":
+                    break
+                time.sleep(0.2)
+            assert state.current_state.label == "active", state.current_state.label
+            got = call(
+                GetParameters,
+                f"/{node_name}/get_parameters",
+                GetParameters.Request(names=list(params)),
+            )
+            assert [v.string_value for v in got.values] == list(params.values())
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
     finally:
+        if proc.poll() is None:
+            proc.kill()
         probe.destroy_node()
         ctx.try_shutdown()
-        ls.shutdown()
-        thread.join(30)
 
 
 # ----------------------------------------------------------------------------- docs
