@@ -53,7 +53,7 @@ fi
 stamp="$VENV/.sonic_voice-lock.sha256"
 want=$(cat requirements.lock setup.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing Python dependencies from requirements.lock"
+  echo "setup: installing Python dependencies from requirements.lock (about a minute)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"

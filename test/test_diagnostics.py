@@ -97,3 +97,33 @@ def test_session_reports_a_fatal_error(ros_graph, monkeypatch: pytest.MonkeyPatc
         name = "sonic_session: bedrock stream"
         assert wait_for(lambda: (mon.get(name) or (None,))[0] == ERROR, 20)
         assert "secret key is wrong" in mon.get(name)[1]
+
+
+def test_session_without_credentials_says_so_unconfigured(ros_graph) -> None:
+    """As under a launch file that drives the transitions: configure fails at once with one
+    line, the node stays unconfigured, and /diagnostics and /state say why."""
+    import json
+
+    from std_msgs.msg import String
+
+    from sonic_voice.nodes.sonic_session import SonicSessionNode
+    from sonic_voice.ros.topics import LATCHED_QOS
+
+    mon = Monitor(ros_graph)
+    states: list[dict] = []
+    ros_graph.node("state_probe").create_subscription(
+        String, "state", lambda m: states.append(json.loads(m.data)), LATCHED_QOS
+    )
+    node = SonicSessionNode(
+        context=ros_graph.context, parameter_overrides=[Parameter("autostart", value=False)]
+    )
+    ros_graph.add(node)
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert node._state_machine.current_state[1] == "unconfigured"
+    name = "sonic_session: bedrock stream"
+    assert wait_for(lambda: (mon.get(name) or (None,))[0] == ERROR, 10)
+    assert "no AWS credentials found" in mon.get(name)[1]
+    assert wait_for(lambda: states and states[-1]["state"] == "error", 10), states
+    assert "no AWS credentials found" in states[-1]["error"]

@@ -218,11 +218,26 @@ class Signals:
 
 
 # --------------------------------------------------------------------------- main
+class _Formatter(logging.Formatter):
+    """The live log's lines as they are; others say where they come from."""
+
+    PREFIXES = (("sonic_voice.emulators", "stand-in"), ("sonic_voice.", ""))
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.name == "sonic_voice":
+            return text
+        for prefix, label in self.PREFIXES:
+            if record.name.startswith(prefix):
+                return f"  [{label or record.name.split('.')[1]}] {text}"
+        return f"  [{record.name}] {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), format="%(message)s", stream=sys.stdout
-    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_Formatter("%(message)s"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     for noisy in ("botocore", "boto3", "aiortc", "aioice", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     signals = Signals()
@@ -238,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                 "credential_process); drop --online to run the offline demo"
             )
         if args.offline or not creds:
+            unused = [o for o, v in (("--region", args.region), ("--profile", args.profile)) if v]
+            if unused:
+                log.info(
+                    "offline: %s not used (the stand-ins answer locally)", " and ".join(unused)
+                )
             return _offline(args, signals)
         return run_online(args, signals)
     except UserError as e:
