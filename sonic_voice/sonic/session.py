@@ -37,6 +37,7 @@ import numpy as np
 
 from sonic_voice.audio.pcm import FrameChunker, as_pcm16, samples_per_block
 from sonic_voice.sonic import events as ev
+from sonic_voice.sonic.retry import RetryPolicy
 from sonic_voice.sonic.tools_seam import ToolProvider, ToolResult, ToolUse
 from sonic_voice.sonic.transport import (
     BedrockSettings,
@@ -86,8 +87,16 @@ class SessionConfig:
     tool_timeout_s: float = 60.0
     cancel_tools_on_barge_in: bool = True
     speak_progress: bool = True
+    # Consecutive failures (opens that failed, streams that died) tolerated before the
+    # session stops; the count clears once a stream stays up healthy_after_s or completes a
+    # turn. Delays: at once, then retry_base_s doubling to retry_cap_s (sonic/retry.py).
     max_retries: int = 5
     open_timeout_s: float = 30.0
+    retry_base_s: float = 0.5
+    retry_cap_s: float = 10.0
+    healthy_after_s: float = 30.0
+    # A failed stream still open gets contentEnd/promptEnd/sessionEnd within this bound.
+    close_bound_s: float = 1.0
 
     @property
     def nova2(self) -> bool:
@@ -118,6 +127,10 @@ class SessionConfig:
             raise ValueError("Nova Sonic rates are 8000, 16000 or 24000 Hz")
         if self.greeting and not self.nova2:
             raise ValueError("greeting (the robot speaks first) needs Nova 2 cross-modal text")
+        if self.max_retries < 0 or self.retry_base_s < 0 or self.retry_cap_s < 0:
+            raise ValueError("max_retries, retry_base_s and retry_cap_s must be >= 0")
+        if self.healthy_after_s <= 0 or self.close_bound_s <= 0:
+            raise ValueError("healthy_after_s and close_bound_s must be > 0")
 
 
 @dataclass
@@ -235,6 +248,14 @@ class SonicSession:
         self.history: list[tuple[str, str]] = []
         self._block = samples_per_block(self.config.input_rate, self.config.chunk_ms)
         self._chunker = FrameChunker(self._block)
+        self._odd = b""  # a byte of a sample split across push_audio calls
+        self.retry = RetryPolicy(
+            budget=self.config.max_retries,
+            base_s=self.config.retry_base_s,
+            cap_s=self.config.retry_cap_s,
+            healthy_after_s=self.config.healthy_after_s,
+        )
+        self.attempts = 0  # streams we tried to open
         frames_per_s = 1000.0 / self.config.chunk_ms
         self._recent: deque[bytes] = deque(maxlen=max(1, int(self.config.replay_s * frames_per_s)))
         self._pending: deque[bytes] = deque(
@@ -303,6 +324,13 @@ class SonicSession:
         """Queue microphone audio (``input_rate`` PCM16LE mono, any chunk size)."""
         if self._stopping or self._fatal:
             return
+        if not isinstance(pcm, np.ndarray):
+            data = bytes(pcm)
+            if self._odd:
+                data, self._odd = self._odd + data, b""
+            if len(data) % 2:
+                data, self._odd = data[:-1], data[-1:]
+            pcm = data
         for block in self._chunker.push(as_pcm16(pcm)):
             frame = block.tobytes()
             self.frames_pushed += 1
@@ -340,6 +368,7 @@ class SonicSession:
             new = await self._open_with_retry(drop_trailing_user=False)
             if new is not None and not self._stopping:
                 self.rotations += 1
+                self.retry.seen_alive(self.stream_age)
                 self._promote(new, replay=True)
         finally:
             self._rotating = False
@@ -402,24 +431,36 @@ class SonicSession:
         return leg
 
     async def _open_with_retry(self, drop_trailing_user: bool = False) -> _Leg | None:
-        attempt = 0
+        """Open a stream; every failure counts against the shared retry budget."""
         while not self._stopping:
             try:
+                self.attempts += 1
                 return await self._open_leg(drop_trailing_user)
             except Exception as exc:  # noqa: BLE001 - classified below
                 err = exc if isinstance(exc, SonicStreamError) else classify_error(exc)
                 if isinstance(exc, TimeoutError):
-                    err = SonicStreamError("timeout", True, "opening the stream timed out")
-                attempt += 1
-                if not err.recoverable or attempt > self.config.max_retries:
-                    why = err.message if not err.recoverable else f"gave up after {attempt} tries"
-                    self._fail(f"{why}", err)
+                    err = SonicStreamError(
+                        "timeout",
+                        True,
+                        f"opening the stream timed out after {self.config.open_timeout_s:g} s",
+                    )
+                if not err.recoverable:
+                    self._fail(err.message, err)
                     return None
-                delay = _backoff(attempt, getattr(err, "throttled", False))
+                delay = self._count_failure(err)
+                if delay is None:
+                    return None
                 log.warning("opening the stream failed (%s); retry in %.1f s", err.message, delay)
                 self.listener.on_error(f"{err.message}; retrying in {delay:.1f} s", False)
                 await asyncio.sleep(delay)
         return None
+
+    def _count_failure(self, err: SonicStreamError) -> float | None:
+        """One more consecutive failure: the delay before the next try, or None (stopped)."""
+        delay = self.retry.failure(err.message, getattr(err, "throttled", False))
+        if delay is None:
+            self._fail(self.retry.fatal_message(), err)
+        return delay
 
     def _promote(self, new: _Leg, replay: bool) -> None:
         """Make ``new`` the live stream; audio goes there from the next frame on."""
@@ -440,31 +481,40 @@ class SonicSession:
         self._update_state()
 
     async def _retire(self, leg: _Leg, wait: bool) -> None:
-        """Close a stream politely: audio contentEnd, promptEnd, sessionEnd, then close."""
+        """Close a stream politely: audio contentEnd, promptEnd, sessionEnd, then close.
+
+        A failed stream whose input is still open gets the same three events (the protocol
+        reference, section 13: they free the service's resources), within
+        ``close_bound_s``, then the end frame. Its queued audio is dropped first: what it
+        held is replayed on the next stream.
+        """
         if leg.retired:
             return
         leg.retired = True
-        if not leg.failed:
-            leg.queue.put_nowait(
-                (
-                    "e",
-                    [
-                        ev.content_end(leg.prompt_name, leg.audio_name),
-                        ev.prompt_end(leg.prompt_name),
-                        ev.session_end(),
-                    ],
-                )
-            )
-        leg.queue.put_nowait(None)
-        if leg.sender:
+        bye = [
+            ev.content_end(leg.prompt_name, leg.audio_name),
+            ev.prompt_end(leg.prompt_name),
+            ev.session_end(),
+        ]
+        bound = self.config.close_bound_s
+        if leg.failed:
+            while not leg.queue.empty():
+                leg.queue.get_nowait()
+        if leg.sender is not None and not leg.sender.done():
+            leg.queue.put_nowait(("e", bye))
+            leg.queue.put_nowait(None)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(leg.sender), 5)
+                await asyncio.wait_for(asyncio.shield(leg.sender), 5 if not leg.failed else bound)
+            if not leg.sender.done():
+                leg.sender.cancel()
+        elif leg.failed:
+            # The sender already ended on a send error: try directly, briefly.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(bound):
+                    for event in bye:
+                        await leg.stream.send(event)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(leg.stream.close(), 10)
-        if leg.receiver and not leg.receiver.done():
-            # close() drained receive() to None; a receiver still running is stuck in the
-            # CRT after a failure and is left to end with the connection.
-            pass
         log.info("stream %d closed after %d audio frames", leg.number, leg.frames_sent)
 
     async def _send_loop(self, leg: _Leg) -> None:
@@ -524,6 +574,7 @@ class SonicSession:
         if not err.recoverable:
             self._fail(err.message, err)
             return
+        self.retry.seen_alive(time.monotonic() - leg.opened_at)
         log.warning("stream %d failed (%s: %s); recovering", leg.number, err.kind, err.message)
         self.listener.on_error(f"{err.message}; reconnecting", False)
         self._recovering = True
@@ -534,10 +585,14 @@ class SonicSession:
         self._spawn(self._recover(leg, err))
 
     async def _recover(self, dead: _Leg, err: SonicStreamError) -> None:
-        with contextlib.suppress(Exception):
-            await self._retire(dead, wait=False)
-        if getattr(err, "throttled", False):
-            await asyncio.sleep(_backoff(1, True))
+        # The dead stream is closed politely in the background (bounded by close_bound_s),
+        # never holding up the new one.
+        self._spawn(self._retire(dead, wait=False))
+        delay = self._count_failure(err)
+        if delay is None:
+            return
+        if delay > 0:
+            await asyncio.sleep(delay)
         new = await self._open_with_retry(drop_trailing_user=True)
         if new is None or self._stopping:
             return
@@ -578,6 +633,8 @@ class SonicSession:
             self._on_usage(e)
         elif isinstance(e, ev.CompletionEnd):
             self._audio_open = None
+            if leg is self._leg and not leg.failed:
+                self.retry.healthy()  # a completed turn: the service works
             self._update_state()
         elif isinstance(e, ev.Unknown):
             log.debug("unknown output event %r ignored", e.name)
@@ -678,7 +735,7 @@ class SonicSession:
             result = ToolResult(
                 use.tool_use_id,
                 "timeout",
-                {"error": f"{use.name} did not finish within {self.config.tool_timeout_s:.0f} s"},
+                {"error": f"{use.name} did not finish within {self.config.tool_timeout_s:g} s"},
             )
         except asyncio.CancelledError:
             why = {"error": f"{use.name} was cancelled"}
@@ -792,11 +849,3 @@ class SonicSession:
             if age >= cfg.rotate_deadline_s or (age >= cfg.rotate_after_s and self._at_boundary()):
                 log.info("renewing the stream after %.1f s", age)
                 await self.rotate()
-
-
-def _backoff(attempt: int, throttled: bool) -> float:
-    """2^(n-1) - 1 s capped at 10 s (LiveKit's policy); throttling starts at 1 s."""
-    base = 2 ** (attempt - 1) - 1
-    if throttled:
-        base = max(1.0, 2.0 ** (attempt - 1))
-    return float(min(10.0, base))
