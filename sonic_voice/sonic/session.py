@@ -283,6 +283,7 @@ class SonicSession:
         self._awaiting_reply = False
         self._last_output = time.monotonic()
         self._background: set[asyncio.Task] = set()
+        self._closing: set[asyncio.Task] = set()  # polite closes of old legs, awaited by stop()
         self.frames_pushed = 0
         self.frames_dropped = 0
         self.rotations = 0
@@ -382,8 +383,12 @@ class SonicSession:
         return n
 
     async def stop(self) -> None:
-        """End the conversation: cancel tools, close the stream politely, stop tasks."""
+        """End the conversation: cancel tools, close the stream politely, stop tasks.
+
+        A second caller (e.g. the node while a fatal error is already stopping the session)
+        waits for the first to finish instead of returning while streams are still open."""
         if self._stopping:
+            await self.done.wait()
             return
         self._stopping = True
         if self._watch:
@@ -396,8 +401,11 @@ class SonicSession:
         leg = self._leg
         if leg is not None:
             await self._retire(leg, wait=True)
+        if self._closing:  # old legs still closing politely (each bounded) finish first
+            await asyncio.wait(list(self._closing), timeout=self.config.close_bound_s + 5)
         for t in list(self._background):
-            t.cancel()
+            if t is not asyncio.current_task():
+                t.cancel()
         self._set_state("error" if self._fatal else "idle")
         self.done.set()
 
@@ -477,7 +485,7 @@ class SonicSession:
         self._audio_open = None
         self._awaiting_reply = False
         if old is not None:
-            self._spawn(self._retire(old, wait=False))
+            self._spawn_close(old)
         self._update_state()
 
     async def _retire(self, leg: _Leg, wait: bool) -> None:
@@ -587,7 +595,7 @@ class SonicSession:
     async def _recover(self, dead: _Leg, err: SonicStreamError) -> None:
         # The dead stream is closed politely in the background (bounded by close_bound_s),
         # never holding up the new one.
-        self._spawn(self._retire(dead, wait=False))
+        self._spawn_close(dead)
         delay = self._count_failure(err)
         if delay is None:
             return
@@ -793,6 +801,11 @@ class SonicSession:
 
     def _enqueue_text(self, leg: _Leg, role: str, text: str, interactive: bool) -> None:
         leg.queue.put_nowait(("e", self._text_block(leg, role, text, interactive)))
+
+    def _spawn_close(self, leg: _Leg) -> None:
+        task = asyncio.create_task(self._retire(leg, wait=False), name=f"sonic-close-{leg.number}")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
