@@ -289,6 +289,7 @@ class SonicSession:
         self.rotations = 0
         self.recoveries = 0
         self.barge_ins = 0
+        self.events_rejected = 0  # output events that failed to parse or dispatch
         self.done = asyncio.Event()
 
     # ------------------------------------------------------------------ public API
@@ -564,13 +565,20 @@ class SonicSession:
             try:
                 event = ev.parse_output(raw)
             except (ValueError, UnicodeDecodeError) as e:
-                log.warning("undecodable output event skipped: %s", e)
+                self.events_rejected += 1
+                log.warning("output event rejected (stream %d): %s", leg.number, e)
                 continue
-            if leg.retired:
-                if isinstance(event, ev.Usage):
-                    self._on_usage(event)
-                continue
-            self._dispatch(leg, event)
+            try:
+                if leg.retired:
+                    if isinstance(event, ev.Usage):
+                        self._on_usage(event)
+                    continue
+                self._dispatch(leg, event)
+            except Exception:  # a bad event must never kill the receiver (and the stream)
+                self.events_rejected += 1
+                log.exception(
+                    "output event %s rejected (stream %d)", type(event).__name__, leg.number
+                )
 
     async def _on_leg_error(self, leg: _Leg, exc: BaseException) -> None:
         if leg.failed or leg.retired or self._stopping:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 import uuid
@@ -145,9 +146,17 @@ class FakeStream:
         self._out.put_nowait(json.dumps({"event": {name: full}}).encode())
 
     def emit_raw(self, raw: bytes) -> None:
-        """Send any bytes as one output event (fuzzing the session's parser)."""
-        if not self.ended:
-            self._out.put_nowait(raw)
+        """Send any bytes as one output event (fuzzing the session's parser). A toolUse
+        among them counts as sent, so the session's answer to it is in order."""
+        if self.ended:
+            return
+        with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
+            doc = json.loads(raw)
+            event = doc.get("event") if isinstance(doc, dict) else None
+            body = event.get("toolUse") if isinstance(event, dict) else None
+            if isinstance(body, dict) and isinstance(body.get("toolUseId", ""), str):
+                self.rules.tool_use_sent(body.get("toolUseId", ""), str(body.get("toolName")))
+        self._out.put_nowait(raw)
 
     def start_completion(self) -> None:
         self.completion_id = str(uuid.uuid4())
