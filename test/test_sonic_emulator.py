@@ -322,6 +322,8 @@ async def test_barge_in_sends_interruption_marker() -> None:
         ("history_after_audio", "Chat history must be sent before audio streaming starts."),
         ("bad_tool_result", "Tool Response parsing error"),
         ("prompt_end_open_content", "promptEnd while content is open"),
+        ("tools_without_tool_use_output", "toolUseOutputConfiguration.mediaType"),
+        ("audio_output_without_encoding", "audioOutputConfiguration.encoding is required"),
     ],
 )
 async def test_ordering_violation_is_validation_exception(case: str, message: str) -> None:
@@ -344,6 +346,16 @@ async def test_ordering_violation_is_validation_exception(case: str, message: st
             await c.send(*head, E.tool_content_start(PN, "t", "no-such-tool-use"))
         elif case == "prompt_end_open_content":
             await c.send(*head, E.audio_content_start(PN, "audio"), E.prompt_end(PN))
+        elif case in ("tools_without_tool_use_output", "audio_output_without_encoding"):
+            # What the service requires of promptStart, enforced (issue 16, survivor d).
+            tools = [E.tool_spec("navigate_to", "Drive.", {"type": "object"})]
+            doc = json.loads(E.prompt_start(PN, "matthew", tools=tools))
+            body = doc["event"]["promptStart"]
+            if case == "tools_without_tool_use_output":
+                del body["toolUseOutputConfiguration"]
+            else:
+                del body["audioOutputConfiguration"]["encoding"]
+            await c.send(E.session_start(), json.dumps(doc).encode())
         await c.wait_end()
         assert isinstance(c.error, ValidationException)
         assert message in str(c.error)

@@ -249,12 +249,22 @@ async def test_tool_round_trip_while_audio_flows(emu: SonicEmulator) -> None:
                 "say": "Once upon a time there was a robot.",
                 "audio": {"tone": {"freq": 500, "duration_s": 8.0}},
             }
-        ]
+        ],
+        # As a real service may: 0.5 s more of the interrupted answer after the marker.
+        "audio": {"after_interrupt_ms": 500},
     },
     realtime=True,
 )
 async def test_barge_in_signals_interrupted_and_drops_the_rest(emu: SonicEmulator) -> None:
     rec = Recorder()
+    at_marker: list[int] = []
+    on_interrupted = rec.on_interrupted
+
+    def note() -> None:
+        at_marker.append(len(rec.audio))
+        on_interrupted()
+
+    rec.on_interrupted = note  # type: ignore[method-assign]
     session = SonicSession(settings(emu), SessionConfig(), None, rec)
     await session.start()
     try:
@@ -263,9 +273,11 @@ async def test_barge_in_signals_interrupted_and_drops_the_rest(emu: SonicEmulato
         await feed(session, speech_like(0.8, RATE, seed=5), realtime=1.0)  # talk over it
         await until(lambda: rec.interrupted >= 1)
         assert emu.records[0].barge_ins == 1
+        await until(lambda: "completionEnd" in emu.records[0].output_names)
+        await asyncio.sleep(0.2)
         heard = len(rec.audio)
-        await asyncio.sleep(0.5)
-        assert len(rec.audio) == heard, "audio after the barge-in marker is dropped"
+        assert emu.records[0].audio_after_interrupt_bytes == 2 * 12000, "the stand-in kept on"
+        assert heard == at_marker[0], "audio after the barge-in marker is dropped"
         assert heard < 8.0 * 24000 * 2
         assert session.barge_ins == 1, emu.records[0].output_names
     finally:

@@ -296,6 +296,8 @@ def decode_tool_input(raw: Any) -> tuple[dict[str, Any], str]:
             value = json.loads(value)
         except json.JSONDecodeError as e:
             return {}, f"tool arguments are not valid JSON ({e.msg} at position {e.pos})"
+        except RecursionError:
+            return {}, "tool arguments are nested too deeply"
     return {}, f"tool arguments must be a JSON object, got {type(value).__name__}"
 
 
@@ -306,58 +308,99 @@ def is_interruption(text: str) -> bool:
         return False
     try:
         return json.loads(t).get("interrupted") is True
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, AttributeError, RecursionError):
         return False
 
 
+class BadOutputEvent(ValueError):
+    """An output event that is not what the protocol says (the reason names the field)."""
+
+
+def _str(body: dict[str, Any], key: str, name: str, default: str = "") -> str:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise BadOutputEvent(f"{name}.{key} must be a string, not {type(v).__name__}")
+    return v
+
+
+def _count(body: dict[str, Any], key: str) -> int:
+    v = body.get(key, 0)
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 2**63:
+        raise BadOutputEvent(f"usageEvent.{key} must be a non-negative number, not {v!r:.40}")
+    return int(v)
+
+
 def parse_output(raw: bytes | str) -> OutputEvent:
-    """Parse one output event's JSON."""
-    doc = json.loads(raw)
+    """Parse one output event's JSON.
+
+    Unknown events come back as :class:`Unknown`; a known event with a field of the wrong
+    type or undecodable JSON/base64 raises :class:`BadOutputEvent` (a ValueError) naming
+    the field, so the session logs it once and drops it (fuzzed in test_sonic_fuzz.py).
+    """
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BadOutputEvent(f"not JSON: {str(e)[:80]}") from None
     event = doc.get("event", doc) if isinstance(doc, dict) else {}
     if not isinstance(event, dict) or not event:
         return Unknown("", doc)
     name, body = next(iter(event.items()))
     if not isinstance(body, dict):
         return Unknown(name, body)
-    cid = body.get("contentId", "")
+    cid = _str(body, "contentId", name)
     if name == "audioOutput":
-        return AudioOutput(cid, base64.b64decode(body.get("content", "")))
+        content = _str(body, "content", name)
+        try:
+            pcm = base64.b64decode(content, validate=True)
+        except ValueError:
+            raise BadOutputEvent("audioOutput.content is not valid base64") from None
+        if len(pcm) % 2:
+            raise BadOutputEvent("audioOutput.content is not whole 16-bit samples")
+        return AudioOutput(cid, pcm)
     if name == "textOutput":
-        text = body.get("content", "")
-        return TextOutput(cid, body.get("role", ""), text, is_interruption(text))
+        text = _str(body, "content", name)
+        return TextOutput(cid, _str(body, "role", name), text, is_interruption(text))
     if name == "contentStart":
         stage = None
         extra = body.get("additionalModelFields")
         if isinstance(extra, str) and extra:
             try:
-                stage = json.loads(extra).get("generationStage")
-            except (json.JSONDecodeError, AttributeError):
-                stage = None
+                fields = json.loads(extra)
+            except (ValueError, RecursionError):
+                fields = None
+            stage = fields.get("generationStage") if isinstance(fields, dict) else None
         elif isinstance(extra, dict):
             stage = extra.get("generationStage")
-        return ContentStart(cid, body.get("type", ""), body.get("role", ""), stage)
+        if stage is not None and not isinstance(stage, str):
+            stage = None
+        return ContentStart(cid, _str(body, "type", name), _str(body, "role", name), stage)
     if name == "contentEnd":
-        return ContentEnd(cid, body.get("type", ""), body.get("stopReason", ""))
+        return ContentEnd(cid, _str(body, "type", name), _str(body, "stopReason", name))
     if name == "toolUse":
         raw_args = body.get("content", "")
         args, err = decode_tool_input(raw_args)
         return ToolUseEvent(
             cid,
-            body.get("toolUseId", ""),
-            body.get("toolName", ""),
+            _str(body, "toolUseId", name),
+            _str(body, "toolName", name),
             args,
             raw_args if isinstance(raw_args, str) else json.dumps(raw_args),
             err,
         )
     if name == "completionStart":
-        return CompletionStart(body.get("completionId", ""), body.get("sessionId", ""))
+        return CompletionStart(_str(body, "completionId", name), _str(body, "sessionId", name))
     if name == "completionEnd":
-        return CompletionEnd(body.get("completionId", ""), body.get("stopReason", ""))
+        return CompletionEnd(_str(body, "completionId", name), _str(body, "stopReason", name))
     if name == "usageEvent":
+        details = body.get("details", {}) or {}
         return Usage(
-            int(body.get("totalInputTokens", 0) or 0),
-            int(body.get("totalOutputTokens", 0) or 0),
-            int(body.get("totalTokens", 0) or 0),
-            body.get("details", {}) or {},
+            _count(body, "totalInputTokens"),
+            _count(body, "totalOutputTokens"),
+            _count(body, "totalTokens"),
+            details if isinstance(details, dict) else {},
         )
     return Unknown(name, body)

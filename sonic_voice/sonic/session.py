@@ -37,6 +37,7 @@ import numpy as np
 
 from sonic_voice.audio.pcm import FrameChunker, as_pcm16, samples_per_block
 from sonic_voice.sonic import events as ev
+from sonic_voice.sonic.retry import RetryPolicy
 from sonic_voice.sonic.tools_seam import ToolProvider, ToolResult, ToolUse
 from sonic_voice.sonic.transport import (
     BedrockSettings,
@@ -86,8 +87,16 @@ class SessionConfig:
     tool_timeout_s: float = 60.0
     cancel_tools_on_barge_in: bool = True
     speak_progress: bool = True
+    # Consecutive failures (opens that failed, streams that died) tolerated before the
+    # session stops; the count clears once a stream stays up healthy_after_s or completes a
+    # turn. Delays: at once, then retry_base_s doubling to retry_cap_s (sonic/retry.py).
     max_retries: int = 5
     open_timeout_s: float = 30.0
+    retry_base_s: float = 0.5
+    retry_cap_s: float = 10.0
+    healthy_after_s: float = 30.0
+    # A failed stream still open gets contentEnd/promptEnd/sessionEnd within this bound.
+    close_bound_s: float = 1.0
 
     @property
     def nova2(self) -> bool:
@@ -118,6 +127,10 @@ class SessionConfig:
             raise ValueError("Nova Sonic rates are 8000, 16000 or 24000 Hz")
         if self.greeting and not self.nova2:
             raise ValueError("greeting (the robot speaks first) needs Nova 2 cross-modal text")
+        if self.max_retries < 0 or self.retry_base_s < 0 or self.retry_cap_s < 0:
+            raise ValueError("max_retries, retry_base_s and retry_cap_s must be >= 0")
+        if self.healthy_after_s <= 0 or self.close_bound_s <= 0:
+            raise ValueError("healthy_after_s and close_bound_s must be > 0")
 
 
 @dataclass
@@ -235,6 +248,14 @@ class SonicSession:
         self.history: list[tuple[str, str]] = []
         self._block = samples_per_block(self.config.input_rate, self.config.chunk_ms)
         self._chunker = FrameChunker(self._block)
+        self._odd = b""  # a byte of a sample split across push_audio calls
+        self.retry = RetryPolicy(
+            budget=self.config.max_retries,
+            base_s=self.config.retry_base_s,
+            cap_s=self.config.retry_cap_s,
+            healthy_after_s=self.config.healthy_after_s,
+        )
+        self.attempts = 0  # streams we tried to open
         frames_per_s = 1000.0 / self.config.chunk_ms
         self._recent: deque[bytes] = deque(maxlen=max(1, int(self.config.replay_s * frames_per_s)))
         self._pending: deque[bytes] = deque(
@@ -262,11 +283,13 @@ class SonicSession:
         self._awaiting_reply = False
         self._last_output = time.monotonic()
         self._background: set[asyncio.Task] = set()
+        self._closing: set[asyncio.Task] = set()  # polite closes of old legs, awaited by stop()
         self.frames_pushed = 0
         self.frames_dropped = 0
         self.rotations = 0
         self.recoveries = 0
         self.barge_ins = 0
+        self.events_rejected = 0  # output events that failed to parse or dispatch
         self.done = asyncio.Event()
 
     # ------------------------------------------------------------------ public API
@@ -303,6 +326,13 @@ class SonicSession:
         """Queue microphone audio (``input_rate`` PCM16LE mono, any chunk size)."""
         if self._stopping or self._fatal:
             return
+        if not isinstance(pcm, np.ndarray):
+            data = bytes(pcm)
+            if self._odd:
+                data, self._odd = self._odd + data, b""
+            if len(data) % 2:
+                data, self._odd = data[:-1], data[-1:]
+            pcm = data
         for block in self._chunker.push(as_pcm16(pcm)):
             frame = block.tobytes()
             self.frames_pushed += 1
@@ -340,6 +370,7 @@ class SonicSession:
             new = await self._open_with_retry(drop_trailing_user=False)
             if new is not None and not self._stopping:
                 self.rotations += 1
+                self.retry.seen_alive(self.stream_age)
                 self._promote(new, replay=True)
         finally:
             self._rotating = False
@@ -353,8 +384,12 @@ class SonicSession:
         return n
 
     async def stop(self) -> None:
-        """End the conversation: cancel tools, close the stream politely, stop tasks."""
+        """End the conversation: cancel tools, close the stream politely, stop tasks.
+
+        A second caller (e.g. the node while a fatal error is already stopping the session)
+        waits for the first to finish instead of returning while streams are still open."""
         if self._stopping:
+            await self.done.wait()
             return
         self._stopping = True
         if self._watch:
@@ -367,8 +402,11 @@ class SonicSession:
         leg = self._leg
         if leg is not None:
             await self._retire(leg, wait=True)
+        if self._closing:  # old legs still closing politely (each bounded) finish first
+            await asyncio.wait(list(self._closing), timeout=self.config.close_bound_s + 5)
         for t in list(self._background):
-            t.cancel()
+            if t is not asyncio.current_task():
+                t.cancel()
         self._set_state("error" if self._fatal else "idle")
         self.done.set()
 
@@ -402,24 +440,36 @@ class SonicSession:
         return leg
 
     async def _open_with_retry(self, drop_trailing_user: bool = False) -> _Leg | None:
-        attempt = 0
+        """Open a stream; every failure counts against the shared retry budget."""
         while not self._stopping:
             try:
+                self.attempts += 1
                 return await self._open_leg(drop_trailing_user)
             except Exception as exc:  # noqa: BLE001 - classified below
                 err = exc if isinstance(exc, SonicStreamError) else classify_error(exc)
                 if isinstance(exc, TimeoutError):
-                    err = SonicStreamError("timeout", True, "opening the stream timed out")
-                attempt += 1
-                if not err.recoverable or attempt > self.config.max_retries:
-                    why = err.message if not err.recoverable else f"gave up after {attempt} tries"
-                    self._fail(f"{why}", err)
+                    err = SonicStreamError(
+                        "timeout",
+                        True,
+                        f"opening the stream timed out after {self.config.open_timeout_s:g} s",
+                    )
+                if not err.recoverable:
+                    self._fail(err.message, err)
                     return None
-                delay = _backoff(attempt, getattr(err, "throttled", False))
+                delay = self._count_failure(err)
+                if delay is None:
+                    return None
                 log.warning("opening the stream failed (%s); retry in %.1f s", err.message, delay)
                 self.listener.on_error(f"{err.message}; retrying in {delay:.1f} s", False)
                 await asyncio.sleep(delay)
         return None
+
+    def _count_failure(self, err: SonicStreamError) -> float | None:
+        """One more consecutive failure: the delay before the next try, or None (stopped)."""
+        delay = self.retry.failure(err.message, getattr(err, "throttled", False))
+        if delay is None:
+            self._fail(self.retry.fatal_message(), err)
+        return delay
 
     def _promote(self, new: _Leg, replay: bool) -> None:
         """Make ``new`` the live stream; audio goes there from the next frame on."""
@@ -436,35 +486,44 @@ class SonicSession:
         self._audio_open = None
         self._awaiting_reply = False
         if old is not None:
-            self._spawn(self._retire(old, wait=False))
+            self._spawn_close(old)
         self._update_state()
 
     async def _retire(self, leg: _Leg, wait: bool) -> None:
-        """Close a stream politely: audio contentEnd, promptEnd, sessionEnd, then close."""
+        """Close a stream politely: audio contentEnd, promptEnd, sessionEnd, then close.
+
+        A failed stream whose input is still open gets the same three events (the protocol
+        reference, section 13: they free the service's resources), within
+        ``close_bound_s``, then the end frame. Its queued audio is dropped first: what it
+        held is replayed on the next stream.
+        """
         if leg.retired:
             return
         leg.retired = True
-        if not leg.failed:
-            leg.queue.put_nowait(
-                (
-                    "e",
-                    [
-                        ev.content_end(leg.prompt_name, leg.audio_name),
-                        ev.prompt_end(leg.prompt_name),
-                        ev.session_end(),
-                    ],
-                )
-            )
-        leg.queue.put_nowait(None)
-        if leg.sender:
+        bye = [
+            ev.content_end(leg.prompt_name, leg.audio_name),
+            ev.prompt_end(leg.prompt_name),
+            ev.session_end(),
+        ]
+        bound = self.config.close_bound_s
+        if leg.failed:
+            while not leg.queue.empty():
+                leg.queue.get_nowait()
+        if leg.sender is not None and not leg.sender.done():
+            leg.queue.put_nowait(("e", bye))
+            leg.queue.put_nowait(None)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(leg.sender), 5)
+                await asyncio.wait_for(asyncio.shield(leg.sender), 5 if not leg.failed else bound)
+            if not leg.sender.done():
+                leg.sender.cancel()
+        elif leg.failed:
+            # The sender already ended on a send error: try directly, briefly.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(bound):
+                    for event in bye:
+                        await leg.stream.send(event)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(leg.stream.close(), 10)
-        if leg.receiver and not leg.receiver.done():
-            # close() drained receive() to None; a receiver still running is stuck in the
-            # CRT after a failure and is left to end with the connection.
-            pass
         log.info("stream %d closed after %d audio frames", leg.number, leg.frames_sent)
 
     async def _send_loop(self, leg: _Leg) -> None:
@@ -506,13 +565,20 @@ class SonicSession:
             try:
                 event = ev.parse_output(raw)
             except (ValueError, UnicodeDecodeError) as e:
-                log.warning("undecodable output event skipped: %s", e)
+                self.events_rejected += 1
+                log.warning("output event rejected (stream %d): %s", leg.number, e)
                 continue
-            if leg.retired:
-                if isinstance(event, ev.Usage):
-                    self._on_usage(event)
-                continue
-            self._dispatch(leg, event)
+            try:
+                if leg.retired:
+                    if isinstance(event, ev.Usage):
+                        self._on_usage(event)
+                    continue
+                self._dispatch(leg, event)
+            except Exception:  # a bad event must never kill the receiver (and the stream)
+                self.events_rejected += 1
+                log.exception(
+                    "output event %s rejected (stream %d)", type(event).__name__, leg.number
+                )
 
     async def _on_leg_error(self, leg: _Leg, exc: BaseException) -> None:
         if leg.failed or leg.retired or self._stopping:
@@ -524,6 +590,7 @@ class SonicSession:
         if not err.recoverable:
             self._fail(err.message, err)
             return
+        self.retry.seen_alive(time.monotonic() - leg.opened_at)
         log.warning("stream %d failed (%s: %s); recovering", leg.number, err.kind, err.message)
         self.listener.on_error(f"{err.message}; reconnecting", False)
         self._recovering = True
@@ -534,10 +601,14 @@ class SonicSession:
         self._spawn(self._recover(leg, err))
 
     async def _recover(self, dead: _Leg, err: SonicStreamError) -> None:
-        with contextlib.suppress(Exception):
-            await self._retire(dead, wait=False)
-        if getattr(err, "throttled", False):
-            await asyncio.sleep(_backoff(1, True))
+        # The dead stream is closed politely in the background (bounded by close_bound_s),
+        # never holding up the new one.
+        self._spawn_close(dead)
+        delay = self._count_failure(err)
+        if delay is None:
+            return
+        if delay > 0:
+            await asyncio.sleep(delay)
         new = await self._open_with_retry(drop_trailing_user=True)
         if new is None or self._stopping:
             return
@@ -578,6 +649,8 @@ class SonicSession:
             self._on_usage(e)
         elif isinstance(e, ev.CompletionEnd):
             self._audio_open = None
+            if leg is self._leg and not leg.failed:
+                self.retry.healthy()  # a completed turn: the service works
             self._update_state()
         elif isinstance(e, ev.Unknown):
             log.debug("unknown output event %r ignored", e.name)
@@ -678,7 +751,7 @@ class SonicSession:
             result = ToolResult(
                 use.tool_use_id,
                 "timeout",
-                {"error": f"{use.name} did not finish within {self.config.tool_timeout_s:.0f} s"},
+                {"error": f"{use.name} did not finish within {self.config.tool_timeout_s:g} s"},
             )
         except asyncio.CancelledError:
             why = {"error": f"{use.name} was cancelled"}
@@ -737,6 +810,11 @@ class SonicSession:
     def _enqueue_text(self, leg: _Leg, role: str, text: str, interactive: bool) -> None:
         leg.queue.put_nowait(("e", self._text_block(leg, role, text, interactive)))
 
+    def _spawn_close(self, leg: _Leg) -> None:
+        task = asyncio.create_task(self._retire(leg, wait=False), name=f"sonic-close-{leg.number}")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
@@ -792,11 +870,3 @@ class SonicSession:
             if age >= cfg.rotate_deadline_s or (age >= cfg.rotate_after_s and self._at_boundary()):
                 log.info("renewing the stream after %.1f s", age)
                 await self.rotate()
-
-
-def _backoff(attempt: int, throttled: bool) -> float:
-    """2^(n-1) - 1 s capped at 10 s (LiveKit's policy); throttling starts at 1 s."""
-    base = 2 ** (attempt - 1) - 1
-    if throttled:
-        base = max(1.0, 2.0 ** (attempt - 1))
-    return float(min(10.0, base))

@@ -93,6 +93,7 @@ HTTP_FAULTS: dict[str, tuple[int, str, str]] = {
 TRANSPORT_FAULTS = ("reset", "drop")
 
 ALL_FAULTS = (*STREAM_FAULTS, *HTTP_FAULTS, *TRANSPORT_FAULTS)
+WHEN = ("now", "next_turn", "next_stream", "every_stream")
 
 
 @dataclass
@@ -101,7 +102,10 @@ class Fault:
 
     ``kind``: a key of STREAM_FAULTS, HTTP_FAULTS or ``reset`` / ``drop``.
     ``when``: ``now`` (active streams; if none, the next stream once it starts),
-    ``next_turn`` (instead of the next scenario turn's reply), ``next_stream``.
+    ``next_turn`` (instead of the next scenario turn's reply), ``next_stream``,
+    ``every_stream`` (each stream opened from now on, until ``clear_faults()``).
+    ``after_frames``: fire once the stream has received that many audioInput events
+    (instead of on a timer), e.g. every new stream failing after 3 frames (issue 11).
     HTTP faults always apply to the next ``count`` requests. ``after_s`` delays it;
     ``stream`` limits it to one stream index; ``message`` overrides the text;
     ``error_code`` is the RST_STREAM code (default 2, INTERNAL_ERROR).
@@ -114,13 +118,18 @@ class Fault:
     count: int = 1
     stream: int | None = None
     error_code: int = 2
+    after_frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ALL_FAULTS:
             raise ValueError(f"unknown fault kind {self.kind!r}; known: {', '.join(ALL_FAULTS)}")
-        if self.when not in ("now", "next_turn", "next_stream"):
+        if self.when not in WHEN:
+            raise ValueError(f"fault 'when' must be one of {', '.join(WHEN)}, not {self.when!r}")
+        if self.after_frames is not None and (
+            self.after_frames < 0 or self.is_http or self.when == "next_turn"
+        ):
             raise ValueError(
-                f"fault 'when' must be now, next_turn or next_stream, not {self.when!r}"
+                "after_frames (>= 0) applies to stream faults, not HTTP or next_turn ones"
             )
         if self.count < 1:
             raise ValueError("fault count must be >= 1")
@@ -145,6 +154,7 @@ class Fault:
                 "count",
                 "stream",
                 "error_code",
+                "after_frames",
             }
             if unknown:
                 raise ValueError(f"unknown fault keys {sorted(unknown)}")

@@ -46,6 +46,9 @@ class StreamRecord:
     end_frame_received: bool = False  # the signed empty envelope closing the input
     input_ended: bool = False  # client END_STREAM seen
     events: list[InputEvent] = field(default_factory=list)
+    # Input events that arrived after the service ended the response (e.g. the polite
+    # contentEnd/promptEnd/sessionEnd a client sends after an error frame): not checked.
+    late_events: list[InputEvent] = field(default_factory=list)
     session_start: dict[str, Any] = field(default_factory=dict)
     prompt_start: dict[str, Any] = field(default_factory=dict)
     system_prompt: str = ""
@@ -61,6 +64,7 @@ class StreamRecord:
     tool_uses: list[dict[str, Any]] = field(default_factory=list)  # {toolUseId, name, input}
     tool_results: list[ToolResultRecord] = field(default_factory=list)
     barge_ins: int = 0
+    audio_after_interrupt_bytes: int = 0  # audio sent after the barge-in marker
     output_events: list[tuple[str, int]] = field(default_factory=list)  # (name, t_ns)
     audio_out_frames: int = 0
     audio_out_bytes: int = 0
@@ -76,6 +80,10 @@ class StreamRecord:
     def signature_chain_ok(self) -> bool:
         """Request and every envelope verified (and at least one envelope arrived)."""
         return self.request_signature_ok and self.chunk_signatures_ok and self.signed_frames > 0
+
+    @property
+    def late_names(self) -> list[str]:
+        return [e.name for e in self.late_events]
 
     @property
     def output_names(self) -> list[str]:

@@ -10,10 +10,11 @@ YAML (or the same as a dict)::
     name: demo
     loop: false
     vad: {threshold_dbfs: -35, min_speech_ms: 60, end_silence_ms: 600}
-    audio: {chunk_ms: 40, lead_ms: 200}
+    audio: {chunk_ms: 40, lead_ms: 200, after_interrupt_ms: 0}  # audio sent past a barge-in
     tool_timeout_s: 30
     faults:                       # stream faults on a timer (seconds after stream start)
       - {kind: modelStreamErrorException, at_s: 5, stream: 0}
+      - {kind: internalServerException, after_frames: 3}   # every stream, after 3 frames
     turns:
       - on: text                  # greeting on the first interactive text
         say: Hello, how can I help?
@@ -81,7 +82,10 @@ _FAULT_SCHEMA = {
         {
             "type": "object",
             "required": ["kind"],
-            "properties": {"kind": {"enum": list(ALL_FAULTS)}},
+            "properties": {
+                "kind": {"enum": list(ALL_FAULTS)},
+                "after_frames": {"type": "integer", "minimum": 0},
+            },
         },
     ]
 }
@@ -108,6 +112,7 @@ SCHEMA: dict[str, Any] = {
             "properties": {
                 "chunk_ms": {"type": "number", "minimum": 5, "maximum": 1000},
                 "lead_ms": {"type": "number", "minimum": 0},
+                "after_interrupt_ms": {"type": "number", "minimum": 0},
             },
         },
         "faults": {"type": "array", "items": _FAULT_SCHEMA},
@@ -182,6 +187,9 @@ class Scenario:
     end_silence_ms: float = 600.0
     chunk_ms: float = 40.0
     lead_ms: float = 200.0
+    # A real service may keep sending audio of the interrupted answer after the barge-in
+    # marker; this much of it follows the marker (0: the stream stops at the marker).
+    after_interrupt_ms: float = 0.0
     faults: list[Fault] = field(default_factory=list)
     base_dir: Path = field(default_factory=Path.cwd)  # WAV paths resolve from here
 
@@ -228,6 +236,7 @@ class Scenario:
             end_silence_ms=float(vad.get("end_silence_ms", 600.0)),
             chunk_ms=float(audio.get("chunk_ms", 40.0)),
             lead_ms=float(audio.get("lead_ms", 200.0)),
+            after_interrupt_ms=float(audio.get("after_interrupt_ms", 0.0)),
             faults=[Fault.coerce(f) for f in doc.get("faults", [])],
             base_dir=base_dir or Path.cwd(),
         )

@@ -294,6 +294,7 @@ class SonicEmulator:
         self._turn = 0
         self._http_faults: list[Fault] = []
         self._armed_stream_faults: list[Fault] = []
+        self._every_stream_faults: list[Fault] = []
         self._armed_turn_faults: list[Fault] = []
         self._audio_in_hooks: list[AudioHook] = []
         self._audio_out_hooks: list[AudioHook] = []
@@ -399,6 +400,8 @@ class SonicEmulator:
             self._http_faults.extend(Fault(**{**f.__dict__, "count": 1}) for _ in range(f.count))
         elif f.when == "next_turn":
             self._armed_turn_faults.append(f)
+        elif f.when == "every_stream":
+            self._every_stream_faults.append(f)
         else:
             targets = (
                 [s for s in self._active if f.stream is None or s.rec.index == f.stream]
@@ -407,10 +410,17 @@ class SonicEmulator:
             )
             if targets:
                 for s in targets:
-                    s._spawn(s._fault_later(f, f.after_s))
+                    s.add_fault(f)
             else:
                 self._armed_stream_faults.append(f)
         return f
+
+    def clear_faults(self) -> None:
+        """Forget every armed and every-stream fault (a storm test's recovery phase)."""
+        self._http_faults.clear()
+        self._armed_stream_faults.clear()
+        self._every_stream_faults.clear()
+        self._armed_turn_faults.clear()
 
     async def push_audio_output(self, pcm: bytes, stream: int | None = None) -> int:
         """Send one audioOutput chunk on an active stream now; returns the write time (ns)."""
@@ -452,6 +462,42 @@ class SonicEmulator:
         if scenario is not None:
             self.scenario = Scenario.load(scenario)
         self._turn = 0
+
+    # ------------------------------------------------------------------ stream-facing API
+    # (stream.StreamHost: what a StreamSession may ask of its emulator)
+    def notify(self) -> None:
+        """Re-check every wait_for predicate (a record changed)."""
+        self._notify()
+
+    def stream_faults(self, index: int) -> list[Fault]:
+        """The faults a new stream ``index`` gets: scenario, armed and every-stream ones."""
+        out = [f for f in self.scenario.faults if f.stream is None or f.stream == index]
+        out += self._take_armed_stream_faults(index)
+        out += [f for f in self._every_stream_faults if f.stream is None or f.stream == index]
+        return out
+
+    def arm_turn_fault(self, fault: Fault) -> None:
+        self._armed_turn_faults.append(fault)
+
+    def take_turn_fault(self) -> Fault | None:
+        return self._take_turn_fault()
+
+    def next_turn(self, trigger: str) -> int | None:
+        return self._next_turn(trigger)
+
+    def audio_in(self, rec: StreamRecord, pcm: bytes, t_ns: int) -> None:
+        for cb in self._audio_in_hooks:
+            cb(rec, pcm, t_ns)
+
+    def audio_out(self, rec: StreamRecord, pcm: bytes, t_ns: int) -> None:
+        for cb in self._audio_out_hooks:
+            cb(rec, pcm, t_ns)
+
+    async def synth_cached(self, text: str, voice: str, wpm: int, rate: int) -> bytes:
+        return await self._synth_cached(text, voice, wpm, rate)
+
+    def stream_closed(self, stream: StreamSession) -> None:
+        self._stream_closed(stream)
 
     # ------------------------------------------------------------------ internals
     def _notify(self) -> None:

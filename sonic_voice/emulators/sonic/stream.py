@@ -1,134 +1,86 @@
-"""One bidirectional stream: decode and verify the client's frames, enforce the service's
-ordering rules, and play the scenario back (text, tool calls, audio, barge-in, faults).
+"""Scenario playback on one accepted stream of the stand-in.
+
+The three parts of a stream live apart (issue 11): ``wire.py`` decodes and encodes the
+event-stream frames, ``rules.py`` is the protocol's ordering and field rules as a pure
+state machine (also used by the in-process fake stream, ``fake.py``), and this module
+plays the scenario back: text, tool calls, audio, barge-in, faults. It talks to the
+server only through the two small interfaces below, never its private members.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import dataclasses
 import datetime
-import io
 import json
 import logging
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from smithy_aws_event_stream.events import Event, EventMessage
+from smithy_aws_event_stream.events import Event
 from smithy_aws_event_stream.exceptions import EventError
 
 from sonic_voice.emulators.sonic import audio as synth
 from sonic_voice.emulators.sonic.auth import ChunkChain
 from sonic_voice.emulators.sonic.faults import STREAM_FAULTS, Fault
-from sonic_voice.emulators.sonic.records import (
-    ErrorRecord,
-    InputEvent,
-    StreamRecord,
-    ToolResultRecord,
+from sonic_voice.emulators.sonic.records import ErrorRecord, InputEvent, StreamRecord
+from sonic_voice.emulators.sonic.rules import (
+    HISTORY_ERROR,
+    Action,
+    ProtocolRules,
+    ProtocolViolation,
 )
-from sonic_voice.sonic.events import V1_VOICES, V2_VOICES, is_nova2
+from sonic_voice.emulators.sonic.scenario import Scenario, Turn
+from sonic_voice.emulators.sonic.wire import (
+    Feed,
+    chunk_frame,
+    error_frame,
+    exception_frame,
+    unwrap,
+)
 
-if TYPE_CHECKING:
-    from sonic_voice.emulators.sonic.scenario import Turn
-    from sonic_voice.emulators.sonic.server import SonicEmulator, _H2Conn
+__all__ = [
+    "HISTORY_ERROR",
+    "Connection",
+    "ProtocolViolation",
+    "StreamHost",
+    "StreamSession",
+    "chunk_frame",
+    "error_frame",
+    "exception_frame",
+]
 
 log = logging.getLogger(__name__)
 
-HISTORY_ERROR = "Chat history should be sent completely before streaming audio."
-V1_MAX_HISTORY_MESSAGES, V1_MAX_MESSAGE_BYTES = 40, 1000
-V2_MAX_MESSAGE_BYTES, V2_MAX_HISTORY_BYTES = 50 * 1024, 200 * 1024
+
+class Connection(Protocol):
+    """The HTTP/2 connection a stream's response goes out on."""
+
+    async def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None: ...
+    def end_stream(self, sid: int) -> None: ...
+    def reset(self, sid: int, code: int) -> None: ...
+    def abort(self) -> None: ...
 
 
-class ProtocolViolation(Exception):
-    """An input the service answers with a validationException (the stream then ends)."""
+class StreamHost(Protocol):
+    """What a stream needs from the emulator (its public stream-facing API)."""
 
+    scenario: Scenario
+    speed: float
+    session_limit_s: float
 
-class _Feed:
-    """Async byte source for ``Event.decode_async``, remembering when each byte arrived."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._eof = False
-        self._wake = asyncio.Event()
-        self._marks: deque[tuple[int, int]] = deque()  # (end offset, arrival ns)
-        self._consumed = 0
-        self._fed = 0
-
-    def feed(self, data: bytes, t_ns: int) -> None:
-        self._buf += data
-        self._fed += len(data)
-        self._marks.append((self._fed, t_ns))
-        self._wake.set()
-
-    def close(self) -> None:
-        self._eof = True
-        self._wake.set()
-
-    async def read(self, size: int = -1) -> bytes:
-        while len(self._buf) < size and not self._eof:
-            self._wake.clear()
-            await self._wake.wait()
-        n = len(self._buf) if size < 0 else min(size, len(self._buf))
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        self._consumed += n
-        return out
-
-    def arrival_ns(self) -> int:
-        """When the last consumed byte arrived."""
-        while len(self._marks) > 1 and self._marks[0][0] < self._consumed:
-            self._marks.popleft()
-        return self._marks[0][1] if self._marks else time.perf_counter_ns()
-
-
-@dataclass
-class _Block:
-    name: str
-    type: str
-    role: str
-    interactive: bool
-    parts: list[str] = field(default_factory=list)
-    tool_use_id: str = ""
-    results: list[str] = field(default_factory=list)
-
-
-def chunk_frame(event: dict[str, Any]) -> bytes:
-    """One output event as the service frames it: base64 JSON inside ``{"bytes": ...}``."""
-    inner = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
-    payload = b'{"bytes":"' + base64.b64encode(inner) + b'"}'
-    return EventMessage(
-        headers={
-            ":message-type": "event",
-            ":event-type": "chunk",
-            ":content-type": "application/json",
-        },
-        payload=payload,
-    ).encode()
-
-
-def exception_frame(exception_type: str, message: str) -> bytes:
-    body: dict[str, Any] = {"message": message}
-    if exception_type == "modelStreamErrorException":
-        body |= {"originalStatusCode": 500, "originalMessage": message}
-    return EventMessage(
-        headers={
-            ":message-type": "exception",
-            ":exception-type": exception_type,
-            ":content-type": "application/json",
-        },
-        payload=json.dumps(body).encode(),
-    ).encode()
-
-
-def error_frame(code: str, message: str) -> bytes:
-    return EventMessage(
-        headers={":message-type": "error", ":error-code": code, ":error-message": message}
-    ).encode()
+    def notify(self) -> None: ...
+    def stream_faults(self, index: int) -> list[Fault]: ...
+    def arm_turn_fault(self, fault: Fault) -> None: ...
+    def take_turn_fault(self) -> Fault | None: ...
+    def next_turn(self, trigger: str) -> int | None: ...
+    def audio_in(self, rec: StreamRecord, pcm: bytes, t_ns: int) -> None: ...
+    def audio_out(self, rec: StreamRecord, pcm: bytes, t_ns: int) -> None: ...
+    async def synth_cached(self, text: str, voice: str, wpm: int, rate: int) -> bytes: ...
+    def stream_closed(self, stream: StreamSession) -> None: ...
 
 
 class StreamSession:
@@ -136,61 +88,61 @@ class StreamSession:
 
     def __init__(
         self,
-        emu: SonicEmulator,
-        conn: _H2Conn,
+        host: StreamHost,
+        conn: Connection,
         stream_id: int,
         record: StreamRecord,
         chain: ChunkChain,
     ) -> None:
-        self.emu = emu
+        self.host = host
         self.conn = conn
         self.sid = stream_id
         self.rec = record
         self.chain = chain
-        self.model_id = record.model_id
-        self.nova2 = is_nova2(record.model_id)
-        self.feed = _Feed()
+        self.rules = ProtocolRules(record)
+        self.feed = Feed()
         self.closed = False  # response ended (or reset)
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._decoder: asyncio.Task | None = None
-        # protocol state
-        self.phase = "new"  # new -> session -> prompt -> prompt_ended -> ended
-        self.prompt_name = ""
-        self.blocks: dict[str, _Block] = {}
-        self.names_seen: set[str] = set()
-        self.audio_block: str | None = None
-        self.out_rate = 24000
-        self.in_rate = 16000
-        self.history_bytes = 0
-        self.tools: set[str] = set()
+        self._turns: asyncio.Task | None = None
+        self._frame_faults: list[Fault] = []  # faults due after N audio frames
         # output state
         self.session_id = str(uuid.uuid4())
         self.completion_id = ""
         self._pending_tools: dict[str, asyncio.Future[str]] = {}
-        self._tool_names: dict[str, str] = {}
         self._triggers: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self.speaking = False
         self._interrupt = asyncio.Event()
         self._push_content: str | None = None
-        sc = emu.scenario
+        self._totals = [0, 0, 0, 0]
+        sc = host.scenario
         self.vad = synth.EnergyDetector(
             16000, sc.threshold_dbfs, sc.min_speech_ms, sc.end_silence_ms
         )
+
+    @property
+    def prompt_name(self) -> str:
+        return self.rules.prompt_name
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._decoder = self._spawn(self._decode_loop())
         self._turns = self._spawn(self._turn_loop())
-        if self.emu.session_limit_s > 0:
-            self._spawn(
-                self._fault_later(Fault("timeLimit"), self.emu.session_limit_s),
-            )
-        for f in self.emu.scenario.faults:
-            if f.stream is None or f.stream == self.rec.index:
-                self._spawn(self._fault_later(f, f.after_s))
-        for f in self.emu._take_armed_stream_faults(self.rec.index):
-            self._spawn(self._fault_later(f, f.after_s))
+        if self.host.session_limit_s > 0:
+            self._spawn(self._fault_later(Fault("timeLimit"), self.host.session_limit_s))
+        for f in self.host.stream_faults(self.rec.index):
+            self.add_fault(f)
+
+    def add_fault(self, fault: Fault) -> None:
+        """Produce ``fault`` on this stream (after its delay or its audio-frame count)."""
+        if fault.after_frames is not None:
+            self._frame_faults.append(fault)
+            if self.rec.audio_frames >= fault.after_frames:
+                self._frame_faults.remove(fault)
+                self._spawn(self.apply_fault(fault))
+        else:
+            self._spawn(self._fault_later(fault, fault.after_s))
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
@@ -231,8 +183,8 @@ class StreamSession:
                 t.cancel()
         if send_end:
             self.conn.end_stream(self.sid)
-        self.emu._stream_closed(self)
-        self.emu._notify()
+        self.host.stream_closed(self)
+        self.host.notify()
 
     async def stop(self) -> None:
         self._finish("stopped")
@@ -290,7 +242,7 @@ class StreamSession:
         if delay > 0:
             await asyncio.sleep(delay)
         if fault.when == "next_turn":
-            self.emu._armed_turn_faults.append(fault)
+            self.host.arm_turn_fault(fault)
             return
         await self.apply_fault(fault)
 
@@ -324,15 +276,25 @@ class StreamSession:
                 if not env.message.payload:
                     self.rec.end_frame_received = True
                     continue
-                if self.closed:
-                    continue  # the service stopped listening; keep draining the body
                 try:
-                    name, body = self._unwrap(env.message.payload)
-                    self.rec.events.append(InputEvent(name, body, t_ns))
-                    await self._on_event(name, body, t_ns)
+                    name, body = unwrap(env.message.payload)
+                except ProtocolViolation as e:
+                    if not self.closed:
+                        await self._violation(str(e))
+                    continue
+                if self.closed:
+                    # The service stopped answering; what the client still says (a polite
+                    # contentEnd/promptEnd/sessionEnd after an error) is kept for tests.
+                    self.rec.late_events.append(InputEvent(name, body, t_ns))
+                    self.host.notify()
+                    continue
+                try:
+                    action = self.rules.accept(name, body, t_ns)
+                    if action is not None:
+                        self._act(action, t_ns)
                 except ProtocolViolation as e:
                     await self._violation(str(e))
-                self.emu._notify()
+                self.host.notify()
         finally:
             if not self.closed:
                 self._finish("input-ended")
@@ -351,31 +313,41 @@ class StreamSession:
             self.rec.chunk_signatures_ok = False
         return ok
 
-    def _unwrap(self, payload: bytes) -> tuple[str, dict[str, Any]]:
-        try:
-            inner = Event.decode(io.BytesIO(payload))
-        except EventError as e:
-            raise ProtocolViolation(f"Malformed event stream frame: {e}") from None
-        if inner is None:
-            raise ProtocolViolation("Empty event")
-        h = inner.message.headers
-        if h.get(":message-type") != "event" or h.get(":event-type") != "chunk":
-            raise ProtocolViolation(
-                f"Unexpected event type {h.get(':message-type')}/{h.get(':event-type')}"
+    def _act(self, action: Action, t_ns: int) -> None:
+        kind = action.kind
+        if kind == "audio":
+            self._heard(action.pcm, t_ns)
+        elif kind == "audio_open":
+            sc = self.host.scenario
+            self.vad = synth.EnergyDetector(
+                action.rate, sc.threshold_dbfs, sc.min_speech_ms, sc.end_silence_ms
             )
-        try:
-            part = json.loads(inner.message.payload)
-            raw = base64.b64decode(part["bytes"], validate=True)
-            doc = json.loads(raw)
-        except (ValueError, KeyError, TypeError, binascii.Error) as e:
-            raise ProtocolViolation(f"Invalid input request: unreadable chunk ({e})") from None
-        ev = doc.get("event") if isinstance(doc, dict) else None
-        if not isinstance(ev, dict) or len(ev) != 1:
-            raise ProtocolViolation('Invalid input request: expected {"event": {name: {...}}}')
-        name, body = next(iter(ev.items()))
-        if not isinstance(body, dict):
-            raise ProtocolViolation(f"Invalid input request: {name} must be an object")
-        return name, body
+        elif kind == "text":
+            self._triggers.put_nowait(("text", action.text))
+        elif kind == "tool_result":
+            fut = self._pending_tools.get(action.tool_use_id)
+            if fut is not None and not fut.done():
+                fut.set_result(action.text)
+        elif kind == "session_end":
+            # The client closes its input next; end the response then (or after a grace
+            # period), so the SDK never writes to a stream that already completed.
+            if self._turns is not None:
+                self._turns.cancel()
+            self._spawn(self._end_after_grace(5.0))
+
+    def _heard(self, pcm: bytes, t_ns: int) -> None:
+        rec = self.rec
+        self.host.audio_in(rec, pcm, t_ns)
+        for f in list(self._frame_faults):
+            if rec.audio_frames >= (f.after_frames or 0):
+                self._frame_faults.remove(f)
+                self._spawn(self.apply_fault(f))
+        for ev in self.vad.feed(pcm):
+            if ev.kind == "speech_start" and self.speaking and not self._interrupt.is_set():
+                self._interrupt.set()
+            elif ev.kind == "speech_end":
+                rec.utterances += 1
+                self._triggers.put_nowait(("speech", ""))
 
     async def _end_after_grace(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -384,310 +356,20 @@ class StreamSession:
     async def _violation(self, message: str) -> None:
         await self.send_exception("validationException", message)
 
-    # ------------------------------------------------------------------ ordering rules
-    async def _on_event(self, name: str, body: dict[str, Any], t_ns: int) -> None:
-        if name == "sessionStart":
-            self._session_start(body)
-            return
-        if self.phase == "new":
-            raise ProtocolViolation("The first event must be sessionStart.")
-        if self.phase == "ended":
-            raise ProtocolViolation(f"{name} received after sessionEnd.")
-        if name == "promptStart":
-            self._prompt_start(body)
-            return
-        if name == "sessionEnd":
-            if self.phase != "prompt_ended":
-                raise ProtocolViolation("sessionEnd received before promptEnd.")
-            self.phase = "ended"
-            # The client closes its input next; end the response then (or after a grace
-            # period), so the SDK never writes to a stream that already completed.
-            self.rec.end_reason = "sessionEnd"
-            self._turns.cancel()
-            self._spawn(self._end_after_grace(5.0))
-            return
-        if self.phase == "session":
-            raise ProtocolViolation(f"{name} received before promptStart.")
-        if body.get("promptName") != self.prompt_name:
-            raise ProtocolViolation(
-                f"Invalid promptName {body.get('promptName')!r} in {name}; "
-                f"expected {self.prompt_name!r}."
-            )
-        if self.phase == "prompt_ended":
-            raise ProtocolViolation(f"{name} received after promptEnd.")
-        handler = {
-            "contentStart": self._content_start,
-            "textInput": self._text_input,
-            "audioInput": self._audio_input,
-            "toolResult": self._tool_result,
-            "contentEnd": self._content_end,
-            "promptEnd": self._prompt_end,
-        }.get(name)
-        if handler is None:
-            raise ProtocolViolation(f"Unknown input event {name!r}.")
-        handler(body, t_ns)
-
-    def _session_start(self, body: dict[str, Any]) -> None:
-        if self.phase != "new":
-            raise ProtocolViolation("sessionStart must be sent once, as the first event.")
-        inf = body.get("inferenceConfiguration", {})
-        if not isinstance(inf, dict):
-            raise ProtocolViolation("inferenceConfiguration must be an object.")
-        for key in ("topP", "temperature"):
-            v = inf.get(key)
-            if v is not None and not (isinstance(v, int | float) and 0.0 <= v <= 1.0):
-                raise ProtocolViolation(f"inferenceConfiguration.{key} must be in [0, 1].")
-        mt = inf.get("maxTokens")
-        if mt is not None and not (isinstance(mt, int) and mt > 0):
-            raise ProtocolViolation("inferenceConfiguration.maxTokens must be a positive integer.")
-        td = body.get("turnDetectionConfiguration")
-        if td is not None:
-            if not self.nova2:
-                raise ProtocolViolation(
-                    "turnDetectionConfiguration is not supported by this model."
-                )
-            if td.get("endpointingSensitivity") not in ("HIGH", "MEDIUM", "LOW"):
-                raise ProtocolViolation("endpointingSensitivity must be HIGH, MEDIUM or LOW.")
-        self.rec.session_start = body
-        self.phase = "session"
-
-    def _prompt_start(self, body: dict[str, Any]) -> None:
-        if self.phase != "session":
-            raise ProtocolViolation("promptStart must follow sessionStart, once.")
-        pn = body.get("promptName")
-        if not isinstance(pn, str) or not pn:
-            raise ProtocolViolation("promptStart.promptName is required.")
-        aoc = body.get("audioOutputConfiguration") or {}
-        if aoc:
-            rate = aoc.get("sampleRateHertz", 24000)
-            if rate not in (8000, 16000, 24000):
-                raise ProtocolViolation(f"Unsupported output sampleRateHertz {rate}.")
-            if aoc.get("mediaType", "audio/lpcm") != "audio/lpcm":
-                raise ProtocolViolation("audioOutputConfiguration.mediaType must be audio/lpcm.")
-            voice = aoc.get("voiceId")
-            voices = V2_VOICES if self.nova2 else V1_VOICES
-            if voice is not None and voice not in voices:
-                raise ProtocolViolation(f"Invalid voiceId {voice!r} for {self.model_id}.")
-            self.out_rate = int(rate)
-        tools = (body.get("toolConfiguration") or {}).get("tools", [])
-        for t in tools:
-            spec = t.get("toolSpec", {}) if isinstance(t, dict) else {}
-            if not spec.get("name"):
-                raise ProtocolViolation("Each tool needs toolSpec.name.")
-            schema = (spec.get("inputSchema") or {}).get("json")
-            if schema is not None:
-                try:
-                    json.loads(schema) if isinstance(schema, str) else schema
-                except ValueError:
-                    raise ProtocolViolation(
-                        f"Tool {spec['name']}: inputSchema.json is not valid JSON."
-                    ) from None
-            self.tools.add(spec["name"])
-        self.prompt_name = pn
-        self.rec.prompt_start = body
-        self.phase = "prompt"
-
-    def _open_text(self) -> _Block | None:
-        return next((b for b in self.blocks.values() if b.type in ("TEXT", "TOOL")), None)
-
-    def _content_start(self, body: dict[str, Any], t_ns: int) -> None:
-        name, ctype = body.get("contentName"), body.get("type")
-        if not isinstance(name, str) or not name:
-            raise ProtocolViolation("contentStart.contentName is required.")
-        if name in self.names_seen:
-            raise ProtocolViolation(f"Duplicate contentName {name!r}.")
-        if ctype not in ("TEXT", "AUDIO", "TOOL"):
-            raise ProtocolViolation(f"Invalid content type {ctype!r}.")
-        role = body.get("role", "")
-        interactive = bool(body.get("interactive", False))
-        busy = self._open_text()
-        if ctype == "AUDIO":
-            if busy is not None:
-                raise ProtocolViolation(HISTORY_ERROR)
-            if self.audio_block is not None:
-                raise ProtocolViolation("An audio content block is already open.")
-            if role != "USER":
-                raise ProtocolViolation("Audio input content must have role USER.")
-            cfg = body.get("audioInputConfiguration") or {}
-            rate = cfg.get("sampleRateHertz")
-            if (
-                cfg.get("mediaType") != "audio/lpcm"
-                or rate not in (8000, 16000, 24000)
-                or cfg.get("sampleSizeBits", 16) != 16
-                or cfg.get("channelCount", 1) != 1
-            ):
-                raise ProtocolViolation(f"Invalid audioInputConfiguration {cfg}.")
-            self.in_rate = int(rate)
-            self.vad = synth.EnergyDetector(
-                self.in_rate,
-                self.emu.scenario.threshold_dbfs,
-                self.emu.scenario.min_speech_ms,
-                self.emu.scenario.end_silence_ms,
-            )
-            self.audio_block = name
-            self.rec.audio_started = True
-        else:
-            if busy is not None:
-                raise ProtocolViolation(
-                    f"Content {busy.name!r} must end before content {name!r} starts."
-                )
-            if ctype == "TEXT":
-                roles = ("SYSTEM", "USER", "ASSISTANT") + (("SYSTEM_SPEECH",) if self.nova2 else ())
-                if role not in roles:
-                    raise ProtocolViolation(f"Invalid role {role!r} for TEXT content.")
-                if interactive and not self.nova2:
-                    raise ProtocolViolation(
-                        "Interactive text input is not supported by this model."
-                    )
-                if role == "SYSTEM" and (self.rec.history or self.rec.audio_started):
-                    raise ProtocolViolation("The system prompt must come before history and audio.")
-                if role in ("USER", "ASSISTANT") and not interactive:
-                    if self.rec.audio_started:
-                        raise ProtocolViolation(
-                            "Chat history must be sent before audio streaming starts."
-                        )
-                    if not self.rec.history and role != "USER":
-                        raise ProtocolViolation("Chat history must start with a USER message.")
-                    if self.rec.history and self.rec.history[-1][0] == role:
-                        raise ProtocolViolation(
-                            "Chat history roles must alternate between USER and ASSISTANT."
-                        )
-            else:  # TOOL
-                cfg = body.get("toolResultInputConfiguration") or {}
-                tid = cfg.get("toolUseId")
-                if tid not in self._tool_names:
-                    raise ProtocolViolation(
-                        f"Tool Response parsing error: unknown toolUseId {tid!r}."
-                    )
-                role = "TOOL"
-        self.names_seen.add(name)
-        blk = _Block(name, ctype, role, interactive)
-        if ctype == "TOOL":
-            blk.tool_use_id = (body.get("toolResultInputConfiguration") or {}).get("toolUseId", "")
-        self.blocks[name] = blk
-
-    def _block(self, body: dict[str, Any], want: str, event: str) -> _Block:
-        name = body.get("contentName")
-        blk = self.blocks.get(name)  # type: ignore[arg-type]
-        if blk is None:
-            raise ProtocolViolation(f"{event}: no open content named {name!r}.")
-        if blk.type != want:
-            raise ProtocolViolation(f"{event} sent to {blk.type} content {name!r}.")
-        return blk
-
-    def _text_input(self, body: dict[str, Any], t_ns: int) -> None:
-        blk = self._block(body, "TEXT", "textInput")
-        text = body.get("content")
-        if not isinstance(text, str):
-            raise ProtocolViolation("textInput.content must be a string.")
-        blk.parts.append(text)
-
-    def _audio_input(self, body: dict[str, Any], t_ns: int) -> None:
-        if self._open_text() is not None and self._open_text().type == "TEXT":  # type: ignore[union-attr]
-            raise ProtocolViolation(HISTORY_ERROR)
-        if self.audio_block is None or body.get("contentName") != self.audio_block:
-            if not self.rec.audio_started:
-                raise ProtocolViolation(HISTORY_ERROR)
-            raise ProtocolViolation(
-                f"audioInput: no open audio content named {body.get('contentName')!r}."
-            )
-        try:
-            pcm = base64.b64decode(body.get("content", ""), validate=True)
-        except (binascii.Error, ValueError):
-            raise ProtocolViolation("audioInput.content is not valid base64.") from None
-        if len(pcm) % 2:
-            raise ProtocolViolation("audioInput.content is not whole 16-bit samples.")
-        rec = self.rec
-        rec.audio_frames += 1
-        rec.audio_bytes += len(pcm)
-        rec.pcm += pcm
-        rec.audio_input_ns.append(t_ns)
-        body["content"] = f"<{len(pcm)} bytes>"  # keep records small; PCM is in rec.pcm
-        for cb in self.emu._audio_in_hooks:
-            cb(rec, pcm, t_ns)
-        for ev in self.vad.feed(pcm):
-            if ev.kind == "speech_start" and self.speaking and not self._interrupt.is_set():
-                self._interrupt.set()
-            elif ev.kind == "speech_end":
-                rec.utterances += 1
-                self._triggers.put_nowait(("speech", ""))
-
-    def _tool_result(self, body: dict[str, Any], t_ns: int) -> None:
-        blk = self._block(body, "TOOL", "toolResult")
-        content = body.get("content")
-        if not isinstance(content, str):
-            raise ProtocolViolation("Tool Response parsing error: content must be a string.")
-        try:
-            parsed = json.loads(content)
-        except ValueError:
-            raise ProtocolViolation(
-                "Tool Response parsing error: content is not valid JSON."
-            ) from None
-        blk.results.append(content)
-        self.rec.tool_results.append(
-            ToolResultRecord(
-                blk.tool_use_id, self._tool_names.get(blk.tool_use_id, ""), content, parsed, t_ns
-            )
-        )
-
-    def _content_end(self, body: dict[str, Any], t_ns: int) -> None:
-        name = body.get("contentName")
-        blk = self.blocks.pop(name, None)  # type: ignore[arg-type]
-        if blk is None:
-            raise ProtocolViolation(f"contentEnd: no open content named {name!r}.")
-        if blk.type == "AUDIO":
-            self.audio_block = None
-            return
-        text = "".join(blk.parts)
-        if blk.type == "TOOL":
-            if not blk.results:
-                raise ProtocolViolation("Tool Response parsing error: no toolResult in content.")
-            fut = self._pending_tools.get(blk.tool_use_id)
-            if fut is not None and not fut.done():
-                fut.set_result(blk.results[-1])
-            return
-        if blk.role == "SYSTEM":
-            self.rec.system_prompt = text
-        elif blk.role == "SYSTEM_SPEECH":
-            pass
-        elif blk.interactive:
-            self.rec.interactive_texts.append(text)
-            self._triggers.put_nowait(("text", text))
-        else:
-            size = len(text.encode())
-            limit = V2_MAX_MESSAGE_BYTES if self.nova2 else V1_MAX_MESSAGE_BYTES
-            if size > limit:
-                raise ProtocolViolation(
-                    f"Chat history message of {size} bytes exceeds the {limit}-byte limit."
-                )
-            self.history_bytes += size
-            if self.nova2 and self.history_bytes > V2_MAX_HISTORY_BYTES:
-                raise ProtocolViolation("Chat history exceeds the 200 KB limit.")
-            if not self.nova2 and len(self.rec.history) >= V1_MAX_HISTORY_MESSAGES:
-                raise ProtocolViolation("Chat history exceeds 40 messages.")
-            self.rec.history.append((blk.role, text))
-
-    def _prompt_end(self, body: dict[str, Any], t_ns: int) -> None:
-        if self.blocks:
-            raise ProtocolViolation(
-                f"promptEnd while content is open: {sorted(self.blocks)} (send contentEnd first)."
-            )
-        self.phase = "prompt_ended"
-
     # ------------------------------------------------------------------ scenario
     async def _turn_loop(self) -> None:
         while True:
             trigger, _text = await self._triggers.get()
-            fault = self.emu._take_turn_fault()
+            fault = self.host.take_turn_fault()
             if fault is not None:
                 await self.apply_fault(fault)
                 return
-            turn_index = self.emu._next_turn(trigger)
+            turn_index = self.host.next_turn(trigger)
             if turn_index is None:
                 continue
-            turn = self.emu.scenario.turns[turn_index]
+            turn = self.host.scenario.turns[turn_index]
             self.rec.turns_fired.append(turn_index)
-            self.emu._notify()
+            self.host.notify()
             if turn.fault is not None:
                 await self.apply_fault(turn.fault)
                 return
@@ -708,7 +390,6 @@ class StreamSession:
         await self.emit("contentEnd", {"contentId": cid, "type": "TEXT", "stopReason": stop})
 
     async def _usage(self, in_speech: int, in_text: int, out_speech: int, out_text: int) -> None:
-        self._totals = getattr(self, "_totals", [0, 0, 0, 0])
         for i, v in enumerate((in_speech, in_text, out_speech, out_text)):
             self._totals[i] += v
         ti, tt, to, tx = self._totals
@@ -769,7 +450,8 @@ class StreamSession:
         interrupted = await self._speak(pcm) if pcm else False
         if interrupted:
             self.rec.barge_ins += 1
-            await self._text_block("ASSISTANT", "FINAL", '{ "interrupted" : true }', "INTERRUPTED")
+            if not self.host.scenario.after_interrupt_ms:
+                await self._interruption_marker()
             stop = "INTERRUPTED"
         elif turn.say or turn.final:
             final = turn.final if turn.final is not None else turn.say
@@ -783,7 +465,7 @@ class StreamSession:
             content = json.dumps(content)
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending_tools[tid] = fut
-        self._tool_names[tid] = name
+        self.rules.tool_use_sent(tid, name)
         self.rec.tool_uses.append({"toolUseId": tid, "name": name, "input": args})
         await self.emit(
             "contentStart",
@@ -805,20 +487,20 @@ class StreamSession:
             },
         )
         await self.emit("contentEnd", {"contentId": cid, "type": "TOOL", "stopReason": "TOOL_USE"})
-        self.emu._notify()
+        self.host.notify()
         try:
-            await asyncio.wait_for(fut, self.emu.scenario.tool_timeout_s)
+            await asyncio.wait_for(fut, self.host.scenario.tool_timeout_s)
         except TimeoutError:
             log.warning(
                 "stream %d: no toolResult for %s within %ss",
                 self.sid,
                 name,
-                self.emu.scenario.tool_timeout_s,
+                self.host.scenario.tool_timeout_s,
             )
 
     async def _turn_audio(self, turn: Turn) -> bytes:
         spec = turn.audio
-        rate = self.out_rate
+        rate = self.rules.out_rate
         if spec in ("none", None):
             return b""
         if spec == "tone":
@@ -837,10 +519,10 @@ class StreamSession:
         if "silence_s" in spec:
             return bytes(2 * round(spec["silence_s"] * rate))
         if "wav" in spec:
-            path = self.emu.scenario.base_dir / spec["wav"]
+            path = self.host.scenario.base_dir / spec["wav"]
             return await asyncio.to_thread(synth.load_wav, path, rate)
         e = spec["espeak"]
-        return await self.emu._synth_cached(
+        return await self.host.synth_cached(
             turn.say, e.get("voice", turn.voice), e.get("speed_wpm", 175), rate
         )
 
@@ -855,21 +537,22 @@ class StreamSession:
                 "role": "ASSISTANT",
                 "audioOutputConfiguration": {
                     "mediaType": "audio/lpcm",
-                    "sampleRateHertz": self.out_rate,
+                    "sampleRateHertz": self.rules.out_rate,
                     "sampleSizeBits": 16,
                     "channelCount": 1,
                     "encoding": "base64",
                 },
             },
         )
-        sc = self.emu.scenario
-        step = max(2, int(self.out_rate * sc.chunk_ms / 1000) * 2)
+        sc = self.host.scenario
+        step = max(2, int(self.rules.out_rate * sc.chunk_ms / 1000) * 2)
         chunk_s, lead_s = sc.chunk_ms / 1000, sc.lead_ms / 1000
-        speed = self.emu.speed
+        speed = self.host.speed
         self._interrupt.clear()
         self.speaking = True
         interrupted = False
         t0 = time.monotonic()
+        off = 0
         try:
             for i, off in enumerate(range(0, len(pcm), step)):
                 if self._interrupt.is_set():
@@ -887,8 +570,18 @@ class StreamSession:
                 else:
                     await asyncio.sleep(0)
                 await self._audio_out(cid, pcm[off : off + step])
+            else:
+                off = len(pcm)
         finally:
             self.speaking = False
+        if interrupted and sc.after_interrupt_ms:
+            # As a real service may: the marker, then more of the interrupted answer on the
+            # same content (the client must drop it), then the INTERRUPTED contentEnd.
+            await self._interruption_marker()
+            tail = pcm[off : off + 2 * round(self.rules.out_rate * sc.after_interrupt_ms / 1000)]
+            for k in range(0, len(tail), step):
+                await self._audio_out(cid, tail[k : k + step])
+                self.rec.audio_after_interrupt_bytes += len(tail[k : k + step])
         await self.emit(
             "contentEnd",
             {
@@ -899,13 +592,15 @@ class StreamSession:
         )
         return interrupted
 
+    async def _interruption_marker(self) -> None:
+        await self._text_block("ASSISTANT", "FINAL", '{ "interrupted" : true }', "INTERRUPTED")
+
     async def _audio_out(self, cid: str, pcm: bytes) -> int:
         b64 = base64.b64encode(pcm).decode("ascii")
         t = await self.emit("audioOutput", {"contentId": cid, "content": b64})
         self.rec.audio_out_frames += 1
         self.rec.audio_out_bytes += len(pcm)
-        for cb in self.emu._audio_out_hooks:
-            cb(self.rec, pcm, t)
+        self.host.audio_out(self.rec, pcm, t)
         return t
 
     # ------------------------------------------------------------------ on demand
@@ -924,7 +619,7 @@ class StreamSession:
                     "role": "ASSISTANT",
                     "audioOutputConfiguration": {
                         "mediaType": "audio/lpcm",
-                        "sampleRateHertz": self.out_rate,
+                        "sampleRateHertz": self.rules.out_rate,
                         "sampleSizeBits": 16,
                         "channelCount": 1,
                         "encoding": "base64",
