@@ -192,8 +192,8 @@ def main() -> None:
     from std_msgs.msg import UInt8MultiArray
 
     from sonic_voice.emulators.sonic import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
-    from sonic_voice.ros.topics import AUDIO_QOS, MIC_TOPIC, OUT_TOPIC
     from sonic_voice.nodes.sonic_session import SonicSessionNode
+    from sonic_voice.ros.topics import AUDIO_QOS, MIC_TOPIC, OUT_TOPIC
 
     from test.harness.ros import RosGraph, wait_for
 

@@ -13,7 +13,9 @@ import soxr
 from rclpy.parameter import Parameter
 from std_msgs.msg import Int32, String, UInt8MultiArray
 
+from sonic_voice.contracts import VIEWER_TEXT, VIEWERS
 from sonic_voice.emulators.kvs import KvsEmulatorThread
+from sonic_voice.nodes.kvs_webrtc import KvsWebrtcNode
 from sonic_voice.ros.topics import (
     AUDIO_QOS,
     EVENT_QOS,
@@ -23,15 +25,13 @@ from sonic_voice.ros.topics import (
     msg_pcm,
     pcm_msg,
 )
-from sonic_voice.contracts import VIEWER_TEXT, VIEWERS
-from sonic_voice.nodes.kvs_webrtc import KvsWebrtcNode
-
-VIEWER_TEXT_TOPIC, VIEWERS_TOPIC = VIEWER_TEXT.name, VIEWERS.name
 
 from test.harness.ros import wait_for
 from test.harness.signals import best_alignment, silence, speech_like
 from test.harness.viewer import TEST_SECRET, Viewer
 from test.test_kvs_link import answer_sdp, check_viewer_speech, opus_fmtp
+
+VIEWER_TEXT_TOPIC, VIEWERS_TOPIC = VIEWER_TEXT.name, VIEWERS.name
 
 
 @pytest.fixture
@@ -133,7 +133,9 @@ def test_viewer_audio_and_text_through_the_node(ros_graph, stand_in) -> None:
         )
         stand_in.loop.call_soon_threadsafe(viewer.send_json, {"event": {"textInput": {}}})
         assert wait_for(lambda: listener.texts, 10)
-        assert listener.texts == [{"type": "text", "text": "take me to the lift", "viewer": "visitor"}]
+        assert listener.texts == [
+            {"type": "text", "text": "take me to the lift", "viewer": "visitor"}
+        ]
     finally:
         stand_in.call(viewer.close(), 15)
     assert wait_for(lambda: listener.viewers[-1] == 0, 15)

@@ -31,7 +31,9 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Empty, Int32, String, UInt8MultiArray
 
+from sonic_voice.contracts import VIEWER_TEXT, VIEWERS
 from sonic_voice.emulators.sonic import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, EmulatorThread
+from sonic_voice.nodes.sonic_session import SonicSessionNode
 from sonic_voice.ros.topics import (
     AUDIO_QOS,
     EVENT_QOS,
@@ -42,14 +44,12 @@ from sonic_voice.ros.topics import (
     REMOTE_TOPIC,
     pcm_msg,
 )
-from sonic_voice.contracts import VIEWER_TEXT, VIEWERS
-from sonic_voice.nodes.sonic_session import SonicSessionNode
-
-VIEWER_TEXT_TOPIC, VIEWERS_TOPIC = VIEWER_TEXT.name, VIEWERS.name
 from sonic_voice.sonic import transport
 
 from test.harness.ros import wait_for
 from test.harness.signals import speech_like
+
+VIEWER_TEXT_TOPIC, VIEWERS_TOPIC = VIEWER_TEXT.name, VIEWERS.name
 
 RATE = 16000
 FRAME = 512  # the mic block and the session's 32 ms chunk: frames keep their identity
@@ -556,7 +556,8 @@ def test_deactivate_ends_the_stream_politely_and_cancels_tools(rig: Any, tmp_pat
     assert server.cancel_received.wait(TIMEOUT), "the running goal was not cancelled"
     rec = first_stream(emu)
     with contextlib.suppress(TimeoutError):
-        emu.wait_for(lambda: rec.end_reason == "sessionEnd", TIMEOUT)
+        # Deactivation returns at once; the polite close follows on the loop.
+        emu.wait_for(lambda: rec.end_reason == "sessionEnd" and rec.end_frame_received, TIMEOUT)
     assert rec.end_reason == "sessionEnd", (rec.end_reason, rec.event_names[-4:])
     assert rec.event_names[-3:] == ["contentEnd", "promptEnd", "sessionEnd"]
     assert rec.end_frame_received and rec.signature_chain_ok
