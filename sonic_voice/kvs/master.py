@@ -30,7 +30,7 @@ from aiortc import RTCConfiguration, RTCIceTransportPolicy
 from sonic_voice.audio.pcm import as_pcm16
 from sonic_voice.kvs.control import ControlPlane
 from sonic_voice.kvs.ice import IceConfig
-from sonic_voice.kvs.peer import ViewerPeer
+from sonic_voice.kvs.peer import ViewerPeer, _log_failure
 from sonic_voice.kvs.settings import KvsSettings
 from sonic_voice.kvs.signaling import Inbound, SignalingClient
 
@@ -58,6 +58,11 @@ def split_candidates(sdp: str) -> tuple[str, list[dict[str, Any]]]:
         out.append(line)
     payloads = [{"candidate": c, "sdpMid": mid or "0", "sdpMLineIndex": 0} for c in cands]
     return "\r\n".join(out), payloads
+
+
+def _priority(payload: dict[str, Any]) -> int:
+    bits = payload["candidate"].split()
+    return int(bits[3]) if len(bits) > 3 and bits[3].isdigit() else 0
 
 
 def _b64_len(obj: dict[str, Any]) -> int:
@@ -189,6 +194,7 @@ class KvsMaster:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
 
     def _on_signal(self, msg: Inbound) -> None:
         if msg.type == "SDP_OFFER":
@@ -262,20 +268,26 @@ class KvsMaster:
                     peer.answer(offer, lambda: self._take_pending(client)),
                     self.settings.ice_timeout_s,
                 )
-                await self._send_answer(client, sdp)
+                await self._send_answer(client, sdp, peer)
             except Exception as e:  # noqa: BLE001 - one viewer's failure is its own
                 log.warning("viewer %s: answering failed: %s: %s", client, type(e).__name__, e)
                 await peer.close(f"answer failed: {e}")
                 return
             peer.watch_connect(self.settings.ice_timeout_s)
 
-    async def _send_answer(self, client: str, sdp: str) -> None:
+    async def _send_answer(self, client: str, sdp: str, peer: ViewerPeer | None = None) -> None:
+        """Send the answer; when it is over the message limit, send it without candidates
+        and trickle them after it (signaling paces them at 20/s), highest ICE priority
+        first so the most useful path is tried first. The trickle runs as a task of
+        ``peer`` (when given): the answer does not wait for it, and closing the peer
+        withdraws what has not left yet."""
         assert self.signaling is not None
         answer = {"type": "answer", "sdp": sdp}
         trickle: list[dict[str, Any]] = []
         if _b64_len(answer) > self.settings.max_message_chars:
             # Too many host candidates for one message: send them separately.
             stripped, trickle = split_candidates(sdp)
+            trickle.sort(key=_priority, reverse=True)
             answer = {"type": "answer", "sdp": stripped}
             log.info(
                 "viewer %s: answer over %d chars; trickling %d candidates",
@@ -284,8 +296,18 @@ class KvsMaster:
                 len(trickle),
             )
         await self.signaling.send("SDP_ANSWER", client, answer)
-        for cand in trickle:
-            await self.signaling.send("ICE_CANDIDATE", client, cand)
+        if not trickle:
+            return
+        signaling = self.signaling
+
+        async def _trickle() -> None:
+            # All queued at once: the signaling pump keeps their order and pace.
+            await asyncio.gather(*(signaling.send("ICE_CANDIDATE", client, c) for c in trickle))
+
+        if peer is None:
+            await _trickle()
+        else:
+            peer.spawn(_trickle(), "trickle")
 
     # -- peer callbacks -----------------------------------------------------------------
     def _deliver_audio(self, client: str, block: np.ndarray) -> None:
