@@ -183,6 +183,36 @@ async def test_bad_candidates_before_the_offer_do_not_block_the_answer(
     assert not loop_errors, loop_errors
 
 
+async def test_early_candidates_of_two_viewers_stay_with_their_viewer(
+    emu: KvsEmulator, master: KvsMaster
+) -> None:
+    """Candidates of two viewers wait at once, interleaved; each viewer's peer gets its own
+    and only its own (issue 16: a loop variable shadowing the client id in the expiry loop
+    filed a candidate under another viewer, and no test had two viewers waiting)."""
+
+    def cand(port: int) -> dict[str, Any]:
+        line = f"candidate:{port} 1 udp 2122260223 127.0.0.2 {port} typ host"
+        return {"candidate": line, "sdpMid": "0", "sdpMLineIndex": 0}
+
+    early = {"a": (40001, 40003), "b": (40002, 40004)}
+    for i in range(2):
+        for client, ports in early.items():
+            await emu.send_as_viewer(client, "ICE_CANDIDATE", cand(ports[i]))
+    await barrier(emu, master)
+    # Trickling viewers: an offer with a=end-of-candidates would make aiortc ignore them.
+    va, vb = await asyncio.gather(
+        Viewer(emu.endpoint_url, CHANNEL, "a", trickle=True).join(),
+        Viewer(emu.endpoint_url, CHANNEL, "b", trickle=True).join(),
+    )
+    assert await master.wait_viewers(2)
+    for client, ports in early.items():
+        pc = master.peers[client].pc
+        ice = pc.getTransceivers()[0].receiver.transport.transport
+        got = {c.port for c in ice.getRemoteCandidates()} & {40001, 40002, 40003, 40004}
+        assert got == set(ports), f"viewer {client} got early candidates on ports {got}"
+    await asyncio.gather(va.close(), vb.close())
+
+
 async def test_bad_candidates_on_a_live_peer_are_dropped_quietly(
     emu: KvsEmulator, master: KvsMaster, caplog: pytest.LogCaptureFixture, loop_errors: list
 ) -> None:
