@@ -53,7 +53,7 @@ setup(
         "opuslib",  # libopus with in-band FEC decode + PLC (loss-resilient receive path)
     ],
     extras_require={
-        "test": ["pytest", "pytest-asyncio", "pytest-timeout", "ruff"],
+        "test": ["pytest", "pytest-asyncio", "pytest-timeout", "hypothesis", "ruff"],
     },
     zip_safe=False,
     maintainer="sonic_voice maintainers",

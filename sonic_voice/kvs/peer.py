@@ -214,16 +214,22 @@ class ViewerPeer:
 
         @channel.on("message")
         def _message(raw: str | bytes) -> None:
+            # Runs inside aiortc's SCTP receive path: nothing may escape from here.
             try:
                 msg = parse_inbound(raw, self.settings.data_max_bytes, self.settings.text_max_chars)
             except RejectedMessage as e:
                 self.rejected.append(str(e))
+                del self.rejected[:-100]
                 log.warning("viewer %s: data channel message rejected: %s", self.client_id, e)
-                self._send(channel, {"type": "error", "reason": str(e)})
+                with contextlib.suppress(Exception):
+                    self._send(channel, {"type": "error", "reason": str(e)})
                 return
             if msg["type"] in ("mute", "unmute"):
                 self.muted = msg["type"] == "mute"
-            self._on_inbound(self.client_id, msg)
+            try:
+                self._on_inbound(self.client_id, msg)
+            except Exception:
+                log.exception("viewer %s: handling %s failed", self.client_id, msg["type"])
 
         @channel.on("close")
         def _closed() -> None:
