@@ -95,10 +95,11 @@ class KvsMaster:
         self.control: ControlPlane | None = None
         self.ice: IceConfig | None = None
         self.signaling: SignalingClient | None = None
-        self.rejected_offers: list[tuple[str, str]] = []  # (client id, reason)
-        self.closed_peers: list[tuple[str, str]] = []  # (client id, reason)
+        self.rejected_offers: list[tuple[str, str]] = []  # (client id, reason), newest 100
+        self.closed_peers: list[tuple[str, str]] = []  # (client id, reason), newest 100
         self._pending: dict[str, list[tuple[float, dict[str, Any]]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._offering: dict[str, int] = {}  # offers being handled per viewer
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
@@ -238,42 +239,56 @@ class KvsMaster:
 
     async def _handle_offer(self, client: str, offer: dict[str, Any]) -> None:
         lock = self._locks.setdefault(client, asyncio.Lock())
-        async with lock:
-            old = self.peers.pop(client, None)
-            if old is not None:
-                await old.close("replaced by a new offer from the same viewer")
-            if len(self.peers) >= self.settings.max_viewers:
-                reason = f"max_viewers ({self.settings.max_viewers}) reached"
-                log.warning("viewer %s refused: %s", client, reason)
-                self.rejected_offers.append((client, reason))
-                self._pending.pop(client, None)
-                return
-            assert self.ice is not None and self.signaling is not None
-            servers = await self.ice.servers()
-            config = RTCConfiguration(
-                iceServers=servers,
-                iceTransportPolicy=RTCIceTransportPolicy(self.settings.ice_transport_policy),
+        self._offering[client] = self._offering.get(client, 0) + 1
+        try:
+            async with lock:
+                await self._answer_offer(client, offer)
+        finally:
+            # The last offer of a viewer without a peer (refused, failed) drops its lock; a
+            # peer's closing drops it otherwise (_on_peer_state).
+            left = self._offering.pop(client) - 1
+            if left:
+                self._offering[client] = left
+            elif client not in self.peers:
+                self._locks.pop(client, None)
+
+    async def _answer_offer(self, client: str, offer: dict[str, Any]) -> None:
+        old = self.peers.pop(client, None)
+        if old is not None:
+            await old.close("replaced by a new offer from the same viewer")
+        if len(self.peers) >= self.settings.max_viewers:
+            reason = f"max_viewers ({self.settings.max_viewers}) reached"
+            log.warning("viewer %s refused: %s", client, reason)
+            self.rejected_offers.append((client, reason))
+            del self.rejected_offers[:-100]
+            self._pending.pop(client, None)
+            return
+        assert self.ice is not None and self.signaling is not None
+        servers = await self.ice.servers()
+        config = RTCConfiguration(
+            iceServers=servers,
+            iceTransportPolicy=RTCIceTransportPolicy(self.settings.ice_transport_policy),
+        )
+        peer = ViewerPeer(
+            client,
+            self.settings,
+            config,
+            self._deliver_audio,
+            self._deliver_message,
+            self._on_peer_state,
+        )
+        self.peers[client] = peer
+        try:
+            sdp = await asyncio.wait_for(
+                peer.answer(offer, lambda: self._take_pending(client)),
+                self.settings.ice_timeout_s,
             )
-            peer = ViewerPeer(
-                client,
-                self.settings,
-                config,
-                self._deliver_audio,
-                self._deliver_message,
-                self._on_peer_state,
-            )
-            self.peers[client] = peer
-            try:
-                sdp = await asyncio.wait_for(
-                    peer.answer(offer, lambda: self._take_pending(client)),
-                    self.settings.ice_timeout_s,
-                )
-                await self._send_answer(client, sdp, peer)
-            except Exception as e:  # noqa: BLE001 - one viewer's failure is its own
-                log.warning("viewer %s: answering failed: %s: %s", client, type(e).__name__, e)
-                await peer.close(f"answer failed: {e}")
-                return
-            peer.watch_connect(self.settings.ice_timeout_s)
+            await self._send_answer(client, sdp, peer)
+        except Exception as e:  # noqa: BLE001 - one viewer's failure is its own
+            log.warning("viewer %s: answering failed: %s: %s", client, type(e).__name__, e)
+            await peer.close(f"answer failed: {e}")
+            return
+        peer.watch_connect(self.settings.ice_timeout_s)
 
     async def _send_answer(self, client: str, sdp: str, peer: ViewerPeer | None = None) -> None:
         """Send the answer; when it is over the message limit, send it without candidates
@@ -324,7 +339,8 @@ class KvsMaster:
             if self.peers.get(peer.client_id) is peer:
                 del self.peers[peer.client_id]
             self.closed_peers.append((peer.client_id, peer.close_reason or "?"))
-            if not self._locks.get(peer.client_id, asyncio.Lock()).locked():
+            del self.closed_peers[:-100]
+            if not self._offering.get(peer.client_id):
                 self._locks.pop(peer.client_id, None)
         self._update_count()
 

@@ -229,6 +229,8 @@ class KvsEmulator:
     relay would stall candidate gathering). ``verify_secret``: when set, the SigV4 signature
     of every WebSocket URL is recomputed with this secret and a mismatch is refused (403).
     ``ssl``: a server TLS context (e.g. from sonic_voice.emulators.certs) -> https/wss.
+    ``record_limit``: keep only the newest this many ``records``/``calls``/``connections``
+    (soaks: the history must not grow in the process they measure).
     """
 
     def __init__(
@@ -246,7 +248,9 @@ class KvsEmulator:
         verify_secret: str | None = None,
         max_connection_s: float | None = None,
         ssl: ssl.SSLContext | None = None,
+        record_limit: int | None = None,
     ) -> None:
+        self.record_limit = record_limit
         self.host = host
         self.port = port
         self.region = region
@@ -743,7 +747,15 @@ class KvsEmulator:
                 payload,
             )
         )
+        self._trim()
         self._notify()
+
+    def _trim(self) -> None:
+        limit = self.record_limit
+        if limit is not None:
+            for history in (self.records, self.calls, self.connections):
+                if len(history) > limit:
+                    del history[: len(history) - limit]
 
     @staticmethod
     def _status_frame(
