@@ -18,6 +18,7 @@ from sonic_voice.kvs import aiortc_hooks
 from sonic_voice.kvs.jitter import (
     AdaptiveJitterBuffer,
     JitterConfig,
+    TransitWindow,
     install_receiver,
     opus_packet_samples,
     packet_has_fec,
@@ -111,6 +112,28 @@ def test_depth_adapts_to_jitter() -> None:
                 jb.pop_due(t)
         assert lo <= jb.target_ms <= hi, (jitter, jb.target_ms)
         assert jb.stats.plc <= 2, vars(jb.stats)  # at most the first adaptation
+
+
+def test_transit_window_matches_numpy_exactly() -> None:
+    """The incremental window gives the very numbers the per-frame ``np.quantile`` gave
+    (so the buffer's depth decisions are unchanged), through arrivals, expiry and ties."""
+    rng = np.random.default_rng(5)
+    win = TransitWindow()
+    ref: list[float] = []
+    for step in range(3000):
+        if ref and rng.random() < 0.45:
+            assert win.popleft()[1] == ref.pop(0)
+        else:
+            t = float(np.round(rng.normal(0.05, 0.02), 3 if step % 3 else 9))  # ties too
+            win.append((step * 0.02, t))
+            ref.append(t)
+        if ref:
+            tr = np.array(ref)
+            assert win.min() == tr.min()
+            for q in (0.0, 0.5, 0.97, 1.0):
+                assert win.quantile_above_min(q) == float(np.quantile(tr - tr.min(), q))
+    win.clear()
+    assert len(win) == 0
 
 
 def test_aiortc_hook_points_exist() -> None:

@@ -389,7 +389,8 @@ async def test_max_viewers_and_large_answers(emu: KvsEmulator) -> None:
     try:
         # The answer is over the (lowered) limit: candidates go out as ICE_CANDIDATE frames.
         a = await viewer(emu, "a").join()
-        assert emu.routed("ICE_CANDIDATE", "MASTER")
+        # (paced after the answer: they may leave after the viewer connected)
+        assert await emu.wait_until(lambda: emu.routed("ICE_CANDIDATE", "MASTER"), 5)
         assert await r.master.wait_viewers(1)
         b = viewer(emu, "b")
         with pytest.raises(TimeoutError):

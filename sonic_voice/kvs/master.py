@@ -30,7 +30,7 @@ from aiortc import RTCConfiguration, RTCIceTransportPolicy
 from sonic_voice.audio.pcm import as_pcm16
 from sonic_voice.kvs.control import ControlPlane
 from sonic_voice.kvs.ice import IceConfig
-from sonic_voice.kvs.peer import ViewerPeer
+from sonic_voice.kvs.peer import ViewerPeer, _log_failure
 from sonic_voice.kvs.settings import KvsSettings
 from sonic_voice.kvs.signaling import Inbound, SignalingClient
 
@@ -58,6 +58,11 @@ def split_candidates(sdp: str) -> tuple[str, list[dict[str, Any]]]:
         out.append(line)
     payloads = [{"candidate": c, "sdpMid": mid or "0", "sdpMLineIndex": 0} for c in cands]
     return "\r\n".join(out), payloads
+
+
+def _priority(payload: dict[str, Any]) -> int:
+    bits = payload["candidate"].split()
+    return int(bits[3]) if len(bits) > 3 and bits[3].isdigit() else 0
 
 
 def _b64_len(obj: dict[str, Any]) -> int:
@@ -90,10 +95,11 @@ class KvsMaster:
         self.control: ControlPlane | None = None
         self.ice: IceConfig | None = None
         self.signaling: SignalingClient | None = None
-        self.rejected_offers: list[tuple[str, str]] = []  # (client id, reason)
-        self.closed_peers: list[tuple[str, str]] = []  # (client id, reason)
+        self.rejected_offers: list[tuple[str, str]] = []  # (client id, reason), newest 100
+        self.closed_peers: list[tuple[str, str]] = []  # (client id, reason), newest 100
         self._pending: dict[str, list[tuple[float, dict[str, Any]]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._offering: dict[str, int] = {}  # offers being handled per viewer
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
@@ -189,6 +195,7 @@ class KvsMaster:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
 
     def _on_signal(self, msg: Inbound) -> None:
         if msg.type == "SDP_OFFER":
@@ -232,50 +239,70 @@ class KvsMaster:
 
     async def _handle_offer(self, client: str, offer: dict[str, Any]) -> None:
         lock = self._locks.setdefault(client, asyncio.Lock())
-        async with lock:
-            old = self.peers.pop(client, None)
-            if old is not None:
-                await old.close("replaced by a new offer from the same viewer")
-            if len(self.peers) >= self.settings.max_viewers:
-                reason = f"max_viewers ({self.settings.max_viewers}) reached"
-                log.warning("viewer %s refused: %s", client, reason)
-                self.rejected_offers.append((client, reason))
-                self._pending.pop(client, None)
-                return
-            assert self.ice is not None and self.signaling is not None
-            servers = await self.ice.servers()
-            config = RTCConfiguration(
-                iceServers=servers,
-                iceTransportPolicy=RTCIceTransportPolicy(self.settings.ice_transport_policy),
-            )
-            peer = ViewerPeer(
-                client,
-                self.settings,
-                config,
-                self._deliver_audio,
-                self._deliver_message,
-                self._on_peer_state,
-            )
-            self.peers[client] = peer
-            try:
-                sdp = await asyncio.wait_for(
-                    peer.answer(offer, lambda: self._take_pending(client)),
-                    self.settings.ice_timeout_s,
-                )
-                await self._send_answer(client, sdp)
-            except Exception as e:  # noqa: BLE001 - one viewer's failure is its own
-                log.warning("viewer %s: answering failed: %s: %s", client, type(e).__name__, e)
-                await peer.close(f"answer failed: {e}")
-                return
-            peer.watch_connect(self.settings.ice_timeout_s)
+        self._offering[client] = self._offering.get(client, 0) + 1
+        try:
+            async with lock:
+                await self._answer_offer(client, offer)
+        finally:
+            # The last offer of a viewer without a peer (refused, failed) drops its lock; a
+            # peer's closing drops it otherwise (_on_peer_state).
+            left = self._offering.pop(client) - 1
+            if left:
+                self._offering[client] = left
+            elif client not in self.peers:
+                self._locks.pop(client, None)
 
-    async def _send_answer(self, client: str, sdp: str) -> None:
+    async def _answer_offer(self, client: str, offer: dict[str, Any]) -> None:
+        old = self.peers.pop(client, None)
+        if old is not None:
+            await old.close("replaced by a new offer from the same viewer")
+        if len(self.peers) >= self.settings.max_viewers:
+            reason = f"max_viewers ({self.settings.max_viewers}) reached"
+            log.warning("viewer %s refused: %s", client, reason)
+            self.rejected_offers.append((client, reason))
+            del self.rejected_offers[:-100]
+            self._pending.pop(client, None)
+            return
+        assert self.ice is not None and self.signaling is not None
+        servers = await self.ice.servers()
+        config = RTCConfiguration(
+            iceServers=servers,
+            iceTransportPolicy=RTCIceTransportPolicy(self.settings.ice_transport_policy),
+        )
+        peer = ViewerPeer(
+            client,
+            self.settings,
+            config,
+            self._deliver_audio,
+            self._deliver_message,
+            self._on_peer_state,
+        )
+        self.peers[client] = peer
+        try:
+            sdp = await asyncio.wait_for(
+                peer.answer(offer, lambda: self._take_pending(client)),
+                self.settings.ice_timeout_s,
+            )
+            await self._send_answer(client, sdp, peer)
+        except Exception as e:  # noqa: BLE001 - one viewer's failure is its own
+            log.warning("viewer %s: answering failed: %s: %s", client, type(e).__name__, e)
+            await peer.close(f"answer failed: {e}")
+            return
+        peer.watch_connect(self.settings.ice_timeout_s)
+
+    async def _send_answer(self, client: str, sdp: str, peer: ViewerPeer | None = None) -> None:
+        """Send the answer; when it is over the message limit, send it without candidates
+        and trickle them after it (signaling paces them at 20/s), highest ICE priority
+        first so the most useful path is tried first. The trickle runs as a task of
+        ``peer`` (when given): the answer does not wait for it, and closing the peer
+        withdraws what has not left yet."""
         assert self.signaling is not None
         answer = {"type": "answer", "sdp": sdp}
         trickle: list[dict[str, Any]] = []
         if _b64_len(answer) > self.settings.max_message_chars:
             # Too many host candidates for one message: send them separately.
             stripped, trickle = split_candidates(sdp)
+            trickle.sort(key=_priority, reverse=True)
             answer = {"type": "answer", "sdp": stripped}
             log.info(
                 "viewer %s: answer over %d chars; trickling %d candidates",
@@ -284,8 +311,18 @@ class KvsMaster:
                 len(trickle),
             )
         await self.signaling.send("SDP_ANSWER", client, answer)
-        for cand in trickle:
-            await self.signaling.send("ICE_CANDIDATE", client, cand)
+        if not trickle:
+            return
+        signaling = self.signaling
+
+        async def _trickle() -> None:
+            # All queued at once: the signaling pump keeps their order and pace.
+            await asyncio.gather(*(signaling.send("ICE_CANDIDATE", client, c) for c in trickle))
+
+        if peer is None:
+            await _trickle()
+        else:
+            peer.spawn(_trickle(), "trickle")
 
     # -- peer callbacks -----------------------------------------------------------------
     def _deliver_audio(self, client: str, block: np.ndarray) -> None:
@@ -302,7 +339,8 @@ class KvsMaster:
             if self.peers.get(peer.client_id) is peer:
                 del self.peers[peer.client_id]
             self.closed_peers.append((peer.client_id, peer.close_reason or "?"))
-            if not self._locks.get(peer.client_id, asyncio.Lock()).locked():
+            del self.closed_peers[:-100]
+            if not self._offering.get(peer.client_id):
                 self._locks.pop(peer.client_id, None)
         self._update_count()
 

@@ -56,12 +56,17 @@ def parse_inbound(
     raw: str | bytes, max_bytes: int = 4096, text_max_chars: int = TEXT_MAX_CHARS
 ) -> dict[str, Any]:
     """Validate one data-channel message from a viewer; returns the dict or raises."""
-    size = len(raw.encode() if isinstance(raw, str) else raw)
+    try:
+        size = len(raw.encode() if isinstance(raw, str) else raw)
+    except UnicodeEncodeError:
+        raise RejectedMessage("not UTF-8 text") from None
     if size > max_bytes:
         raise RejectedMessage(f"message of {size} bytes exceeds {max_bytes}")
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except RecursionError:  # "[[[[..." (4 KB of it is deeper than the interpreter allows)
+        raise RejectedMessage("not JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise RejectedMessage(f"not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise RejectedMessage("not a JSON object")

@@ -29,6 +29,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
 from sonic_voice.kvs.audio import PacedAudioTrack, RemoteBlocker, consume_remote
+from sonic_voice.kvs.frames import validate_candidate
 from sonic_voice.kvs.jitter import ResilientAudioReceiver, install_receiver
 from sonic_voice.kvs.messages import RejectedMessage, dumps, parse_inbound
 from sonic_voice.kvs.opus_send import ENCODER_RATES, OpusFecTrack, OpusSendConfig, munge_sdp
@@ -38,16 +39,24 @@ log = logging.getLogger(__name__)
 
 
 def parse_candidate(obj: dict[str, Any]) -> Any | None:
-    """A browser RTCIceCandidate JSON -> aiortc candidate (None for end-of-candidates)."""
-    text = (obj.get("candidate") or "").strip()
-    if not text:
+    """A browser RTCIceCandidate JSON -> aiortc candidate (None for end-of-candidates).
+
+    Raises :class:`~sonic_voice.kvs.frames.BadFrame` (a ValueError) for a candidate
+    :func:`~sonic_voice.kvs.frames.validate_candidate` refuses.
+    """
+    norm = validate_candidate(obj)
+    if not norm["candidate"]:
         return None
-    if text.startswith("candidate:"):
-        text = text[len("candidate:") :]  # aiortc parses by position; keep the foundation clean
-    cand = candidate_from_sdp(text)
-    cand.sdpMid = obj.get("sdpMid")
-    cand.sdpMLineIndex = obj.get("sdpMLineIndex")
+    cand = candidate_from_sdp(norm["candidate"])  # without "candidate:" (parsed by position)
+    cand.sdpMid = norm["sdpMid"]
+    cand.sdpMLineIndex = norm["sdpMLineIndex"]
     return cand
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """Retrieve a finished task's exception (no "Task exception was never retrieved")."""
+    if not task.cancelled() and (e := task.exception()) is not None:
+        log.warning("%s failed: %s: %s", task.get_name(), type(e).__name__, e)
 
 
 def opus_config(settings: KvsSettings) -> OpusSendConfig:
@@ -110,6 +119,7 @@ class ViewerPeer:
         task = asyncio.create_task(coro, name=f"kvs-peer-{self.client_id}-{what}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(_log_failure)
         return task
 
     # -- negotiation --------------------------------------------------------------------
@@ -138,14 +148,24 @@ class ViewerPeer:
             )
         return sdp
 
-    async def add_candidate(self, obj: dict[str, Any]) -> None:
+    async def add_candidate(self, obj: dict[str, Any]) -> bool:
+        """Add one remote candidate; a bad one is dropped with a warning, never raised
+        (it must not fail the answer nor end as an unretrieved task exception)."""
         try:
             cand = parse_candidate(obj)
-        except (ValueError, IndexError) as e:
-            log.warning("viewer %s: bad ICE candidate %r: %s", self.client_id, obj, e)
-            return
-        if cand is not None and not self.closed.is_set():
+        except ValueError as e:
+            log.warning("viewer %s: bad ICE candidate dropped: %s", self.client_id, e)
+            return False
+        if cand is None or self.closed.is_set():
+            return False
+        try:
             await self.pc.addIceCandidate(cand)
+        except Exception as e:  # noqa: BLE001 - aiortc/aioice refusing it (after end-of-candidates...)
+            log.warning(
+                "viewer %s: ICE candidate refused: %s: %s", self.client_id, type(e).__name__, e
+            )
+            return False
+        return True
 
     def watch_connect(self, timeout: float) -> None:
         """Close the peer if ICE has not connected within ``timeout`` (aiortc never fails
@@ -194,16 +214,22 @@ class ViewerPeer:
 
         @channel.on("message")
         def _message(raw: str | bytes) -> None:
+            # Runs inside aiortc's SCTP receive path: nothing may escape from here.
             try:
                 msg = parse_inbound(raw, self.settings.data_max_bytes, self.settings.text_max_chars)
             except RejectedMessage as e:
                 self.rejected.append(str(e))
+                del self.rejected[:-100]
                 log.warning("viewer %s: data channel message rejected: %s", self.client_id, e)
-                self._send(channel, {"type": "error", "reason": str(e)})
+                with contextlib.suppress(Exception):
+                    self._send(channel, {"type": "error", "reason": str(e)})
                 return
             if msg["type"] in ("mute", "unmute"):
                 self.muted = msg["type"] == "mute"
-            self._on_inbound(self.client_id, msg)
+            try:
+                self._on_inbound(self.client_id, msg)
+            except Exception:
+                log.exception("viewer %s: handling %s failed", self.client_id, msg["type"])
 
         @channel.on("close")
         def _closed() -> None:

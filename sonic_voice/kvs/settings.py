@@ -55,6 +55,11 @@ class KvsSettings:
     backoff_cap_s: float = 10.0
     presign_expires_s: int = 299  # what both SDKs sign with
     send_wait_s: float = 10.0  # how long a send waits for a (re)connection
+    # Outgoing frames are paced to the service's limits per connection (kvs-signaling.md
+    # §2.5): SendSDPOffer/SendSDPAnswer 5 TPS, SendICECandidate 20 TPS. Evenly spaced;
+    # answers go before queued candidates.
+    signaling_rate_per_s: float = 20.0
+    sdp_rate_per_s: float = 5.0
     max_message_chars: int = 10_000  # KVS payload limit; larger answers trickle candidates
     api_timeout_s: float = 10.0
     # Audio.
@@ -86,6 +91,8 @@ class KvsSettings:
             raise ValueError(f"max_viewers must be 1..100 (KVS allows {KVS_MAX_VIEWERS})")
         if not 5 <= self.message_ttl_s <= 120:
             raise ValueError("message_ttl_s must be 5..120 (the KVS range)")
+        if not (self.signaling_rate_per_s > 0 and self.sdp_rate_per_s > 0):
+            raise ValueError("signaling_rate_per_s and sdp_rate_per_s must be > 0")
         if not 6000 <= self.opus_bitrate <= 510000:
             raise ValueError(f"opus_bitrate must be 6000..510000 bit/s, not {self.opus_bitrate}")
         if not 0 <= self.opus_packet_loss_pct <= 100:

@@ -15,40 +15,62 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
+import heapq
 import itertools
 import json
 import logging
 import random
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection
 
 from sonic_voice.kvs.control import ControlPlane, ControlPlaneError, classify
+from sonic_voice.kvs.frames import BadFrame, Inbound, parse_frame
 from sonic_voice.kvs.settings import KvsSettings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Inbound:
-    """One decoded service -> master message."""
-
-    type: str
-    sender: str | None
-    payload: Any  # decoded JSON of messagePayload, or None
-    status: dict[str, Any] | None = None
+__all__ = ["Inbound", "NotConnectedError", "Pacer", "SignalingClient"]
 
 
 class NotConnectedError(ConnectionError):
     pass
+
+
+class Pacer:
+    """At most ``rate`` sends a second, evenly spaced (a token bucket holding one token).
+
+    Even spacing keeps any one-second window at ``rate`` whether the service counts per
+    second, in a sliding window, or with a small bucket; the cost is that the 20th of a
+    burst leaves 0.95 s after the first instead of at once.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.next_at = float("-inf")
+
+    def take(self, now: float) -> None:
+        self.next_at = max(now, self.next_at) + self.interval
+
+
+@dataclass(order=True)
+class _Outgoing:
+    priority: int  # 0: SDP (answers first), 1: ICE candidates
+    seq: int
+    action: str = field(compare=False)
+    recipient: str = field(compare=False)
+    corr: str = field(compare=False)
+    frame: str = field(compare=False)
+    deadline: float = field(compare=False)
+    future: asyncio.Future = field(compare=False)
 
 
 class SignalingClient:
@@ -79,6 +101,17 @@ class SignalingClient:
         self._prefix = secrets.token_hex(3)
         self._now_reason = "closed by the service"
         self._close_task: asyncio.Future | None = None
+        self.bad_frames = 0  # frames dropped by parse_frame
+        self.rejected_frames: deque[str] = deque(maxlen=100)  # their reasons, newest last
+        # Outgoing frames wait in a priority queue and leave paced (issue 11 item 8): at
+        # most signaling_rate_per_s in all, SDP messages at most sdp_rate_per_s, answers
+        # before trickled candidates.
+        self._outbox: list[_Outgoing] = []
+        self._queued = asyncio.Event()
+        self._pump_task: asyncio.Task | None = None
+        self._pace_all = Pacer(settings.signaling_rate_per_s)
+        self._pace_kind = {"SDP": Pacer(settings.sdp_rate_per_s), "ICE": Pacer(0)}
+        self.sent_at: deque[tuple[float, str]] = deque(maxlen=1000)  # (monotonic, action)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -91,6 +124,17 @@ class SignalingClient:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump_task
+            self._pump_task = None
+        for item in self._outbox:
+            if not item.future.done():
+                item.future.set_exception(
+                    NotConnectedError(f"signaling stopped; {item.action} to {item.recipient} lost")
+                )
+        self._outbox.clear()
         ws = self._ws
         if ws is not None:
             await ws.close()
@@ -200,44 +244,43 @@ class SignalingClient:
         return "go_away" if self._now_reason == "go_away" else "closed"
 
     def _dispatch(self, text: str | bytes) -> bool:
-        """Decode one frame and hand it on; True when the connection must be renewed."""
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        if not text.strip():
-            return False  # keep-alive
+        """Validate one frame and hand it on; True when the connection must be renewed.
+
+        Never raises: a frame :func:`~sonic_voice.kvs.frames.parse_frame` refuses is logged
+        once with its reason and dropped (``rejected_frames``), and a failing handler is
+        logged, so nothing a peer or the service sends can tear the socket down.
+        """
         try:
-            obj = json.loads(text)
-        except ValueError:
-            log.debug("signaling: ignoring a non-JSON frame")
+            msg = parse_frame(text)
+        except BadFrame as e:
+            self._reject(str(e))
             return False
-        if not isinstance(obj, dict) or "messageType" not in obj:
-            log.debug("signaling: ignoring foreign JSON %s", str(obj)[:200])
+        except Exception as e:  # noqa: BLE001 - a parser bug must not cost the connection
+            self._reject(f"unparseable frame ({type(e).__name__}: {e})")
             return False
-        kind = obj["messageType"]
-        if kind == "GO_AWAY":
+        if msg is None:
+            log.debug("signaling: ignoring a keep-alive, foreign JSON or unknown type")
+            return False
+        if msg.type == "GO_AWAY":
             log.info("signaling: GO_AWAY, reconnecting now")
             self._now_reason = "go_away"
             return True
-        if kind == "STATUS_RESPONSE":
-            self._on_status(obj.get("statusResponse") or {})
-            return False
-        payload = None
-        raw = obj.get("messagePayload")
-        if raw:
-            try:
-                payload = json.loads(base64.b64decode(raw, validate=True))
-            except (binascii.Error, ValueError):
-                log.warning(
-                    "signaling: undecodable %s payload from %s", kind, obj.get("senderClientId")
-                )
-                return False
+        if msg.type == "STATUS_RESPONSE":
+            assert msg.status is not None
+            msg = Inbound(msg.type, None, None, self._on_status(msg.status))
         try:
-            self.on_message(Inbound(kind, obj.get("senderClientId"), payload))
+            self.on_message(msg)
         except Exception:
-            log.exception("signaling: handling %s failed", kind)
+            log.exception("signaling: handling %s failed", msg.type)
         return False
 
-    def _on_status(self, status: dict[str, Any]) -> None:
+    def _reject(self, reason: str) -> None:
+        self.bad_frames += 1
+        self.rejected_frames.append(reason)
+        log.warning("signaling: dropped a bad frame: %s", reason)
+
+    def _on_status(self, status: dict[str, Any]) -> dict[str, Any]:
+        """Log a (validated) STATUS_RESPONSE with what we had sent under its id."""
         corr = status.get("correlationId")
         sent = self._sent.get(corr) if corr else None
         what = f"{sent[0]} to {sent[1]}" if sent else "unknown message"
@@ -255,12 +298,20 @@ class SignalingClient:
                 status.get("errorType"),
                 status.get("description"),
             )
-        self.on_message(Inbound("STATUS_RESPONSE", None, None, entry))
+        return entry
 
     # -- sending ------------------------------------------------------------------------
     async def send(self, action: str, recipient: str, payload: dict[str, Any]) -> str:
         """Send one message to a viewer (waiting for a connection up to ``send_wait_s``);
-        returns its correlation id."""
+        returns its correlation id once the frame is on the socket.
+
+        Frames leave paced to the service's documented limits (kvs-signaling.md §2.5: SDP
+        5/s, ICE candidates 20/s per connection; ``sdp_rate_per_s``,
+        ``signaling_rate_per_s`` for all frames together). SDP messages go before any
+        queued ICE candidate, so an answer waits at most one send interval (50 ms) behind
+        another viewer's trickle; frames of one priority leave in the order sent.
+        Cancelling the caller withdraws a frame that has not left yet.
+        """
         body = base64.b64encode(json.dumps(payload).encode()).decode()
         corr = f"{self._prefix}.{next(self._ids)}"
         frame = json.dumps(
@@ -271,21 +322,70 @@ class SignalingClient:
                 "correlationId": corr,
             }
         )
-        deadline = time.monotonic() + self.settings.send_wait_s
+        loop = asyncio.get_running_loop()
+        item = _Outgoing(
+            1 if action == "ICE_CANDIDATE" else 0,
+            next(self._ids),
+            action,
+            recipient,
+            corr,
+            frame,
+            loop.time() + self.settings.send_wait_s,
+            loop.create_future(),
+        )
+        heapq.heappush(self._outbox, item)
+        self._queued.set()
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = asyncio.create_task(self._pump(), name="kvs-signaling-send")
+        return await item.future
+
+    async def _pump(self) -> None:
+        """The one writer of the socket: sends queued frames in priority order, paced."""
+        loop = asyncio.get_running_loop()
         while True:
+            while self._outbox and self._outbox[0].future.done():
+                heapq.heappop(self._outbox)  # withdrawn by a cancelled caller
+            if not self._outbox:
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            item = self._outbox[0]
+            now = loop.time()
+            kind = self._pace_kind["ICE" if item.priority else "SDP"]
+            at = max(self._pace_all.next_at, kind.next_at)
             ws = self._ws
-            if ws is not None and self.connected.is_set():
-                try:
-                    await ws.send(frame)
-                    break
-                except websockets.ConnectionClosed:
-                    pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise NotConnectedError(f"signaling not connected; {action} to {recipient} lost")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.connected.wait(), min(left, 1.0))
-        self._sent[corr] = (action, recipient, time.monotonic())
-        while len(self._sent) > 500:
-            self._sent.popitem(last=False)
-        return corr
+            if ws is None or not self.connected.is_set():
+                if now >= item.deadline:  # send_wait_s since it was queued
+                    heapq.heappop(self._outbox)
+                    why = f"signaling not connected; {item.action} to {item.recipient} lost"
+                    item.future.set_exception(NotConnectedError(why))
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.connected.wait(), min(item.deadline - now, 1.0))
+                continue
+            if at > now:
+                # Wait for the slot, but look again if something more urgent is queued.
+                self._queued.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._queued.wait(), at - now)
+                continue
+            heapq.heappop(self._outbox)
+            try:
+                await ws.send(item.frame)
+            except websockets.ConnectionClosed:
+                heapq.heappush(self._outbox, item)  # again on the next connection
+                await asyncio.sleep(0.05)  # until the read loop sees the close
+                continue
+            except Exception as e:  # noqa: BLE001 - fail this frame, keep the writer alive
+                if not item.future.done():
+                    item.future.set_exception(e)
+                continue
+            now = loop.time()
+            self._pace_all.take(now)
+            kind.take(now)
+            self.sent_at.append((time.monotonic(), item.action))
+            self._sent[item.corr] = (item.action, item.recipient, time.monotonic())
+            while len(self._sent) > 500:
+                self._sent.popitem(last=False)
+            if not item.future.done():
+                item.future.set_result(item.corr)

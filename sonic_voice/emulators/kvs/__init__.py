@@ -5,7 +5,7 @@ loop in a thread (for node tests and for callers whose loop makes blocking boto3
 ``python -m sonic_voice.emulators.kvs`` runs one as a process (for browser tests and benches).
 """
 
-from sonic_voice.emulators.kvs.server import MASTER, ApiError, KvsEmulator, Routed
+from sonic_voice.emulators.kvs.server import MALFORMED, MASTER, ApiError, KvsEmulator, Routed
 from sonic_voice.emulators.kvs.thread import KvsEmulatorThread
 
-__all__ = ["MASTER", "ApiError", "KvsEmulator", "KvsEmulatorThread", "Routed"]
+__all__ = ["MALFORMED", "MASTER", "ApiError", "KvsEmulator", "KvsEmulatorThread", "Routed"]

@@ -14,9 +14,11 @@ One aiohttp server on loopback answers:
   viewer messages for ``MessageTtlSeconds`` while no master is connected, answers errors with
   ``STATUS_RESPONSE`` when a correlation id was sent, and enforces the 10K payload limit.
 
-Test hooks inject ``GO_AWAY``, ``RECONNECT_ICE_SERVER``, ``STATUS_RESPONSE`` and raw frames,
-drop sockets, and every routed message is recorded. CORS is open on the REST endpoints so a
-browser page served from another localhost port can call them with ``fetch``.
+Test hooks inject ``GO_AWAY``, ``RECONNECT_ICE_SERVER``, ``STATUS_RESPONSE``, raw frames and
+each malformed frame of :data:`MALFORMED` (``send_malformed``), forge a viewer's message
+(``send_as_viewer``), drop sockets, and every routed message is recorded. CORS is open on
+the REST endpoints so a browser page served from another localhost port can call them with
+``fetch``.
 
 Rules and limits follow /work/shared/reference/kvs-signaling.md (sections 1, 2 and 5.3).
 """
@@ -58,6 +60,83 @@ REQUIRED_QUERY = (
     "X-Amz-ChannelARN",
 )
 MASTER = "MASTER"  # how records name the master side
+
+
+VIEWER_FOR_FAULTS = "fault-viewer"  # default sender of forged viewer frames
+_GOOD_CANDIDATE = "candidate:1 1 udp 2122260223 127.0.0.2 9 typ host"
+
+
+def _b64json(obj: Any) -> str:
+    return base64.b64encode(json.dumps(obj).encode()).decode()
+
+
+def _malformed(kind: str, sender: str) -> dict[str, Any] | str:
+    """The frame for one :data:`MALFORMED` kind, as the service would deliver it."""
+    offer = {"messageType": "SDP_OFFER", "senderClientId": sender}
+    cand = {"messageType": "ICE_CANDIDATE", "senderClientId": sender}
+    status = {"messageType": "STATUS_RESPONSE"}
+    frames: dict[str, dict[str, Any] | str] = {
+        # Frames the service itself could garble (issue 11 item 6).
+        "payload_not_string": {**offer, "messagePayload": 12345},
+        "payload_list": {**offer, "messagePayload": ["eyJ0eXBlIjoib2ZmZXIifQ=="]},
+        "payload_bad_base64": {**offer, "messagePayload": "not base64 at all!"},
+        "payload_not_ascii": {**offer, "messagePayload": "ZXlK\u00e9"},
+        "payload_bad_json": {**offer, "messagePayload": base64.b64encode(b"{oops").decode()},
+        "payload_not_utf8": {**offer, "messagePayload": base64.b64encode(b"\xff\xfe").decode()},
+        "payload_json_list": {**offer, "messagePayload": _b64json([1, 2])},
+        "payload_deep_json": {**offer, "messagePayload": base64.b64encode(b"[" * 5000).decode()},
+        "offer_sdp_not_string": {**offer, "messagePayload": _b64json({"type": "offer", "sdp": 7})},
+        "message_type_not_string": {"messageType": ["SDP_OFFER"], "messagePayload": "e30="},
+        "sender_not_string": {**offer, "senderClientId": {"id": 1}, "messagePayload": "e30="},
+        "sender_missing": {"messageType": "SDP_OFFER", "messagePayload": "e30="},
+        "status_not_object": {**status, "statusResponse": "failed"},
+        "status_list": {**status, "statusResponse": [{"correlationId": "x"}]},
+        "correlation_id_list": {**status, "statusResponse": {"correlationId": ["a", "b"]}},
+        "status_code_object": {**status, "statusResponse": {"statusCode": {"code": 400}}},
+        "frame_deep_json": "[" * 100_000,
+        # Malformed ICE candidates from a viewer (item 7).
+        "candidate_garbage": {**cand, "messagePayload": _b64json(
+            {"candidate": "candidate:garbage", "sdpMid": "0", "sdpMLineIndex": 0})},
+        "candidate_no_mid": {**cand, "messagePayload": _b64json({"candidate": _GOOD_CANDIDATE})},
+        "candidate_not_string": {**cand, "messagePayload": _b64json(
+            {"candidate": 42, "sdpMid": "0", "sdpMLineIndex": 0})},
+        "candidate_bad_port": {**cand, "messagePayload": _b64json(
+            {"candidate": _GOOD_CANDIDATE.replace(" 9 ", " 99999 "), "sdpMid": "0"})},
+        "candidate_bad_address": {**cand, "messagePayload": _b64json(
+            {"candidate": _GOOD_CANDIDATE.replace("127.0.0.2", "not-an-ip"), "sdpMid": "0"})},
+        "candidate_mline_string": {**cand, "messagePayload": _b64json(
+            {"candidate": _GOOD_CANDIDATE, "sdpMLineIndex": "0"})},
+    }  # fmt: skip
+    return frames[kind]
+
+
+# Every malformed frame ``send_malformed`` can send (kinds starting "candidate_" are ICE
+# candidates forged from a viewer; the rest break the envelope or the payload).
+MALFORMED = (
+    "payload_not_string",
+    "payload_list",
+    "payload_bad_base64",
+    "payload_not_ascii",
+    "payload_bad_json",
+    "payload_not_utf8",
+    "payload_json_list",
+    "payload_deep_json",
+    "offer_sdp_not_string",
+    "message_type_not_string",
+    "sender_not_string",
+    "sender_missing",
+    "status_not_object",
+    "status_list",
+    "correlation_id_list",
+    "status_code_object",
+    "frame_deep_json",
+    "candidate_garbage",
+    "candidate_no_mid",
+    "candidate_not_string",
+    "candidate_bad_port",
+    "candidate_bad_address",
+    "candidate_mline_string",
+)
 
 
 class ApiError(Exception):
@@ -150,6 +229,8 @@ class KvsEmulator:
     relay would stall candidate gathering). ``verify_secret``: when set, the SigV4 signature
     of every WebSocket URL is recomputed with this secret and a mismatch is refused (403).
     ``ssl``: a server TLS context (e.g. from sonic_voice.emulators.certs) -> https/wss.
+    ``record_limit``: keep only the newest this many ``records``/``calls``/``connections``
+    (soaks: the history must not grow in the process they measure).
     """
 
     def __init__(
@@ -167,7 +248,9 @@ class KvsEmulator:
         verify_secret: str | None = None,
         max_connection_s: float | None = None,
         ssl: ssl.SSLContext | None = None,
+        record_limit: int | None = None,
     ) -> None:
+        self.record_limit = record_limit
         self.host = host
         self.port = port
         self.region = region
@@ -373,6 +456,43 @@ class KvsEmulator:
     ) -> None:
         """Any text frame (blank keep-alives, foreign JSON, garbage) to test tolerance."""
         await self._socket(channel, client).send_str(text)
+
+    async def send_malformed(
+        self,
+        kind: str,
+        sender: str = VIEWER_FOR_FAULTS,
+        client: str | None = None,
+        channel: str | None = None,
+    ) -> None:
+        """Fault injection: one malformed frame of :data:`MALFORMED` to the master (default)
+        or a viewer; frames that name a viewer name ``sender``."""
+        if kind not in MALFORMED:
+            raise ValueError(f"unknown malformed frame {kind!r}; choose from {MALFORMED}")
+        frame = _malformed(kind, sender)
+        await self._socket(channel, client).send_str(
+            frame if isinstance(frame, str) else json.dumps(frame)
+        )
+        self._record(
+            self._channel(channel).name, kind, "SERVICE", client or MASTER, None, "", "injected"
+        )
+
+    async def send_as_viewer(
+        self,
+        sender: str,
+        action: str,
+        payload: Any,
+        channel: str | None = None,
+    ) -> None:
+        """Forge a message from viewer ``sender`` to the master (``payload`` is JSON-encoded
+        and base64'd as a viewer would), whether or not that viewer is connected: early ICE
+        candidates of viewers that have not offered yet, candidates of any shape."""
+        frame = {"messageType": action, "messagePayload": _b64json(payload),
+                 "senderClientId": sender}  # fmt: skip
+        await self._socket(channel, None).send_str(json.dumps(frame))
+        self._record(
+            self._channel(channel).name, action, sender, MASTER, None, frame["messagePayload"],
+            "injected",
+        )  # fmt: skip
 
     async def drop(self, client: str | None = None, channel: str | None = None) -> None:
         """Close a client's socket from the service side."""
@@ -627,7 +747,15 @@ class KvsEmulator:
                 payload,
             )
         )
+        self._trim()
         self._notify()
+
+    def _trim(self) -> None:
+        limit = self.record_limit
+        if limit is not None:
+            for history in (self.records, self.calls, self.connections):
+                if len(history) > limit:
+                    del history[: len(history) - limit]
 
     @staticmethod
     def _status_frame(

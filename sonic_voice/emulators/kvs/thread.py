@@ -89,5 +89,11 @@ class KvsEmulatorThread:
     def send_raw(self, text: str, client: str | None = None, **kw: Any) -> None:
         self.call(self.emulator.send_raw(text, client, **kw))
 
+    def send_malformed(self, kind: str, **kw: Any) -> None:
+        self.call(self.emulator.send_malformed(kind, **kw))
+
+    def send_as_viewer(self, sender: str, action: str, payload: Any, **kw: Any) -> None:
+        self.call(self.emulator.send_as_viewer(sender, action, payload, **kw))
+
     def drop(self, client: str | None = None, **kw: Any) -> None:
         self.call(self.emulator.drop(client, **kw))
