@@ -92,6 +92,7 @@ class KvsMaster:
         self.on_viewers = on_viewers
         self.on_message = on_message
         self.peers: dict[str, ViewerPeer] = {}
+        self._latched: dict[str, dict[str, Any]] = {}
         self.control: ControlPlane | None = None
         self.ice: IceConfig | None = None
         self.signaling: SignalingClient | None = None
@@ -170,6 +171,15 @@ class KvsMaster:
     def _flush(self) -> None:
         for peer in self.peers.values():
             peer.out.flush()
+
+    def latch(self, obj: dict[str, Any]) -> None:
+        """Broadcast ``obj`` and keep it (one per ``type``) for every viewer that joins
+        later: it is the first thing on a new data channel (e.g. the robot's state)."""
+        self._on_loop(self._latch, dict(obj))
+
+    def _latch(self, obj: dict[str, Any]) -> None:
+        self._latched[str(obj.get("type", ""))] = obj
+        self._broadcast(obj)
 
     def broadcast(self, obj: dict[str, Any]) -> None:
         """Send a JSON object (transcript, state) on every viewer's data channel."""
@@ -277,6 +287,7 @@ class KvsMaster:
             self._deliver_message,
             self._on_peer_state,
         )
+        peer.latched = lambda: list(self._latched.values())
         self.peers[client] = peer
         try:
             sdp = await asyncio.wait_for(

@@ -91,6 +91,9 @@ class ViewerPeer:
         )  # fmt: skip
         self.rx: ResilientAudioReceiver | None = None  # the viewer's audio (resilient path)
         self.channels: list[Any] = []
+        # What every new data channel gets first (the master's latched state): a viewer that
+        # joins late sees the robot's state without waiting for it to change.
+        self.latched: Callable[[], list[dict[str, Any]]] = list
         self.muted = False
         self.remote_set = False
         self.connected = asyncio.Event()
@@ -211,6 +214,16 @@ class ViewerPeer:
 
     def _on_datachannel(self, channel: Any) -> None:
         self.channels.append(channel)
+
+        def greet() -> None:
+            for obj in self.latched():
+                with contextlib.suppress(Exception):
+                    self._send(channel, obj)
+
+        if channel.readyState == "open":
+            greet()
+        else:
+            channel.once("open", greet)
 
         @channel.on("message")
         def _message(raw: str | bytes) -> None:

@@ -96,7 +96,6 @@ class KvsWebrtcNode(VoiceNode):
         super().__init__("kvs_webrtc", **kwargs)
         self.master: KvsMaster | None = None
         self._ros: list[Any] = []
-        self._last_state: dict[str, Any] | None = None
         self._viewers = 0
         self.remote_blocks = 0
         self.connected = False
@@ -190,11 +189,8 @@ class KvsWebrtcNode(VoiceNode):
         self.remote_blocks += 1
 
     def _on_viewers(self, count: int) -> None:
-        joined = count > self._viewers
         self._viewers = count
         self._viewers_pub.publish(Int32(data=count))
-        if joined and self._last_state is not None and self.master is not None:
-            self.master.broadcast(self._last_state)  # a newcomer sees the current state
 
     def _on_viewer_message(self, client: str, msg: dict[str, Any]) -> None:
         if msg["type"] == "text":
@@ -217,9 +213,11 @@ class KvsWebrtcNode(VoiceNode):
         if not isinstance(obj, dict):
             obj = {"value": obj}
         out = {**obj, "type": kind}
+        if self.master is None:
+            return
         if kind == "state":
-            self._last_state = out
-        if self.master is not None:
+            self.master.latch(out)  # a viewer joining later sees the current state at once
+        else:
             self.master.broadcast(out)
 
     def _diag(self) -> DiagStatus:
