@@ -108,11 +108,15 @@ class Stack:
             raise StartupError(f"{name}: {node.config_error or 'could not configure'}")
 
     def start(self) -> None:
-        """Spin, then configure (where not done yet) and activate every node in order."""
-        self.runtime.start()
+        """Configure every node (where not done yet), spin, activate them in order.
+
+        Configuration comes before spinning: an action client made on a node that another
+        thread spins can be handed to the executor before its lock exists (rclpy 9.1.2,
+        ros2/rclpy#1589; see ``ros/compat.py``)."""
         for name, node in self.nodes.items():
             if node._state_machine.current_state[1] == "unconfigured":
                 self.configure(name)
+        self.runtime.start()
         for name, node in self.nodes.items():
             if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
                 raise StartupError(f"{name}: {node.config_error or 'could not activate'}")

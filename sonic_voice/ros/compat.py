@@ -18,7 +18,10 @@ differs, so an upgrade is a decision: re-check each item below, then update the 
    (``add_future`` keeps nothing): a stamped future runs each done-callback as one more
    executor task (a trip round the wait loop, holding the GIL) and 9.1.2 never removed the
    orphaned first future from that list. Unstamped, done-callbacks run inline as the
-   answer is taken. Must be made before its node is spun (ros2/rclpy#1589).
+   answer is taken. Must be made before its node is spun by another thread: rclpy adds
+   the waitable to the node before it creates its lock (ros2/rclpy#1589), so the runner,
+   ``run_node`` and the test harness configure nodes before spinning them (a launch file's
+   configure runs on the executor thread itself, which is safe).
 3. **Logger severity per call site.** rclpy keys a logger call's severity by its call site
    and raises "Logger severity cannot be changed between calls" when one line logs at two
    severities (``(log.error if fatal else log.warning)(msg)``). :func:`log_at` gives each

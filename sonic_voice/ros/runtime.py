@@ -32,10 +32,11 @@ from rclpy.exceptions import (
     InvalidParameterValueException,
     ParameterException,
 )
+from rclpy.lifecycle import TransitionCallbackReturn
 
 from sonic_voice.ros.bridge import Bridge
 from sonic_voice.ros.compat import make_executor
-from sonic_voice.ros.node import ConfigError, VoiceNode, bring_up
+from sonic_voice.ros.node import ConfigError, VoiceNode
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +180,17 @@ def run_node(factory: Callable[..., Any], args: list[str] | None = None) -> None
         print(line, file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     rt.add(node)
-    rt.start()
     code = 0
-    if node.get_parameter("autostart").value and not bring_up(node):
+    autostart = node.get_parameter("autostart").value
+    # Configured before spinning: see compat.py item 2 (an action client's lock).
+    if autostart and node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
         code = EXIT_CONFIG  # the node said why, in one line
     else:
-        rt.wait()
+        rt.start()
+        if autostart and node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+            code = EXIT_CONFIG
+        else:
+            rt.wait()
     rt.shutdown()
     Bridge.close_process_bridge()
     sys.exit(code)

@@ -61,12 +61,12 @@ class RosGraph:
         from sonic_voice.ros.node import bring_up as up
 
         self.nodes.append(node)
-        self.executor.add_node(node)
         if isinstance(node, VoiceNode):
             if bring_up is None:
                 bring_up = bool(node.get_parameter("autostart").value)
-            if bring_up:
+            if bring_up:  # before spinning it, as the runner does (ros/compat.py item 2)
                 up(node)
+        self.executor.add_node(node)
         return node
 
     def close(self) -> None:

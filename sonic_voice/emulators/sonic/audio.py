@@ -9,9 +9,9 @@ that streams faster than real time still gets the same decisions.
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
+import io
 import shutil
-import tempfile
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +49,11 @@ def _to_mono_rate(data: bytes, width: int, channels: int, rate: int, out_rate: i
     return (np.clip(x, -1.0, 1.0) * 32767).astype("<i2").tobytes()
 
 
-def load_wav(path: str | Path, out_rate: int = OUT_RATE) -> bytes:
-    """A 16-bit WAV file as mono PCM16 at ``out_rate`` (resampled with soxr if needed)."""
-    with wave.open(str(path), "rb") as w:
+def load_wav(path: str | Path | io.BytesIO, out_rate: int = OUT_RATE) -> bytes:
+    """A 16-bit WAV file as mono PCM16 at ``out_rate`` (resampled with soxr if needed).
+
+    A streamed WAV (espeak-ng ``--stdout``) claims ~2**30 frames: what is there is read."""
+    with wave.open(path if isinstance(path, io.BytesIO) else str(path), "rb") as w:
         return _to_mono_rate(
             w.readframes(w.getnframes()),
             w.getsampwidth(),
@@ -76,30 +78,31 @@ async def synthesize(
     exe = shutil.which("espeak-ng")
     if exe is None:
         raise FileNotFoundError("espeak-ng is not installed")
-    fd, tmp = tempfile.mkstemp(suffix=".wav", prefix="sv-espeak-")
-    os.close(fd)
+    # The WAV comes on stdout (no temporary file to leave behind when a run is stopped mid
+    # sentence); the program is killed if the synthesis is cancelled.
+    proc = await asyncio.create_subprocess_exec(
+        exe,
+        "-v",
+        voice,
+        "-s",
+        str(speed_wpm),
+        "--stdout",
+        "--",
+        text,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
-        proc = await asyncio.create_subprocess_exec(
-            exe,
-            "-v",
-            voice,
-            "-s",
-            str(speed_wpm),
-            "-w",
-            tmp,
-            "--",
-            text,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+        out, err = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
+    if proc.returncode != 0 or len(out) <= 44:
+        raise RuntimeError(
+            f"espeak-ng -v {voice} failed ({proc.returncode}): {err.decode(errors='replace')}"
         )
-        _, err = await proc.communicate()
-        if proc.returncode != 0 or Path(tmp).stat().st_size <= 44:  # noqa: ASYNC240
-            raise RuntimeError(
-                f"espeak-ng -v {voice} failed ({proc.returncode}): {err.decode(errors='replace')}"
-            )
-        return await asyncio.to_thread(load_wav, tmp, out_rate)
-    finally:
-        os.unlink(tmp)
+    return await asyncio.to_thread(load_wav, io.BytesIO(out), out_rate)
 
 
 def resample_pcm(pcm: bytes, in_rate: int, out_rate: int) -> bytes:
