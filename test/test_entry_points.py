@@ -283,10 +283,11 @@ def test_runner_stops_on_signal_cancelling_the_trip(tmp: Path, sig: int) -> None
         (["-p", "max_tokens:=many"], True, "max_tokens"),
         (["-p", "voice_id:=nobody"], True, "nobody"),
         (["-p", "endpointing:=SOMETIMES"], True, "endpointing"),
+        (["-p", "region:=us_east_1"], True, "not an AWS region name"),
         (["-p", "tools_file:=/nowhere/tools.yaml"], True, "/nowhere/tools.yaml"),
         (["--params-file", "/nowhere/params.yaml"], True, "/nowhere/params.yaml"),
     ],
-    ids=["no-credentials", "param-type", "voice", "choice", "tools-file", "params-file"],
+    ids=["no-credentials", "param-type", "voice", "choice", "region", "tools-file", "params-file"],
 )
 def test_node_executable_refuses_bad_configuration(
     tmp: Path, args: list[str], aws: bool, what: str

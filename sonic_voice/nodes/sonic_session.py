@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,13 @@ from sonic_voice.sonic.session import (
 from sonic_voice.sonic.transport import BedrockSettings, have_credentials
 
 STOP_TOOLS_S = 0.5  # of the shutdown budget: cancelling goals comes first
+REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+# Where each model is known to run (shared reference, from pipecat; AWS adds regions, so an
+# unknown one is a warning, not an error).
+KNOWN_REGIONS = {
+    ev.NOVA_2_SONIC: ("us-east-1", "us-west-2", "ap-northeast-1"),
+    "amazon.nova-sonic-v1:0": ("us-east-1", "ap-northeast-1"),
+}
 
 
 @dataclass
@@ -215,6 +223,14 @@ class SonicSessionNode(VoiceNode):
 
     def _bedrock_settings(self) -> BedrockSettings:
         p = self.params
+        if not p.endpoint_uri and not REGION_RE.match(p.region):
+            raise ConfigError(f"region {p.region!r} is not an AWS region name (e.g. us-east-1)")
+        known = KNOWN_REGIONS.get(p.model_id)
+        if not p.endpoint_uri and known and p.region not in known:
+            self.get_logger().warning(
+                f"{p.model_id} is known in {', '.join(known)}, not {p.region}: if the stream "
+                "fails with access denied or not found, check the region (docs/aws-setup.md)"
+            )
         if p.ca_bundle and not Path(p.ca_bundle).is_file():
             raise ConfigError(f"ca_bundle {p.ca_bundle}: no such file")
         return BedrockSettings(
