@@ -102,6 +102,13 @@ class SessionParams:
     fill_silence: bool = param(
         True, "Stream silence when the input source stalls (keeps the stream alive)."
     )
+    max_retries: int = param(
+        5,
+        "Consecutive Bedrock stream failures retried (exponential backoff with jitter) before "
+        "the session stops with an error naming the cause.",
+        range=(0, 100),
+    )
+    retry_cap_s: float = param(10.0, "Longest wait between two retries, s.", range=(0.5, 300.0))
     tools_file: str = param("", "YAML tool declarations; '' = no tools.")
     locations_file: str = param("", "YAML named locations for navigation tools.")
 
@@ -214,6 +221,8 @@ class SonicSessionNode(VoiceNode):
             tool_timeout_s=p.tool_timeout_s,
             cancel_tools_on_barge_in=p.cancel_tools_on_barge_in,
             speak_progress=p.speak_progress,
+            max_retries=p.max_retries,
+            retry_cap_s=p.retry_cap_s,
         )
         try:
             cfg.validate()
