@@ -51,6 +51,8 @@ setup(
         "awscrt",
         "livekit",  # WebRTC AudioProcessingModule (echo cancellation)
         "opuslib",  # libopus with in-band FEC decode + PLC (loss-resilient receive path)
+        "mcp",  # tools: MCP servers (stdio, streamable HTTP)
+        "strands-agents",  # tools: the agent kind
     ],
     extras_require={
         "test": ["pytest", "pytest-asyncio", "pytest-timeout", "ruff"],
