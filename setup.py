@@ -53,6 +53,7 @@ setup(
         "opuslib",  # libopus with in-band FEC decode + PLC (loss-resilient receive path)
         "mcp",  # tools: MCP servers (stdio, streamable HTTP)
         "strands-agents",  # tools: the agent kind
+        "PyStemmer",  # tools: knowledge, Snowball stemmers (es, en, ...) for the FTS5 index
     ],
     extras_require={
         "test": ["pytest", "pytest-asyncio", "pytest-timeout", "ruff"],

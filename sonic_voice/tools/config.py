@@ -336,7 +336,10 @@ def _load_tool(path: Path, raw: Any, tables: dict[str, Any], defaults: dict[str,
     if not cls.takes_input and raw.get("input") is not None:
         raise ToolConfigError(f"{where}: input: a {kind} tool's input schema comes from "
                               "its server; remove 'input'")  # fmt: skip
-    schema, lookup_args = _input_schema(where, _strip_lines(raw.get("input")), tables)
+    raw_input = _strip_lines(raw.get("input"))
+    if raw_input is None and cls.default_input is not None:
+        raw_input = cls.default_input
+    schema, lookup_args = _input_schema(where, raw_input, tables)
     requires_conf = bool(raw.get("requires_confirmation", False))
     if cls.takes_input:
         desc = _with_lookups(desc, lookup_args, tables)

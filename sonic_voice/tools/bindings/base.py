@@ -79,6 +79,7 @@ class Binding:
     keys: ClassVar[frozenset[str]] = frozenset()
     needs_ros: ClassVar[bool] = False
     takes_input: ClassVar[bool] = True  # False: the input schema comes from elsewhere (mcp)
+    default_input: ClassVar[dict[str, Any] | None] = None  # schema when 'input' is omitted
 
     timeout_s: float | None = None  # a kind-level timeout_s (the tool's own wins)
     progress: ProgressSpec | None = None
