@@ -101,6 +101,9 @@ class ToolsProvider:
                             "another tool already offers (set a different prefix)"
                         )
                     self.tools[offered.name] = offered
+            for name, t in config.tools.items():
+                if name in allowed:
+                    t.binding.after_setup(self.env, t)
         except BaseException:
             self._close_bindings()
             raise

@@ -98,6 +98,9 @@ class Binding:
         offers one per server tool). Raise ToolConfigError naming file, tool and field."""
         return [tool]
 
+    def after_setup(self, env: Any, tool: ToolDef) -> None:
+        """Checks that need every tool set up (e.g. an agent's tool names)."""
+
     async def run(self, call: Call) -> ToolResult:
         raise NotImplementedError
 
