@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-INDEX_VERSION = 1
+INDEX_VERSION = 3
 SUFFIXES = (".md", ".markdown", ".txt", ".yaml", ".yml")
 
 # Snowball algorithm names by ISO 639-1 code (PyStemmer's names).
@@ -185,7 +185,7 @@ class KnowledgeIndex:
             con.execute("CREATE TABLE passages(id INTEGER PRIMARY KEY, text TEXT, source TEXT)")
             con.execute(
                 "CREATE VIRTUAL TABLE terms USING fts5(t, content='', "
-                "tokenize='unicode61 remove_diacritics 2', detail=none)"
+                "tokenize='unicode61 remove_diacritics 2')"
             )
             rows = ((i, p.text, p.source, " ".join(analyzer.terms(p.text)))
                     for i, p in enumerate(passages, 1))  # fmt: skip

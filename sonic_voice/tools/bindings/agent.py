@@ -32,6 +32,7 @@ from sonic_voice.tools.bindings.base import (
     Call,
     Interrupted,
     LoadContext,
+    ProgressSpec,
     ToolConfigError,
     check_keys,
     number,
@@ -67,6 +68,7 @@ class AgentBinding(Binding):
     max_tokens: int = 1024
     temperature: float | None = None
     timeout_s: float | None = None
+    progress: ProgressSpec | None = field(default_factory=lambda: ProgressSpec(every_s=0.0))
     where: str = ""
     env: Any = None
 
