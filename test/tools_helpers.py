@@ -13,6 +13,7 @@ from mcp.server.fastmcp import Context, FastMCP
 
 ROOT = Path(__file__).resolve().parent.parent
 FAQ = ROOT / "config" / "knowledge"
+HERE = Path(__file__).resolve()
 TIME_SERVER = f"{{command: {sys.executable}, args: [-m, mcp_server_time, --local-timezone, UTC]"
 
 
@@ -72,3 +73,29 @@ class SlowMcpServer:
     def __exit__(self, *exc: Any) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def slow_stdio_server(marker: str) -> str:
+    """YAML flow mapping of a stdio MCP server (this file run as a script) whose
+    ``wait_for`` tool touches ``marker + '.started'`` / ``'.cancelled'``."""
+    return f"{{command: {sys.executable}, args: [{HERE}, {marker}], env: {{PYTHONPATH: {ROOT}}}"
+
+
+def _main(marker: str) -> None:
+    app = FastMCP("slow-stdio", log_level="WARNING")
+
+    @app.tool(description="Wait some seconds, then say done.")
+    async def wait_for(seconds: float, ctx: Context) -> str:
+        Path(marker + ".started").touch()  # noqa: ASYNC240 - a test marker, once
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            Path(marker + ".cancelled").touch()  # noqa: ASYNC240
+            raise
+        return f"waited {seconds:g} s"
+
+    app.run(transport="stdio")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])

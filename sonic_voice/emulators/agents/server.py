@@ -218,7 +218,9 @@ class AgentsEmulatorThread:
         return self
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(self.emulator.app(), handle_signals=False)
+        self._runner = web.AppRunner(
+            self.emulator.app(), handle_signals=False, shutdown_timeout=0.5
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
