@@ -526,3 +526,23 @@ def test_static_load_needs_no_server(tmp_path: Path) -> None:
         )
     )
     assert cfg.tools["time"].kind == "mcp" and cfg.tools["time"].binding.server is None
+
+
+def test_offline_demo_knowledge_turn_finds_the_cafeteria_hours(ros_graph: Any) -> None:
+    """The shipped scenario's knowledge call, through the shipped tools.yaml and FAQ."""
+    from sonic_voice.emulators.sonic.scenario import Scenario
+    from sonic_voice.tools import load_provider
+
+    turns = Scenario.load(ROOT / "config" / "scenarios" / "offline_demo.yaml").turns
+    (use,) = [c for t in turns for c in t.tools if c.name == "knowledge"]
+    p = load_provider(ros_graph.node("demo_tools"), str(ROOT / "config" / "tools.yaml"),
+                      str(ROOT / "config" / "locations.yaml"))  # fmt: skip
+    try:
+        r = asyncio.run(call(p, use.name, use.input))
+    finally:
+        p.shutdown()
+    assert use.input == {"query": "¿A qué hora abre la cafetería?"}
+    assert r.status == "ok", r.content
+    top = r.content["passages"][0]
+    assert top["source"] == "faq.md#Cafetería: horario"
+    assert "de 8:00\na 17:00" not in top["text"] and "8:00 a 17:00" in top["text"]
