@@ -53,7 +53,8 @@ setup(
         "opuslib",  # libopus with in-band FEC decode + PLC (loss-resilient receive path)
         "mcp",  # tools: MCP servers (stdio, streamable HTTP)
         "strands-agents",  # tools: the agent kind
-        "PyStemmer",  # tools: knowledge, Snowball stemmers (es, en, ...) for the FTS5 index
+        "bm25s",  # tools: knowledge, BM25 over sparse numpy matrices
+        "PyStemmer",  # tools: knowledge, Snowball stemmers (es, en, ...)
     ],
     extras_require={
         "test": ["pytest", "pytest-asyncio", "pytest-timeout", "ruff"],

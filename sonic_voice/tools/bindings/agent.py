@@ -71,6 +71,7 @@ class AgentBinding(Binding):
     progress: ProgressSpec | None = field(default_factory=lambda: ProgressSpec(every_s=0.0))
     where: str = ""
     env: Any = None
+    model: Any = None
 
     @classmethod
     def load(cls, ctx: LoadContext, raw: dict[str, Any]) -> AgentBinding:
@@ -94,9 +95,15 @@ class AgentBinding(Binding):
         return b
 
     def setup(self, env: Any, tool: Any) -> list[Any]:
-        import strands  # noqa: F401 - a missing package is a start-up error, not a call's
+        """Make the model (its boto3 client) once: a client costs ~0.2-0.5 s to make
+        (botocore loads the service model), which would delay every call."""
+        from strands.models.bedrock import BedrockModel
 
         self.env = env
+        kwargs: dict[str, Any] = {"model_id": self.model_id, "max_tokens": self.max_tokens}
+        if self.temperature is not None:
+            kwargs["temperature"] = self.temperature
+        self.model = BedrockModel(region_name=self.region, endpoint_url=self.endpoint_url, **kwargs)
         return [tool]
 
     def after_setup(self, env: Any, tool: Any) -> None:
@@ -113,15 +120,10 @@ class AgentBinding(Binding):
 
     def make_agent(self, call: Call) -> Any:
         from strands import Agent
-        from strands.models.bedrock import BedrockModel
         from strands.tools.tools import PythonAgentTool
 
-        kwargs: dict[str, Any] = {"model_id": self.model_id, "max_tokens": self.max_tokens}
-        if self.temperature is not None:
-            kwargs["temperature"] = self.temperature
-        model = BedrockModel(region_name=self.region, endpoint_url=self.endpoint_url, **kwargs)
         tools = [PythonAgentTool(n, self._spec(n), self._runner(call, n)) for n in self.tool_names]
-        return Agent(model=model, tools=tools, system_prompt=self.system_prompt,
+        return Agent(model=self.model, tools=tools, system_prompt=self.system_prompt,
                      callback_handler=None)  # fmt: skip
 
     def _spec(self, name: str) -> dict[str, Any]:
