@@ -546,3 +546,44 @@ def test_offline_demo_knowledge_turn_finds_the_cafeteria_hours(ros_graph: Any) -
     top = r.content["passages"][0]
     assert top["source"] == "faq.md#Cafetería: horario"
     assert "de 8:00\na 17:00" not in top["text"] and "8:00 a 17:00" in top["text"]
+
+
+def test_cancel_one_call_by_id_or_predicate_others_run_on(tmp_path: Path) -> None:
+    """For the session's barge-in policy (issue 15): running_tools() lists the calls;
+    cancel(use_id) and cancel(predicate) stop only those; cancel_all leaves tools that
+    neither move the robot nor are cancel_on_barge_in."""
+    with SlowMcpServer() as srv:
+        p = load_tools(
+            write(
+                tmp_path,
+                f"""
+            tools:
+              - name: slow
+                mcp: {{url: "{srv.url}", prefix: ""}}
+        """,
+            )
+        )
+
+        async def main() -> tuple[list[ToolResult], list[dict], int, int]:
+            a = asyncio.create_task(p.run(ToolUse("a", "wait_for", {"seconds": 0.8}), Progress()))
+            b = asyncio.create_task(p.run(ToolUse("b", "wait_for", {"seconds": 30}), Progress()))
+            c = asyncio.create_task(p.run(ToolUse("c", "wait_for", {"seconds": 30}), Progress()))
+            await asyncio.to_thread(_wait, lambda: srv.calls == 3, 20)
+            listed = p.running_tools()
+            n_all = await p.cancel_all("barge-in")  # none is moves_robot/cancel_on_barge_in
+            n_b = await p.cancel("b", "the visitor changed their mind")
+            n_c = await p.cancel(lambda call: call.use_id == "c", "stop")
+            return list(await asyncio.gather(a, b, c)), listed, n_all, n_b + n_c
+
+        try:
+            (ra, rb, rc), listed, n_all, n_bc = asyncio.run(main())
+        finally:
+            p.shutdown()
+    assert sorted(t["tool_use_id"] for t in listed) == ["a", "b", "c"]
+    assert {t["kind"] for t in listed} == {"mcp"}
+    assert not any(t["cancel_on_barge_in"] or t["moves_robot"] for t in listed)
+    assert n_all == 0 and n_bc == 2
+    assert ra.status == "ok" and ra.content["content"] == ["waited 0.8 s"]
+    assert rb.status == "cancelled" and "changed their mind" in rb.content["error"]
+    assert rc.status == "cancelled" and "(stop)" in rc.content["error"]
+    assert p.running == 0
