@@ -267,7 +267,12 @@ def test_mcp_http_progress_timeout_and_cancel_reach_the_server(tmp_path: Path) -
     assert srv.calls == 3
 
 
-def test_mcp_crashed_server_errors_then_restarts(tmp_path: Path) -> None:
+def test_mcp_crashed_server_errors_then_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sonic_voice.tools.bindings import mcp as mcp_kind
+
+    monkeypatch.setattr(mcp_kind, "BACKOFF_S", (3.0, 10.0))  # room to call while it is down
     p = load_tools(
         write(
             tmp_path,
@@ -278,11 +283,7 @@ def test_mcp_crashed_server_errors_then_restarts(tmp_path: Path) -> None:
     """,
         )
     )
-    try:
-        server = p.tools["clock_get_current_time"].binding.server
-        import psutil  # noqa: F401
-    except ImportError:
-        server = p.tools["clock_get_current_time"].binding.server
+    server = p.tools["clock_get_current_time"].binding.server
     try:
         pids = _children()
         assert pids, "no server process"

@@ -27,7 +27,7 @@ from typing import Any
 
 from sonic_voice.sonic.tools_seam import ToolResult
 from sonic_voice.tools.bindings import _ros
-from sonic_voice.tools.bindings.base import Binding, Call, LoadContext
+from sonic_voice.tools.bindings.base import Binding, Call, Interrupted, LoadContext
 from sonic_voice.tools.bindings.base import error as _err
 from sonic_voice.tools.mapping import extract
 
@@ -106,8 +106,8 @@ class ReadBinding(Binding):
             call.deadline = min(saved, call.loop.time() + self.wait_s)
             try:
                 msg = await call.wait(fut)
-            except Exception as e:
-                if getattr(e, "why", "") == "timeout" and call.loop.time() < saved:
+            except Interrupted as e:
+                if e.why == "timeout" and call.loop.time() < saved:
                     return _err(call, f"{tool.name}: nothing arrived on {self.name} within "
                                 f"{self.wait_s:g} s.", no_message=True)  # fmt: skip
                 raise
