@@ -496,6 +496,8 @@ MISTAKES = [
     ("description: D.\n    agent: {model_id: m}", "agent.system_prompt", "required"),
     ("description: D.\n    read: {type: std_msgs/msg/String, topic: t, fields: [nope]}", "read",
      "no field 'nope'"),
+    ("description: D.\n    topic: {type: std_msgs/msg/Empty, name: beep}", "topic",
+     "needs a ROS node"),
 ]  # fmt: skip
 
 

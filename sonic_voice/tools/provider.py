@@ -93,6 +93,11 @@ class ToolsProvider:
             for name, t in config.tools.items():
                 if name not in allowed:
                     continue
+                if t.binding.needs_ros and node is None:
+                    raise ToolConfigError(
+                        f"{t.source}: tool {name!r}: {t.kind}: needs a ROS node "
+                        "(load_provider(node, ...), not load_tools)"
+                    )
                 self._bindings.append(t.binding)
                 for offered in t.binding.setup(self.env, t):
                     if offered.name in self.tools:
