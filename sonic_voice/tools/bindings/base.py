@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -300,6 +300,3 @@ def text(ctx: LoadContext, raw: dict[str, Any], key: str, required: bool = True)
         raise ctx.error(key, "is required (a non-empty string)" if v is None else
                         f"must be a non-empty string (got {v!r})")  # fmt: skip
     return v
-
-
-Runner = Callable[[ToolUse, ProgressFn], Awaitable[ToolResult]]
