@@ -244,6 +244,7 @@ def test_mcp_http_progress_timeout_and_cancel_reach_the_server(tmp_path: Path) -
                 cancel_on_barge_in: true
                 mcp:
                   url: "{srv.url}"
+                  headers: {{X-Robot: lobby-1}}
                   prefix: ""
                   progress: {{every_s: 0, speak: "{{message}}"}}
         """,
@@ -264,7 +265,7 @@ def test_mcp_http_progress_timeout_and_cancel_reach_the_server(tmp_path: Path) -
     assert prog.events and prog.events[0][0] == "step 1 of 4"
     assert prog.events[0][1]["feedback"]["total"] == 4
     assert t.status == "timeout" and c.status == "cancelled"
-    assert srv.calls == 3
+    assert srv.calls == 3 and srv.headers == ["lobby-1"] * 3
 
 
 def test_mcp_crashed_server_errors_then_restarts(

@@ -29,11 +29,14 @@ class SlowMcpServer:
         self.started = threading.Event()
         self.cancelled = threading.Event()
         self.calls = 0
+        self.headers: list[str | None] = []  # the X-Robot header of each call
         app = FastMCP("slow", host="127.0.0.1", port=self.port, log_level="WARNING")
 
         @app.tool(description="Wait some seconds, then say done.")
         async def wait_for(seconds: float, ctx: Context) -> str:
             self.calls += 1
+            request = ctx.request_context.request
+            self.headers.append(request.headers.get("x-robot") if request else None)
             self.started.set()
             steps = max(1, int(seconds * 20))
             try:

@@ -129,13 +129,18 @@ class McpServer:
         from mcp import ClientSession
 
         if "url" in self.cfg:
-            from mcp.client.streamable_http import streamablehttp_client
+            import httpx
+            from mcp.client.streamable_http import streamable_http_client
 
-            async with streamablehttp_client(self.cfg["url"], headers=self.cfg.get("headers")) as (
-                read, write, _sid,
-            ):  # fmt: skip
-                async with ClientSession(read, write) as s:
-                    yield s
+            headers = {str(k): str(v) for k, v in (self.cfg.get("headers") or {}).items()}
+            # The SDK's default timeouts: 30 s to connect/write, 300 s to read a stream.
+            timeout = httpx.Timeout(30.0, read=300.0)
+            async with (
+                httpx.AsyncClient(headers=headers, timeout=timeout) as client,
+                streamable_http_client(self.cfg["url"], http_client=client) as (read, write, _),
+                ClientSession(read, write) as s,
+            ):
+                yield s
         else:
             from mcp import StdioServerParameters
             from mcp.client.stdio import stdio_client
