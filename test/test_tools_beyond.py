@@ -591,3 +591,32 @@ def test_cancel_one_call_by_id_or_predicate_others_run_on(tmp_path: Path) -> Non
     assert rb.status == "cancelled" and "changed their mind" in rb.content["error"]
     assert rc.status == "cancelled" and "(stop)" in rc.content["error"]
     assert p.running == 0
+
+
+def test_a_tool_nova_sonic_cannot_take_is_a_start_up_error(tmp_path: Path) -> None:
+    from sonic_voice.tools.bindings.mcp import schema_problem
+
+    assert schema_problem({"type": "object", "properties": {"a": {"type": "string"}}}) == ""
+    assert "top-level type" in schema_problem({"type": "array", "items": {}})
+    assert "not valid JSON Schema" in schema_problem({"type": "object", "properties": 3})
+    remote = {"type": "object", "properties": {"a": {"$ref": "https://x.example/s.json"}}}
+    assert "remote schema" in schema_problem(remote)
+    local = {"type": "object", "$defs": {"p": {"type": "string"}},
+             "properties": {"a": {"$ref": "#/$defs/p"}}}  # fmt: skip
+    assert schema_problem(local) == ""
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(900)}}
+    assert "characters" in schema_problem(big)
+    # A server tool whose offered name Nova Sonic cannot take: file, entry, server tool.
+    path = write(
+        tmp_path,
+        f"""
+        tools:
+          - name: clock
+            mcp: {TIME_SERVER}, allow: [get_current_time], prefix: "9-"}}
+    """,
+    )
+    with pytest.raises(ToolConfigError) as e:
+        load_tools(path).shutdown()
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3: tool 'clock': mcp: server tool 'get_current_time'"), msg
+    assert "not a Nova Sonic tool name" in msg and "\n" not in msg
