@@ -483,6 +483,8 @@ def test_yaml_mixing_all_kinds_loads(ros_graph: Any, tmp_path: Path) -> None:
 
 MISTAKES = [
     ("mcp: {command: no-such-mcp-server}", "mcp.command", "no-such-mcp-server"),
+    (f"mcp: {{command: {sys.executable}, args: [-m, no_such_module_xyz]}}", "mcp.command",
+     "the server did not start"),
     (f"mcp: {TIME_SERVER}, allow: [get_time]}}", "mcp.allow", "no tool 'get_time'"),
     ("mcp: {url: 'ftp://x'}", "mcp.url", "http(s) URL"),
     (f"mcp: {TIME_SERVER}, url: 'http://127.0.0.1:1/mcp'}}", "mcp.command", "not both"),

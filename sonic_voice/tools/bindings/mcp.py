@@ -240,7 +240,8 @@ class McpServer:
 def _describe(e: BaseException) -> str:
     if isinstance(e, BaseExceptionGroup):
         return "; ".join(_describe(x) for x in e.exceptions)
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    text = " ".join(str(e).split())  # one line, whatever the server printed
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _is_connection_error(e: BaseException) -> bool:
