@@ -12,18 +12,16 @@ YAML (one entry per server; it offers one tool per server tool, named ``prefix +
         start_timeout_s: 20
         progress: {every_s: 1, speak_every_s: 10, speak: "{message}"}
 
-With the official ``mcp`` SDK. Each server lives on a loop thread of its own (its
-ClientSession must stay in the task that opened it, it is started in the node's configure
-before any session loop exists, and it must outlive a session loop); calls cross to it with
-``run_coroutine_threadsafe``. That costs 0.7 ms CPU per call (p50) and, measured on this
-2-core machine under a load average of 12, 3.0 ms p50 / 28 ms p99 of wall time over a bare
-SDK call (``bench/tools_beyond.py``: the tail is the two extra thread wake-ups waiting for
-a core; a shared loop for all servers with the lead's rclpy<->asyncio bridge would remove
-one of them). A supervisor pings the server every second; a server that died
-is restarted with exponential backoff (0.5 s doubling to 10 s) and meanwhile its calls are
-answered at once with an error the model can relay. A call cancelled (barge-in, stop,
-timeout) is cancelled at the server too (``notifications/cancelled``). Progress
-notifications are reported like action feedback, optionally as a spoken template.
+With the official ``mcp`` SDK. Each server's ClientSession lives in a supervisor task on
+the process's one asyncio loop (``sonic_voice.ros.bridge``, which imports no rclpy), the
+loop the conversation and its tool calls run on: a call is a task on the same loop, no
+thread hop (with a loop thread per server it cost two extra thread wake-ups per call, 3.0
+ms p50 / 28 ms p99 over a bare SDK call under a load average of 12). A supervisor pings
+the server every second; a server that died is restarted with exponential backoff (0.5 s
+doubling to 10 s) and meanwhile its calls are answered at once with an error the model can
+relay. A call cancelled (barge-in, stop, timeout) is cancelled at the server too
+(``notifications/cancelled``). Progress notifications are reported like action feedback,
+optionally as a spoken template.
 
 Start-up errors (one line naming file, tool and field): a command not found, a server
 that does not start or answer, an allowlisted tool the server does not have, a tool whose
@@ -100,9 +98,10 @@ class McpServer:
     def __init__(self, label: str, cfg: dict[str, Any]) -> None:
         self.label = label
         self.cfg = cfg
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=f"mcp-{label}",
-                                       daemon=True)  # fmt: skip
+        from sonic_voice.ros.bridge import Bridge
+
+        self.bridge = Bridge.get()
+        self.loop = self.bridge.loop
         self.session: Any = None
         self.tools: list[Any] = []
         self.up = False
@@ -114,8 +113,10 @@ class McpServer:
         self._task: asyncio.Future | None = None
 
     def start(self, timeout_s: float) -> None:
-        """Start the server and list its tools (blocking, at most ``timeout_s``)."""
-        self.thread.start()
+        """Start the server and list its tools (blocking, at most ``timeout_s``; never call
+        it from the loop itself)."""
+        if self.bridge.in_loop():
+            raise RuntimeError("McpServer.start() blocks: call it off the loop")
         self._task = asyncio.run_coroutine_threadsafe(self._supervise(), self.loop)  # type: ignore[assignment]
         if not self.ready.wait(timeout_s):
             self.close()
@@ -227,14 +228,16 @@ class McpServer:
             raise
 
     def close(self) -> None:
-        if self.thread.is_alive():
-            if self._stop is not None:
+        """Stop the supervisor (the server process ends with its session)."""
+        if self._task is None or not self.bridge.running:
+            return
+        if self._stop is not None:
+            with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self._stop.set)
-            if self._task is not None:
-                with contextlib.suppress(Exception):
-                    self._task.result(5)  # type: ignore[union-attr]
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
+        if not self.bridge.in_loop():
+            with contextlib.suppress(Exception):
+                self._task.result(5)  # type: ignore[union-attr]
+        self._task = None
 
 
 def _describe(e: BaseException) -> str:
@@ -390,13 +393,17 @@ class McpBinding(Binding):
                     text = ""
             call.report_threadsafe({"feedback": data}, text)
 
-        cfut: concurrent.futures.Future = asyncio.run_coroutine_threadsafe(
-            server.call(self.remote, args, on_progress), server.loop
-        )
+        if asyncio.get_running_loop() is server.loop:  # the process's loop: no hop
+            fut: asyncio.Future = asyncio.ensure_future(server.call(self.remote, args, on_progress))
+        else:  # a caller on another loop (a test, a benchmark)
+            cfut: concurrent.futures.Future = asyncio.run_coroutine_threadsafe(
+                server.call(self.remote, args, on_progress), server.loop
+            )
+            fut = asyncio.wrap_future(cfut)
         try:
-            res = await call.wait(asyncio.wrap_future(cfut))
+            res = await call.wait(fut)
         except (Interrupted, asyncio.CancelledError):
-            cfut.cancel()  # cancels the request at the server
+            fut.cancel()  # cancels the request at the server
             raise
         except Exception as e:  # noqa: BLE001
             return _err(call, f"{call.tool.name} failed at its server: {_describe(e)}")
