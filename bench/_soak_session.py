@@ -213,7 +213,7 @@ async def _soak(legs: int, fault_every: int, speed: float, warmup: int) -> dict[
 
 
 def run(
-    legs: int = 100, fault_every: int = 7, speed: float = 2.0, warmup: int = 10
+    legs: int = 100, fault_every: int = 7, speed: float = 1.0, warmup: int = 10
 ) -> dict[str, float]:
     """Soak ``legs`` streams; returns end figures, growth since leg ``warmup`` and losses."""
     return asyncio.run(_soak(legs, fault_every, speed, min(warmup, max(1, legs // 2))))

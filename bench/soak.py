@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--viewer-joins", type=int, default=500)
     ap.add_argument("--round", type=int, default=100, help="legs per session round")
     ap.add_argument("--fault-every", type=int, default=7)
+    ap.add_argument(
+        "--speed", type=float, default=1.0, help="microphone audio at this many times real time"
+    )
     args = ap.parse_args()
     isolate()
     setup_path()
@@ -51,7 +54,7 @@ def main() -> None:
     within: dict[str, list[float]] = {}
     while legs < args.legs and time.monotonic() < deadline:
         n = min(args.round, args.legs - legs)
-        r = soak.run(legs=n, fault_every=args.fault_every)
+        r = soak.run(legs=n, fault_every=args.fault_every, speed=args.speed)
         rounds += 1
         legs += int(r["legs"])
         lost += int(r["frames_lost"])
