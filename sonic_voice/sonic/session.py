@@ -16,8 +16,13 @@ of the interrupted audio. The transcript history (USER final, ASSISTANT final) f
 **rotation**: before the 8-minute limit (``rotate_after_s``, at a natural boundary, or by
 ``rotate_deadline_s`` at the latest) a new stream is opened in the background with the
 history replayed, and audio is handed over to it with the last ``replay_s`` seconds sent
-again, so nothing said is lost. The same path recovers from recoverable errors (with
-backoff); unrecoverable ones stop the session with a clear message and no retry storm.
+again, so nothing said is lost. The same path recovers from recoverable errors: the
+failed stream is closed politely (contentEnd, promptEnd, sessionEnd within
+``close_bound_s``) and what it sent in its last ``replay_s``, the frame in flight and what
+it never sent go to the next stream. Opening, rotating and recovering share one retry
+policy (``retry.py``): consecutive failures of any kind back off exponentially with jitter
+and, past ``max_retries``, stop the session with an error naming the count and the last
+cause. Unrecoverable errors stop it at once with a clear message.
 """
 
 from __future__ import annotations
@@ -395,28 +400,32 @@ class SonicSession:
             await self.done.wait()
             return
         self._stopping = True
-        if self._watch:
-            self._watch.cancel()
-        await self.cancel_tools("session end")
-        for t in list(self._tool_tasks.values()):
-            t.cancel()
-        if self._tool_tasks:
-            await asyncio.wait(list(self._tool_tasks.values()), timeout=5)
-        leg = self._leg
-        if leg is not None:
-            await self._retire(leg, wait=True)
-        if self._closing:  # old legs still closing politely (each bounded) finish first
-            _, late = await asyncio.wait(list(self._closing), timeout=self.config.close_bound_s + 5)
-            for t in late:  # nothing of the session outlives stop()
-                log.warning("stream close still running at stop; cancelled")
+        try:
+            if self._watch:
+                self._watch.cancel()
+            await self.cancel_tools("session end")
+            for t in list(self._tool_tasks.values()):
                 t.cancel()
-            if late:
-                await asyncio.gather(*late, return_exceptions=True)
-        for t in list(self._background):
-            if t is not asyncio.current_task():
-                t.cancel()
-        self._set_state("error" if self._fatal else "idle")
-        self.done.set()
+            if self._tool_tasks:
+                await asyncio.wait(list(self._tool_tasks.values()), timeout=5)
+            leg = self._leg
+            if leg is not None:
+                await self._retire(leg, wait=True)
+            if self._closing:  # old legs still closing politely (each bounded) finish first
+                _, late = await asyncio.wait(
+                    list(self._closing), timeout=self.config.close_bound_s + 5
+                )
+                for t in late:  # nothing of the session outlives stop()
+                    log.warning("stream close still running at stop; cancelled")
+                    t.cancel()
+                if late:
+                    await asyncio.gather(*late, return_exceptions=True)
+            for t in list(self._background):
+                if t is not asyncio.current_task():
+                    t.cancel()
+        finally:  # even if this stop is cancelled, a waiting second caller returns
+            self._set_state("error" if self._fatal else "idle")
+            self.done.set()
 
     # ------------------------------------------------------------------ legs
     async def _open_leg(self, drop_trailing_user: bool) -> _Leg:
