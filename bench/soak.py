@@ -81,7 +81,7 @@ def main() -> None:
         mean_within = sum(within[k]) / len(within[k]) if within.get(k) else 0.0
         figure(f"soak_{k}_growth_across_rounds", across, unit, "~0")
         figure(f"soak_{k}_growth_within_round", mean_within, unit, "~0")
-    if viewers is not None and time.monotonic() < deadline + 60:
+    if viewers is not None:  # KVS viewers joining and vanishing (another developer's part)
         v = viewers.run(joins=args.viewer_joins)
         for k, val in v.items():
             figure(f"soak_viewers_{k}", val, "")
