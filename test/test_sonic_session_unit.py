@@ -235,6 +235,28 @@ async def test_push_audio_carries_a_split_sample_to_the_next_chunk() -> None:
     assert bytes(svc.current.rec.pcm) == pcm
 
 
+async def test_audio_queued_on_a_failing_stream_goes_to_the_next_one() -> None:
+    """Found by the soak: more than replay_s of audio queued on a stream when it fails (a
+    burst after a stall, or the backlog flushed into a stream that fails right after a
+    recovery). Replaying only the last replay_s of pushed audio lost the rest; what the
+    stream sent in its last replay_s and what it never sent must go to the next stream."""
+    svc = FakeService()
+    session, _ = make(svc, **FAST)
+    await session.start()
+    try:
+        await push(session, tagged_frames(10))
+        await until(lambda: svc.current.rec.audio_frames == 10)
+        svc.current.fail("internalServerException")
+        for f in tagged_frames(100, start=10):  # 3.2 s queued before anyone notices
+            session.push_audio(f)
+        second = await svc.wait_streams(2)
+        await until(lambda: 110 <= second.rec.audio_frames)
+    finally:
+        await session.stop()
+    seen = frame_ids(svc.streams[0].rec.pcm) | frame_ids(second.rec.pcm)
+    assert seen == set(range(110)), f"lost: {sorted(set(range(110)) - seen)[:12]}..."
+
+
 # ----------------------------------------------------------------- rotation replay (a)
 async def test_rotation_new_stream_begins_with_the_old_streams_tail() -> None:
     svc = FakeService()

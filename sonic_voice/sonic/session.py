@@ -16,8 +16,13 @@ of the interrupted audio. The transcript history (USER final, ASSISTANT final) f
 **rotation**: before the 8-minute limit (``rotate_after_s``, at a natural boundary, or by
 ``rotate_deadline_s`` at the latest) a new stream is opened in the background with the
 history replayed, and audio is handed over to it with the last ``replay_s`` seconds sent
-again, so nothing said is lost. The same path recovers from recoverable errors (with
-backoff); unrecoverable ones stop the session with a clear message and no retry storm.
+again, so nothing said is lost. The same path recovers from recoverable errors: the
+failed stream is closed politely (contentEnd, promptEnd, sessionEnd within
+``close_bound_s``) and what it sent in its last ``replay_s``, the frame in flight and what
+it never sent go to the next stream. Opening, rotating and recovering share one retry
+policy (``retry.py``): consecutive failures of any kind back off exponentially with jitter
+and, past ``max_retries``, stop the session with an error naming the count and the last
+cause. Unrecoverable errors stop it at once with a clear message.
 """
 
 from __future__ import annotations
@@ -218,6 +223,9 @@ class _Leg:
     opened_at: float = field(default_factory=time.monotonic)
     frames_sent: int = 0
     tool_use_ids: set[str] = field(default_factory=set)
+    # The last replay_s of audio actually written to this stream (set by the session).
+    sent: deque[bytes] = field(default_factory=deque)
+    sending: bytes | None = None  # the frame being written now
 
 
 class SonicSession:
@@ -392,29 +400,38 @@ class SonicSession:
             await self.done.wait()
             return
         self._stopping = True
-        if self._watch:
-            self._watch.cancel()
-        await self.cancel_tools("session end")
-        for t in list(self._tool_tasks.values()):
-            t.cancel()
-        if self._tool_tasks:
-            await asyncio.wait(list(self._tool_tasks.values()), timeout=5)
-        leg = self._leg
-        if leg is not None:
-            await self._retire(leg, wait=True)
-        if self._closing:  # old legs still closing politely (each bounded) finish first
-            await asyncio.wait(list(self._closing), timeout=self.config.close_bound_s + 5)
-        for t in list(self._background):
-            if t is not asyncio.current_task():
+        try:
+            if self._watch:
+                self._watch.cancel()
+            await self.cancel_tools("session end")
+            for t in list(self._tool_tasks.values()):
                 t.cancel()
-        self._set_state("error" if self._fatal else "idle")
-        self.done.set()
+            if self._tool_tasks:
+                await asyncio.wait(list(self._tool_tasks.values()), timeout=5)
+            leg = self._leg
+            if leg is not None:
+                await self._retire(leg, wait=True)
+            if self._closing:  # old legs still closing politely (each bounded) finish first
+                _, late = await asyncio.wait(
+                    list(self._closing), timeout=self.config.close_bound_s + 5
+                )
+                for t in late:  # nothing of the session outlives stop()
+                    log.warning("stream close still running at stop; cancelled")
+                    t.cancel()
+                if late:
+                    await asyncio.gather(*late, return_exceptions=True)
+            for t in list(self._background):
+                if t is not asyncio.current_task():
+                    t.cancel()
+        finally:  # even if this stop is cancelled, a waiting second caller returns
+            self._set_state("error" if self._fatal else "idle")
+            self.done.set()
 
     # ------------------------------------------------------------------ legs
     async def _open_leg(self, drop_trailing_user: bool) -> _Leg:
         stream = await asyncio.wait_for(self._open(self.settings), self.config.open_timeout_s)
         self._legs += 1
-        leg = _Leg(stream=stream, number=self._legs)
+        leg = _Leg(stream=stream, number=self._legs, sent=deque(maxlen=self._recent.maxlen))
         cfg = self.config
         tools = self.tools.tool_specs() if self.tools else None
         preamble = [
@@ -536,8 +553,11 @@ class SonicSession:
                     return
                 kind, payload = item
                 if kind == "a":
+                    leg.sending = payload
                     await stream.send(ev.audio_input(prompt, audio, payload))
+                    leg.sending = None
                     leg.frames_sent += 1
+                    leg.sent.append(payload)
                 else:
                     for event in payload:
                         await stream.send(event)
@@ -594,8 +614,18 @@ class SonicSession:
         log.warning("stream %d failed (%s: %s); recovering", leg.number, err.kind, err.message)
         self.listener.on_error(f"{err.message}; reconnecting", False)
         self._recovering = True
-        # What was sent in the last moments may not have been heard: send it again.
-        self._pending.extendleft(reversed(self._recent))
+        # What was sent in the last moments may not have been heard, and what was queued
+        # was not sent: both go to the next stream, in order, before newer audio. (Not
+        # _recent: a stream that fails right after a recovery may hold more than replay_s
+        # of queued audio; the soak lost frames that way.)
+        unsent = []
+        while not leg.queue.empty():
+            item = leg.queue.get_nowait()
+            if item is not None and item[0] == "a":
+                unsent.append(item[1])
+        in_flight = [leg.sending] if leg.sending is not None else []
+        leg.sending = None
+        self._pending.extendleft(reversed([*leg.sent, *in_flight, *unsent]))
         self._recent.clear()
         self._set_state("connecting")
         self._spawn(self._recover(leg, err))

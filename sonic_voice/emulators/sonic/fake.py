@@ -65,6 +65,7 @@ class FakeStream:
         self.ended = False  # the service side ended (error, or after sessionEnd)
         self.closed = False  # the client closed its input
         self.fail_after: list[_EveryStream] = list(service._every)
+        self.fail_after += service._one.pop(index, [])
 
     # ------------------------------------------------------------------ client side
     async def send(self, event: bytes) -> None:
@@ -250,6 +251,7 @@ class FakeService:
         self.open_times: list[float] = []
         self._active: set[FakeStream] = set()
         self._every: list[_EveryStream] = []
+        self._one: dict[int, list[_EveryStream]] = {}
         self._open_faults: list[str] = []
         self.new_stream = asyncio.Event()
 
@@ -266,6 +268,12 @@ class FakeService:
         if kind not in STREAM_FAULTS:
             raise ValueError(f"unknown stream fault {kind!r}")
         self._every.append(_EveryStream(kind, after_frames))
+
+    def fail_stream(self, index: int, kind: str, after_frames: int) -> None:
+        """Stream ``index`` (0-based, in open order) fails after that many audio frames."""
+        if kind not in STREAM_FAULTS:
+            raise ValueError(f"unknown stream fault {kind!r}")
+        self._one.setdefault(index, []).append(_EveryStream(kind, after_frames))
 
     def fail_opens(self, kind: str, count: int = 1) -> None:
         """The next ``count`` opens fail with an HTTP error (an HTTP_FAULTS key)."""
