@@ -38,6 +38,7 @@ import _common
 _common.setup_path()
 
 from sonic_voice.emulators.kvs import KvsEmulatorThread  # noqa: E402
+from sonic_voice.kvs import aiortc_hooks  # noqa: E402
 from sonic_voice.kvs.master import KvsMaster  # noqa: E402
 from sonic_voice.kvs.settings import KvsSettings  # noqa: E402
 
@@ -125,6 +126,8 @@ async def churn(
             try:
                 await asyncio.wait_for(v.join(timeout=20), 25)
                 out["joined"] += 1
+                if v.pc.sctp is not None:  # the viewers are aiortc too (aiortc #1040)
+                    aiortc_hooks.quiet_sctp_sends(v.pc.sctp)
                 v.say(speech)
                 await asyncio.sleep(stay_s)
                 if vanish_every and i < vanish_before and i % vanish_every == vanish_every - 1:

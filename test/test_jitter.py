@@ -164,9 +164,10 @@ def test_aiortc_hook_points_exist() -> None:
 
 async def test_sctp_sends_after_dtls_closed_are_dropped_quietly() -> None:
     """aiortc's SCTP retransmits from fire-and-forget tasks; once the DTLS transport under
-    it is gone they died with ConnectionError ("Task exception was never retrieved", 15 in
-    the 200-join soak). With quiet_sctp_sends a send to a closed transport is a lost
-    packet; without it aiortc raises (checked first, so an upgrade that fixes it shows)."""
+    it is gone they died with ConnectionError ("Task exception was never retrieved": 15 from
+    the soak's aiortc viewers in 200 joins). With quiet_sctp_sends a send to a closed
+    transport is a lost packet; without it aiortc raises (checked first, so an upgrade that
+    fixes it shows)."""
     from aiortc.rtcsctptransport import HeartbeatChunk
     from OpenSSL import SSL
 

@@ -16,10 +16,11 @@ retransmissions and flushes as fire-and-forget tasks (``asyncio.ensure_future`` 
 ``_t3_expired``, ``_t1/_t2`` and ``_data_channel_flush`` paths). When the DTLS transport
 under it has closed (a viewer that vanished, or closed its tab), each of those tasks dies
 with ``ConnectionError`` (or OpenSSL's "protocol is shutdown" while DTLS is stopping) and
-the loop logs "Task exception was never retrieved" (aiortc issue #1040, open): the 200-join
-soak printed 15 of them. We wrap one instance method,
-``RTCSctpTransport._send_chunk``, the common bottom of every SCTP send, so that a chunk
-sent to a closed transport is dropped like a lost packet.
+the loop logs "Task exception was never retrieved" (aiortc issue #1040, open; the soak's
+aiortc viewers printed 15 of them in 200 joins as they left, and the master's transport
+runs the same code when a viewer's DTLS closes under a live association). We wrap one
+instance method, ``RTCSctpTransport._send_chunk``, the common bottom of every SCTP send, so
+that a chunk sent to a closed transport is dropped like a lost packet.
 
 test/test_jitter.py::test_aiortc_hook_points_exist fails loudly if an aiortc upgrade
 renames or reshapes any of this; :func:`check_hook_points` says what is missing.
