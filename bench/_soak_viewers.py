@@ -38,6 +38,7 @@ import _common
 _common.setup_path()
 
 from sonic_voice.emulators.kvs import KvsEmulatorThread  # noqa: E402
+from sonic_voice.kvs import aiortc_hooks  # noqa: E402
 from sonic_voice.kvs.master import KvsMaster  # noqa: E402
 from sonic_voice.kvs.settings import KvsSettings  # noqa: E402
 
@@ -125,6 +126,8 @@ async def churn(
             try:
                 await asyncio.wait_for(v.join(timeout=20), 25)
                 out["joined"] += 1
+                if v.pc.sctp is not None:  # the viewers are aiortc too (aiortc #1040)
+                    aiortc_hooks.quiet_sctp_sends(v.pc.sctp)
                 v.say(speech)
                 await asyncio.sleep(stay_s)
                 if vanish_every and i < vanish_before and i % vanish_every == vanish_every - 1:
@@ -205,6 +208,16 @@ async def run_async(
 ) -> dict[str, float]:
     """The soak; returns the figures (see :func:`run`)."""
     logging.getLogger("aioice").setLevel(logging.WARNING)
+    loop = asyncio.get_running_loop()
+    loop_errors: list[str] = []
+
+    def on_error(_loop: asyncio.AbstractEventLoop, ctx: dict[str, Any]) -> None:
+        exc = ctx.get("exception")
+        loop_errors.append(f"{ctx.get('message')}: {type(exc).__name__ if exc else ''} {exc}")
+        log(f"soak: loop error: {loop_errors[-1]}")
+
+    old_handler = loop.get_exception_handler()
+    loop.set_exception_handler(on_error)
     emu = KvsEmulatorThread(channels=[CHANNEL], verify_secret=TEST_SECRET, record_limit=200)
     emu.start()
     settings = KvsSettings(
@@ -288,6 +301,9 @@ async def run_async(
         talker.cancel()
         await master.stop()
         emu.stop()
+        gc.collect()  # unretrieved task exceptions surface when their tasks are collected
+        await asyncio.sleep(0)
+        loop.set_exception_handler(old_handler)
     for line in counts["failures"]:
         log(f"soak: join failed: {line}")
     figures: dict[str, float] = {
@@ -302,6 +318,7 @@ async def run_async(
         "new_viewer_ok": float(ok),
         "new_viewer_join_s": new_viewer_s,
         "wall_s": time.monotonic() - t_start,
+        "loop_errors": float(len(loop_errors)),  # e.g. "Task exception was never retrieved"
     }
     for key in ("rss_mb", "fds", "tasks", "threads"):
         name = key.removesuffix("_mb")
@@ -316,7 +333,8 @@ def run(joins: int = 50, **kw: Any) -> dict[str, float]:
     """Run the soak on a fresh event loop (in a thread when the caller's thread already runs
     one); returns figures: ``joins``, ``joined``, ``vanished``, ``polite``,
     ``failed_joins``, ``churn_s``, ``reap_s``, ``all_reaped`` (1/0), ``new_viewer_ok``
-    (1/0), ``new_viewer_join_s``, ``wall_s``, and for ``rss`` (``_mb``), ``fds``, ``tasks``,
+    (1/0), ``new_viewer_join_s``, ``wall_s``, ``loop_errors`` (unhandled exceptions the
+    event loop reported in the master's process), and for ``rss`` (``_mb``), ``fds``, ``tasks``,
     ``threads``: ``*_before``, ``*_after``, ``*_growth``."""
     try:
         asyncio.get_running_loop()
@@ -357,6 +375,7 @@ def report(fig: dict[str, float]) -> None:
         f"<= {BOUNDS['threads_growth']}",
     )
     _common.figure("soak_viewer_new_viewer_join", fig["new_viewer_join_s"], "s", "<= 5 s")
+    _common.figure("soak_viewer_loop_errors", fig["loop_errors"], "errors", "0")
 
 
 if __name__ == "__main__":

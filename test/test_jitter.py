@@ -162,6 +162,50 @@ def test_aiortc_hook_points_exist() -> None:
     )
 
 
+async def test_sctp_sends_after_dtls_closed_are_dropped_quietly() -> None:
+    """aiortc's SCTP retransmits from fire-and-forget tasks; once the DTLS transport under
+    it is gone they died with ConnectionError ("Task exception was never retrieved": 15 from
+    the soak's aiortc viewers in 200 joins). With quiet_sctp_sends a send to a closed
+    transport is a lost packet; without it aiortc raises (checked first, so an upgrade that
+    fixes it shows)."""
+    from aiortc.rtcsctptransport import HeartbeatChunk
+    from OpenSSL import SSL
+
+    a = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    b = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    channel = a.createDataChannel("x")
+    opened = asyncio.Event()
+    channel.on("open", opened.set)
+    await a.setLocalDescription(await a.createOffer())
+    await b.setRemoteDescription(a.localDescription)
+    await b.setLocalDescription(await b.createAnswer())
+    await a.setRemoteDescription(b.localDescription)
+    await asyncio.wait_for(opened.wait(), 10)
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _l, ctx: errors.append(ctx))
+    try:
+        await a.sctp.transport.stop()  # DTLS going under a live SCTP association
+        with pytest.raises((ConnectionError, SSL.Error)):
+            await a.sctp._send_chunk(HeartbeatChunk())
+        aiortc_hooks.quiet_sctp_sends(a.sctp)
+        aiortc_hooks.quiet_sctp_sends(a.sctp)  # idempotent
+        await a.sctp._send_chunk(HeartbeatChunk())  # stopping: OpenSSL's "shutdown" error
+        await asyncio.sleep(0.05)
+        assert a.sctp.transport.state == "closed"
+        await a.sctp._send_chunk(HeartbeatChunk())  # closed: aiortc's ConnectionError
+        task = asyncio.ensure_future(a.sctp._send_chunk(HeartbeatChunk()))  # as aiortc does
+        await asyncio.sleep(0.05)
+        assert task.done() and task.exception() is None
+        a.sctp._t3_expired()  # the retransmission timer's path
+        await asyncio.sleep(0.05)
+        assert not errors, errors
+    finally:
+        loop.set_exception_handler(None)
+        await a.close()
+        await b.close()
+
+
 def test_munge_sdp_adds_fec_and_nack_and_aiortc_accepts_it() -> None:
     async def run() -> tuple[str, str]:
         a = RTCPeerConnection(RTCConfiguration(iceServers=[]))

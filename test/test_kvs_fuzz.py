@@ -152,7 +152,7 @@ def check_inbound(msg: Inbound) -> None:
 
 
 # -- pure properties ------------------------------------------------------------------------
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, database=None)
 @given(frame_text)
 @example('{"messageType":"SDP_OFFER","senderClientId":"v","messagePayload":12}')
 @example('{"messageType":"STATUS_RESPONSE","statusResponse":{"correlationId":["a"]}}')
@@ -208,7 +208,7 @@ def check_dc(raw: str | bytes) -> dict[str, Any] | str:
     return msg
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, database=None)
 @given(dc_message)
 @example("[" * 3000)
 def test_fuzz_data_channel_messages(raw: str | bytes) -> None:
@@ -250,6 +250,7 @@ async def test_fuzz_frames_against_a_live_master(emu: KvsEmulator, live: tuple) 
 
     @settings(
         max_examples=60,
+        database=None,
         deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
@@ -285,7 +286,9 @@ async def test_fuzz_data_channel_against_a_live_master(emu: KvsEmulator, live: t
     assert await master.wait_viewers(1)
     peer = master.peers["fuzzer"]
 
-    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(dc_message)
     def collect(raw: str | bytes) -> None:
         messages.append(raw)

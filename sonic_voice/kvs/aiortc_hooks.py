@@ -11,17 +11,32 @@ its track queue stays empty.
 
 NACKs go out through ``RTCRtpReceiver._send_rtcp_nack`` (aiortc only uses it for video).
 
+SCTP after the peer is gone (:func:`quiet_sctp_sends`): aiortc's SCTP transport fires
+retransmissions and flushes as fire-and-forget tasks (``asyncio.ensure_future`` in
+``_t3_expired``, ``_t1/_t2`` and ``_data_channel_flush`` paths). When the DTLS transport
+under it has closed (a viewer that vanished, or closed its tab), each of those tasks dies
+with ``ConnectionError`` (or OpenSSL's "protocol is shutdown" while DTLS is stopping) and
+the loop logs "Task exception was never retrieved" (aiortc issue #1040, open; the soak's
+aiortc viewers printed 15 of them in 200 joins as they left, and the master's transport
+runs the same code when a viewer's DTLS closes under a live association). We wrap one
+instance method, ``RTCSctpTransport._send_chunk``, the common bottom of every SCTP send, so
+that a chunk sent to a closed transport is dropped like a lost packet.
+
 test/test_jitter.py::test_aiortc_hook_points_exist fails loudly if an aiortc upgrade
 renames or reshapes any of this; :func:`check_hook_points` says what is missing.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiortc import RTCRtpReceiver
+from aiortc import RTCRtpReceiver, RTCSctpTransport
+from OpenSSL import SSL
+
+log = logging.getLogger(__name__)
 
 TESTED_AIORTC = ("1.16.0",)
 _JB_ATTR = "_RTCRtpReceiver__jitter_buffer"
@@ -50,6 +65,8 @@ def check_hook_points(receiver: RTCRtpReceiver | None = None) -> None:
         problems.append("RTCRtpReceiver._send_rtcp_nack is gone")
     if not callable(getattr(RTCRtpReceiver, "_handle_rtp_packet", None)):
         problems.append("RTCRtpReceiver._handle_rtp_packet is gone")
+    if not callable(getattr(RTCSctpTransport, "_send_chunk", None)):
+        problems.append("RTCSctpTransport._send_chunk is gone")
     if receiver is not None:
         jb = getattr(receiver, _JB_ATTR, None)
         if jb is None or not callable(getattr(jb, "add", None)):
@@ -110,3 +127,23 @@ async def send_nack(receiver: RTCRtpReceiver, media_ssrc: int, lost: list[int]) 
     audio codec (Chrome does not offer it for Opus), so this is a bonus, not the plan.
     """
     await receiver._send_rtcp_nack(media_ssrc, [s & 0xFFFF for s in lost])
+
+
+def quiet_sctp_sends(sctp: RTCSctpTransport) -> None:
+    """Make ``sctp`` drop chunks sent after its DTLS transport closed instead of raising
+    ``ConnectionError`` into aiortc's fire-and-forget tasks (see the module docstring).
+    Idempotent; only this instance is changed."""
+    if getattr(sctp, "_sonic_quiet", False):
+        return
+    check_hook_points()
+    send_chunk = sctp._send_chunk  # the bound original
+
+    async def _send_chunk(chunk) -> None:
+        try:
+            await send_chunk(chunk)
+        except (ConnectionError, SSL.Error) as e:  # DTLS closed, or shutting down (the window
+            # between RTCDtlsTransport.stop() and its state changing): as if lost on the wire
+            log.debug("SCTP chunk dropped, transport closed: %s", e)
+
+    sctp._send_chunk = _send_chunk  # type: ignore[method-assign]
+    sctp._sonic_quiet = True  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
+from sonic_voice.kvs import aiortc_hooks
 from sonic_voice.kvs.audio import PacedAudioTrack, RemoteBlocker, consume_remote
 from sonic_voice.kvs.frames import validate_candidate
 from sonic_voice.kvs.jitter import ResilientAudioReceiver, install_receiver
@@ -132,6 +133,8 @@ class ViewerPeer:
         """Apply the offer and early candidates; returns our answer SDP (with candidates)."""
         await self.pc.setRemoteDescription(RTCSessionDescription(offer["sdp"], "offer"))
         self.remote_set = True
+        if self.pc.sctp is not None:  # a data channel was offered
+            aiortc_hooks.quiet_sctp_sends(self.pc.sctp)
         for c in take_pending():
             await self.add_candidate(c)
         if any(t.kind == "audio" for t in self.pc.getTransceivers()):

@@ -5,8 +5,11 @@
 - WebSocket pings every ``ping_interval_s`` (the service's idle limit is 10 minutes).
 - Reconnect with full-jitter capped exponential backoff after errors; at once after GO_AWAY;
   proactively before the service's 1-hour connection limit.
-- The read loop only decodes and dispatches; the handler must not block (offers are
-  processed in their own tasks by the master).
+- The read loop only validates (:func:`sonic_voice.kvs.frames.parse_frame`) and
+  dispatches; a bad frame is dropped with one warning, never a reconnect. The handler
+  must not block (offers are processed in their own tasks by the master).
+- Outgoing frames leave through one paced writer: at most 20 a second, SDP at most 5 a
+  second (the service's per-connection limits), SDP before queued ICE candidates.
 - Every message we send carries a correlation id, so failed deliveries come back as
   STATUS_RESPONSE; those are logged with what we had sent under that id.
 """
