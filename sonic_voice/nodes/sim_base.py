@@ -49,7 +49,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.parameter import Parameter
 from rclpy.task import Future
 
-from sonic_voice.nodes.common import EVENT_QOS, descriptor, run_node
+from sonic_voice.nodes.common import EVENT_QOS, descriptor
 from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStatus
 
 # Nav2's result codes (nav2_msgs/action/NavigateToPose), used when the type lacks them.
@@ -587,7 +587,52 @@ class SimBaseNode(LifecycleNode):
 
 
 def main(args: list[str] | None = None) -> None:
-    run_node(SimBaseNode, args)
+    """Spin until SIGINT/SIGTERM, then tear down, all in this thread.
+
+    Not ``run_node``: with rclpy's own signal handlers, SIGINT shuts the context down
+    from rclpy's signal thread while this thread is still inside a callback (publishing
+    odometry, accepting a goal): "publisher's context is invalid", "Failed to accept new
+    goal: feedback publisher is invalid", and now and then a SIGSEGV (exit -11, the
+    test_sim_base documented-command flake). Here the signal only stops the spin between
+    callbacks; a running goal is aborted and its result sent, the action server,
+    subscription and publishers are destroyed before the node, and the context is shut
+    down last."""
+    import signal
+
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    executor = SingleThreadedExecutor()
+    stop = threading.Event()
+
+    def request_stop(_signum: int, _frame: Any) -> None:
+        stop.set()
+        executor.wake()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    node = None
+    try:
+        node = SimBaseNode()
+        executor.add_node(node)
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.5)
+    except ExternalShutdownException:
+        pass
+    finally:
+        if node is not None:
+            node.shutdown_resources()  # aborts a running goal...
+            deadline = time.monotonic() + 0.5
+            while node._runs and rclpy.ok() and time.monotonic() < deadline:
+                executor.spin_once(timeout_sec=0.05)  # ...and lets its result go out
+            node._teardown()
+        executor.shutdown()
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
