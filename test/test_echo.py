@@ -346,11 +346,16 @@ def test_stand_in_hears_no_barge_in_from_the_robots_own_voice(
             # An underflow plays silence the canceller never sees (the loaded machine's
             # CPU, not the code under test; see the module docstring), and AEC3 leaks
             # while it re-converges: such a run does not judge the canceller. Report it
-            # and measure again on a fresh graph and stand-in (up to 3 runs).
+            # and measure again on a fresh graph and stand-in (up to 3 runs; if every run
+            # underflowed, the test is skipped with the figures, not failed or passed).
             if not (echo_cancel and underflows and (rec.barge_ins or rec.utterances)):
                 break
             if attempt == 2:
-                break
+                speaker.shutdown_resources()
+                pytest.skip(
+                    "the speaker underflowed in every run (the machine could not play in "
+                    "real time), so the canceller could not be judged: " + "; ".join(runs)
+                )
             speaker.shutdown_resources()
             warnings.warn(f"re-measured after speaker underflows: {seen}", stacklevel=1)
             graph = RosGraph()
