@@ -504,6 +504,8 @@ def main() -> None:
             print(f"{m.id} {m.module}:{m.line} [{m.op}] {m.before} -> {m.after}")
         return
 
+    # SIGTERM ends the run like Ctrl-C: the running test is killed and the copy removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="sv-mutation-"))
     tree = work / "tree"
     _copy_tree(tree)
