@@ -587,6 +587,14 @@ def main() -> None:
     figure("mutation_killed", len(killed), "mutants")
     figure("mutation_survivors", len(survivors), "mutants")
     figure("mutation_score", score, "%", ">= 90 %")
+    gen = [m for m in ran if m.kind == "generated"]
+    gen_killed = [m for m in gen if m.status in ("killed", "timeout")]
+    found = [m for m in ran if m.kind == "finding"]
+    found_killed = [m for m in found if m.status in ("killed", "timeout")]
+    if gen:
+        figure("mutation_score_generated", 100.0 * len(gen_killed) / len(gen), "%", ">= 90 %")
+    if found:
+        figure("mutation_findings_killed", len(found_killed), f"of {len(found)}", "all")
     figure("mutation_unjudged", len(flaky), "mutants (killer also fails unmutated)")
     figure("mutation_wall", (time.monotonic() - t_start) / 60, "min")
 
