@@ -481,6 +481,12 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="list the mutants and stop")
     ap.add_argument("--keep", action="store_true", help="keep the mutated copy")
     ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument(
+        "--resume",
+        default="",
+        help="a --json file of an earlier run: keep its kills, run only the rest again "
+        "(after adding tests for the survivors)",
+    )
     args = ap.parse_args()
     isolate()
 
@@ -499,6 +505,16 @@ def main() -> None:
     if args.only:
         wanted = set(args.only.split(","))
         mutants = [m for m in mutants if m.id in wanted]
+    if args.resume:
+        done = {
+            r["id"]: r
+            for r in json.loads(Path(args.resume).read_text())
+            if r["status"] in ("killed", "timeout")
+        }
+        for m in mutants:
+            r = done.get(m.id)
+            if r is not None and (r["module"], r["line"], r["op"]) == (m.module, m.line, m.op):
+                m.status, m.seconds, m.killer = r["status"], r["seconds"], r["killer"]
     if args.list:
         for m in mutants:
             print(f"{m.id} {m.module}:{m.line} [{m.op}] {m.before} -> {m.after}")
@@ -526,6 +542,9 @@ def main() -> None:
         for m in mutants:
             if m.status == "n/a":
                 print(f"{m.id} n/a       {m.module} [{m.kind}] {m.before}: text not found")
+                continue
+            if m.status in ("killed", "timeout"):  # kept from --resume
+                print(f"{m.id} {m.status:9s} (earlier run)  {m.module}:{m.line} <- {m.killer}")
                 continue
             tests = _tests_for(m.module, tree)
             if not tests:
