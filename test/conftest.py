@@ -5,6 +5,8 @@
   session inside a private network namespace; ``test_isolation`` checks that it did.
 - Audio: one private PulseAudio server per session (harness.pulse), exported through
   PULSE_SERVER before PortAudio opens any stream.
+- Failing fast: the watchdog plugin (harness.watchdog, loaded by pyproject's addopts)
+  kills what a test left running, ends a hung test and never lets the run hang at exit.
 """
 
 from __future__ import annotations

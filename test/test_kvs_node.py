@@ -94,14 +94,27 @@ def test_viewer_audio_and_text_through_the_node(ros_graph, stand_in) -> None:
 
         # Viewer speech -> audio/remote (16 kHz, 32 ms blocks).
         speech = speech_like(2.0, 16000, seed=21)
+        n0 = len(listener.audio())
         stand_in.loop.call_soon_threadsafe(
             viewer.say, np.concatenate([silence(0.2, 16000), speech, silence(0.4, 16000)])
         )
-        assert wait_for(lambda: len(listener.audio()) >= 16000 * 2.5, 20)
-        time.sleep(0.2)
+
+        # audio/remote flows all along (the viewer's track sends silence between words),
+        # so "2.5 s of audio" is not "the speech is in": on a loaded machine the speech
+        # started later than that and was judged before it arrived (pieces 0.05-0.35,
+        # whole NCC 0.07). Wait until the whole utterance is in, wherever it starts.
+        def speech_in() -> bool:
+            got = listener.audio()[n0:]
+            if len(got) < len(speech):
+                return False
+            lag, _ = best_alignment(speech, got)
+            return lag + len(speech) + 3200 <= len(got)
+
+        # (Not asserted: speech that never comes fails below, with its correlations.)
+        wait_for(speech_in, 30, interval=0.25)
         assert {len(b) for b in listener.remote} == {512}
         # The node runs our receive path (default); it may move whole 20 ms frames.
-        check_viewer_speech(speech, listener.audio(), resilient=True)
+        check_viewer_speech(speech, listener.audio()[n0:], resilient=True)
         peer = node.master.peers["visitor"]  # (a dict read from this thread is safe)
         assert peer.rx is not None and peer.rx.stats.normal >= 100, peer.rx
         assert (

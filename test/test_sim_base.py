@@ -304,7 +304,12 @@ def test_documented_command_serves_goals_across_processes(ros_graph) -> None:
         assert c.last_odom()[0] == pytest.approx(2.0)
         goal = c.send(2.5, 0.0)
         assert goal.wait() == GoalStatus.STATUS_SUCCEEDED
-        assert goal.feedback[0].distance_remaining == pytest.approx(0.5, abs=0.06)
+        # Feedback from the other process, counting down from at most the 0.5 m asked
+        # for (the first tick may already have moved the base: up to 5 periods at 1 m/s,
+        # 0.25 m, when the loaded machine delays the tick; 0.43 m was seen in a full run).
+        dist = [f.distance_remaining for f in goal.feedback]
+        assert 0.2 <= dist[0] <= 0.5 + 1e-6, dist
+        assert all(b <= a + 1e-6 for a, b in itertools.pairwise(dist)), dist
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=TIMEOUT)

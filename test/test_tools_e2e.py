@@ -10,11 +10,11 @@ the stand-in's arrival times show whether the uplink ever stalled while a tool r
 
 from __future__ import annotations
 
-import itertools
 import math
 import textwrap
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,10 +132,15 @@ def output_time(rec: Any, name: str) -> int:
 def assert_uplink_never_stalled(
     rec: Any, feeder: MicFeeder, t_from: int, t_to: int, what: str = "the tool ran"
 ) -> None:
-    """No frame published between ``t_from`` and ``t_to`` took more than MAX_GAP_MS to
-    reach the stand-in, and the frames kept arriving: the session never waited on the
-    tool. (Per-frame latency, not the raw arrival gap, so a test thread that the loaded
-    machine parks for a moment is not taken for a stall of the session.)"""
+    """Frames published between ``t_from`` and ``t_to`` all reached the stand-in, and the
+    session never waited on the tool.
+
+    A session that waits on its tool holds every frame until the tool ends: the typical
+    frame is late and the latest one by about the tool's run time (1.8 s and more here).
+    A loaded 2-core machine instead parks the feeder, the executor or the stand-in for a
+    moment: one frame took 226 ms in a full run (a flake under the old "every frame within
+    200 ms" rule). So: the median frame within MAX_GAP_MS, none late by half the tool's
+    run time; the latencies are reported (a warning when any frame exceeded MAX_GAP_MS)."""
     assert feeder.delivered(rec), "frames published on audio/mic never reached the stand-in"
     arrivals = {
         read_tag(f): t
@@ -148,13 +153,18 @@ def assert_uplink_never_stalled(
     assert len(window) >= 0.7 * span_s * RATE / FRAME, f"{len(window)} frames in {span_s:.2f} s"
     missing = [tag for tag, _ in window if tag not in arrivals]
     assert not missing, f"{len(missing)} frames published while {what} never arrived"
-    late = max((arrivals[tag] - t) / 1e6 for tag, t in window)
-    inside = sorted(t for t in arrivals.values() if t_from < t < t_to)
-    gap = max(b - a for a, b in itertools.pairwise([t_from, *inside, t_to])) / 1e6
-    assert late <= MAX_GAP_MS, (
-        f"a frame took {late:.0f} ms to reach the stand-in while {what} "
-        f"({span_s:.1f} s; largest arrival gap {gap:.0f} ms)"
+    late_ms = np.array([(arrivals[tag] - t) / 1e6 for tag, t in window])
+    p50, p99, worst = np.percentile(late_ms, 50), np.percentile(late_ms, 99), late_ms.max()
+    over = int((late_ms > MAX_GAP_MS).sum())
+    figures = (
+        f"uplink latency while {what} ({span_s:.1f} s, {len(window)} frames): p50 {p50:.0f} "
+        f"ms, p99 {p99:.0f} ms, max {worst:.0f} ms; {over} over {MAX_GAP_MS:.0f} ms"
     )
+    print(figures)
+    if over:
+        warnings.warn(figures, stacklevel=2)
+    assert p50 <= MAX_GAP_MS, f"the uplink lagged while {what}: {figures}"
+    assert worst < 500 * span_s, f"the session waited on the tool: {figures}"
 
 
 @pytest.mark.scenario(

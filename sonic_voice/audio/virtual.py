@@ -147,26 +147,39 @@ class VirtualAudio:
         A deep client buffer (300 ms): with a small one pacat underruns on a loaded machine
         and PulseAudio fills the hole with silence (5-70 ms holes were measured), which no
         test of ours should mistake for a bug. The extra latency only moves where the sound
-        starts; tests find that by correlation."""
-        proc = subprocess.Popen(
-            [
-                "pacat",
-                "--playback",
-                "-d",
-                "micfeed",
-                "--raw",
-                "--format=s16le",
-                f"--rate={rate}",
-                "--channels=1",
-                f"--latency-msec={latency_ms}",
-            ],
-            env=self.client_env(),
-            stdin=subprocess.PIPE,
-        )
+        starts; tests find that by correlation.
+
+        pacat reads the samples from an in-memory file (memfd), not a pipe: on a pipe whose
+        writer has closed, poll() reports POLLHUP even while pacat has masked stdin out
+        (its buffer full), so pacat spun through ppoll/read/getpid until it had read the
+        last byte: 1.8-3.6 CPU-s per 2 s line, mostly kernel, under SCHED_FIFO (a whole
+        core on a 2-core robot). A regular file never reports POLLHUP: 0.02 CPU-s per line
+        (bench/virtual_mic.py)."""
+        data = np.ascontiguousarray(samples, dtype="<i2").tobytes()
+        fd = os.memfd_create("sv-mic-line", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.lseek(fd, 0, os.SEEK_SET)
+            proc = subprocess.Popen(
+                [
+                    "pacat",
+                    "--playback",
+                    "-d",
+                    "micfeed",
+                    "--raw",
+                    "--format=s16le",
+                    f"--rate={rate}",
+                    "--channels=1",
+                    f"--latency-msec={latency_ms}",
+                ],
+                env=self.client_env(),
+                stdin=fd,
+            )
+        finally:
+            os.close(fd)
         _realtime(proc)
-        threading.Thread(
-            target=_feed, args=(proc, samples.astype("<i2").tobytes()), daemon=True
-        ).start()
         return proc
 
     def record_speaker(self, rate: int) -> Recorder:
@@ -196,14 +209,6 @@ def _realtime(proc: subprocess.Popen, priority: int = 20) -> None:
             capture_output=True,
             check=False,
         )
-
-
-def _feed(proc: subprocess.Popen, data: bytes) -> None:
-    try:
-        proc.stdin.write(data)
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
 
 
 class Recorder:

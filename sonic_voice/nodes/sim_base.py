@@ -293,9 +293,13 @@ class SimBaseNode(VoiceNode):
         self._stop("aborted", _UNKNOWN, "base deactivated")
 
     async def stop(self) -> None:
-        """A running goal is aborted and the base stopped."""
+        """A running goal is aborted and the base stopped; its result goes out while the
+        executor still spins (at most 0.5 s)."""
         self._stop("aborted", _UNKNOWN, "base shutting down")
-        await asyncio.sleep(0)
+        for _ in range(50):
+            if not self._runs:
+                return
+            await asyncio.sleep(0.01)
 
     def release(self) -> None:
         """Destroy the timer first (no tick after the context goes), then the rest."""
@@ -535,6 +539,9 @@ class SimBaseNode(VoiceNode):
 
 
 def main(args: list[str] | None = None) -> None:
+    """``ros2 run sonic_voice sim_base``: :func:`sonic_voice.ros.runtime.run_node` stops it
+    between callbacks on SIGINT/SIGTERM (rclpy's own handler, which shut the context down
+    inside a callback, once crashed it with SIGSEGV), aborting a running goal first."""
     run_node(SimBaseNode, args)
 
 

@@ -78,7 +78,13 @@ class RosGraph:
 
         voice = [n for n in reversed(self.nodes) if isinstance(n, VoiceNode)]
         concurrent.futures.wait([n.begin_stop() for n in voice], timeout=5)
-        self.executor.shutdown(timeout_sec=5)
+        if isinstance(self.executor, MultiThreadedExecutor):
+            # Do not join the pool: a callback that never returns (a goal nobody
+            # cancelled, after a failed test) would hang the teardown for ever. Such a
+            # thread is ended by the watchdog (test/harness/watchdog.py).
+            self.executor.shutdown(timeout_sec=5, wait_for_threads=False)
+        else:
+            self.executor.shutdown(timeout_sec=5)
         self._thread.join(10)
         for n in reversed(self.nodes):
             try:

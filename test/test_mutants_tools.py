@@ -1,0 +1,86 @@
+"""Tools layer: value checks and the location table, the cases bench/mutation.py found
+untested (integer bounds off by one, bounded strings, alias listing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sonic_voice.tools.config import load_locations
+from sonic_voice.tools.mapping import check_value
+
+INT_BOUNDS = {
+    "int8": (-128, 127),
+    "uint8": (0, 255),
+    "byte": (0, 255),
+    "octet": (0, 255),
+    "char": (0, 255),
+    "int16": (-32768, 32767),
+    "uint16": (0, 65535),
+    "int32": (-(2**31), 2**31 - 1),
+    "uint32": (0, 2**32 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint64": (0, 2**64 - 1),
+}
+
+
+@pytest.mark.parametrize("ftype", sorted(INT_BOUNDS))
+def test_integer_bounds_are_exact(ftype: str) -> None:
+    """Kills: a bound of ``_INT_RANGES`` off by one (0 -> 1 and the like)."""
+    lo, hi = INT_BOUNDS[ftype]
+    check_value(lo, ftype)
+    check_value(hi, ftype)
+    for bad in (lo - 1, hi + 1):
+        with pytest.raises(ValueError, match=f"out of range for {ftype}"):
+            check_value(bad, ftype)
+    with pytest.raises(TypeError, match="not an integer"):
+        check_value(True, ftype)  # a bool is not an integer here
+    with pytest.raises(TypeError, match="not an integer"):
+        check_value(1.5, ftype)
+
+
+def test_strings_bounded_and_unbounded() -> None:
+    """Kills: ``startswith('string<=') and len > bound`` -> ``or`` (every string checked
+    against a bound it does not have)."""
+    check_value("x" * 1000, "string")
+    check_value("abc", "string<=3")
+    with pytest.raises(ValueError, match="longer than string<=3"):
+        check_value("abcd", "string<=3")
+    with pytest.raises(TypeError, match="not a string"):
+        check_value(3, "string")
+
+
+def test_numbers_booleans_and_sequences() -> None:
+    check_value(1, "double")
+    check_value(2.5, "float")
+    with pytest.raises(TypeError, match="not a number"):
+        check_value(True, "double")
+    check_value(False, "boolean")
+    with pytest.raises(TypeError, match="true/false"):
+        check_value(0, "boolean")
+    check_value([1, 2, 3], "sequence<int32>")
+    check_value([1, 2], "sequence<uint8, 4>")
+    check_value([0.5, 1.0], "double[2]")
+    with pytest.raises(ValueError, match="out of range for uint8"):
+        check_value([1, 256], "sequence<uint8>")
+    with pytest.raises(TypeError, match="not a list"):
+        check_value("abc", "sequence<int32>")
+
+
+def test_location_aliases_are_listed_once_and_resolve() -> None:
+    """Kills: the alias listing's ``a not in out`` inverted (no alias offered to the
+    model) and duplicates or the canonical name listed as its own alias."""
+    table = load_locations(
+        {
+            "frame": "map",
+            "locations": {
+                "kitchen": {"x": 1, "y": 2, "yaw_deg": 30, "aliases": ["cafe", "cocina"]},
+                "lobby": {"x": 0, "y": 0, "aliases": {"en": ["hall"], "es": ["hall", "lobby"]}},
+            },
+        }
+    )
+    assert table.names() == ["kitchen", "lobby"]
+    assert table.aliases_display() == ["cafe", "cocina", "hall"]
+    assert table.choices() == ["kitchen", "lobby", "cafe", "cocina", "hall"]
+    assert table.resolve("Cocina") == "kitchen" and table.resolve("HALL") == "lobby"
+    assert table.resolve("nowhere") is None and table.resolve(3) is None
+    assert table.describe().startswith("kitchen (cafe, cocina); lobby (")
