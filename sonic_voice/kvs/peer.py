@@ -218,7 +218,10 @@ class ViewerPeer:
             self.connected.set()
             self._on_state(self)
         elif state in ("failed", "closed") and not self.closed.is_set():
-            self.spawn(self.close(f"connection {state}"), "close")
+            # "ICE failed/closed": the path died (consent expired, e.g. the TURN relay
+            # vanished); a viewer's goodbye closes DTLS with ICE still "completed".
+            ice = self.pc.iceConnectionState
+            self.spawn(self.close(f"connection {state} (ICE {ice})"), "close")
 
     # -- data ---------------------------------------------------------------------------
     @staticmethod

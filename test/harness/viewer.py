@@ -53,6 +53,7 @@ class Viewer:
         send_rate: int = 16000,
         trickle: bool = False,
         secret: str = TEST_SECRET,
+        config: RTCConfiguration | None = None,
     ) -> None:
         self.settings = KvsSettings(
             channel,
@@ -63,7 +64,7 @@ class Viewer:
         )
         self.client_id = client_id
         self.trickle = trickle
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = RTCPeerConnection(config or RTCConfiguration(iceServers=[]))
         self.mic = PacedAudioTrack(send_rate)
         self.frames: list[tuple[float, np.ndarray]] = []  # (arrival, 48 kHz mono)
         self.messages: list[dict[str, Any]] = []
