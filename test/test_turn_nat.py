@@ -102,7 +102,12 @@ class World:
             v = Viewer(self.emu.endpoint_url, CHANNEL, client, config=config)
             return await v.join(timeout)
 
-        return await self.viewer.run(join(), timeout + 10)
+        v = await self.viewer.run(join(), timeout + 10)
+        # The robot's side may see "connected" a little after the viewer's; play() only
+        # reaches connected peers.
+        peer_up = lambda: (p := self.master.peers.get(client)) is not None and p.connected.is_set()  # noqa: E731
+        assert await wait_for(peer_up, 10), f"{client}: the robot's peer never connected"
+        return v
 
     def robot_heard(self, client: str) -> np.ndarray:
         blocks = list(self.heard.get(client, []))
