@@ -67,6 +67,7 @@ class Viewer:
         self.pc = RTCPeerConnection(config or RTCConfiguration(iceServers=[]))
         self.mic = PacedAudioTrack(send_rate)
         self.frames: list[tuple[float, np.ndarray]] = []  # (arrival, 48 kHz mono)
+        self.frame_pts: list[int] = []  # RTP timestamp (48 kHz) of each frame in ``frames``
         self.messages: list[dict[str, Any]] = []
         self.signals: list[dict[str, Any]] = []  # every frame from the service
         self.connected = asyncio.Event()
@@ -140,6 +141,7 @@ class Viewer:
                 except MediaStreamError:
                     return
                 self.frames.append((time.monotonic(), frame_to_mono(frame)))
+                self.frame_pts.append(int(frame.pts or 0))
 
         if track.kind == "audio":
             self._tasks.append(asyncio.create_task(record()))
