@@ -51,6 +51,7 @@ setup(
         "awscrt",
         "livekit",  # WebRTC AudioProcessingModule (echo cancellation)
         "opuslib",  # libopus with in-band FEC decode + PLC (loss-resilient receive path)
+        "segno",  # QR codes of guest invite links (pure Python, no Pillow)
     ],
     extras_require={
         "test": ["pytest", "pytest-asyncio", "pytest-timeout", "ruff"],
