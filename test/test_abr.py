@@ -46,19 +46,40 @@ def test_rtt_rise_alone_backs_off_and_floor_holds() -> None:
 
 
 def test_up_only_after_hold_with_hysteresis() -> None:
-    cfg = AbrConfig(min_bps=6000, max_bps=32000, start_bps=32000, hold_up_s=3.0)
+    cfg = AbrConfig(min_bps=6000, max_bps=32000, start_bps=32000, hold_up_s=2.0)
     ctl = AbrController(cfg)
-    ctl.update(Report(0.0, 0.6, 0.0, 0.05))
+    ctl.update(Report(0.0, 0.6, 0.0, 0.05))  # the link carried 32000 * 0.4 = 12800
     low = ctl.bitrate
-    # Clean reports, but not for long enough: no change.
-    ups = [ctl.update(Report(1.0 + i, 0.0, 0.0, 0.05)) for i in range(3)]
-    assert all(d.bitrate == low for d in ups)
-    # A loss between the thresholds resets the clean clock and does not move the rate.
-    d = ctl.update(Report(4.0, 0.02, 0.0, 0.05))
-    assert d.bitrate == low
-    rates = [ctl.update(Report(5.0 + i, 0.0, 0.0, 0.05)).bitrate for i in range(12)]
-    assert rates[2] == low and rates[3] > low  # up after 3 s of clean reports
-    assert rates == sorted(rates) and rates[-1] == 32000  # back to max, monotonically
+    assert low == 10240 and ctl.ceiling == 12800
+    # Clean, but not for long enough; then a loss between the thresholds resets the clock.
+    assert [ctl.update(Report(t, 0.0, 0.0, 0.05)).bitrate for t in (1.0, 2.0)] == [low, low]
+    assert ctl.update(Report(3.0, 0.02, 0.0, 0.05)).bitrate == low
+    rates = {t: ctl.update(Report(float(t), 0.0, 0.0, 0.05)).bitrate for t in range(4, 18)}
+    assert rates[4] == rates[5] == low
+    assert rates[6] == 12160  # after 2 s clean: straight to 95 % of the ceiling, no further
+    assert all(rates[t] == 12160 for t in range(7, 11))
+    assert rates[11] == int(12160 * 1.15)  # one small probe past it after 5 s
+    assert rates[12] > rates[11] and ctl.ceiling is None  # it stayed clean: grow fast again
+    assert list(rates.values()) == sorted(rates.values()) and rates[17] == 32000
+
+
+def test_a_thin_link_costs_little_in_steady_state() -> None:
+    """A simulated 12 kbit/s link (what does not fit is lost; a rate over it raises the RTT
+    as its queue fills) for 60 s of once-a-second reports: after the first cut, under 2 %
+    of what is sent is lost to the probes, and the rate stays close to the link."""
+    ctl = AbrController(AbrConfig(min_bps=6000, max_bps=32000, start_bps=32000))
+    link, sent, lost, rates = 12000.0, 0.0, 0.0, []
+    for t in range(60):
+        rate = ctl.bitrate
+        loss = max(0.0, 1 - link / rate)
+        rtt = 0.05 + (0.15 if rate > link else 0.0)
+        if t >= 3:
+            sent += rate
+            lost += rate * loss
+            rates.append(rate)
+        ctl.update(Report(float(t), loss, 0.0, rtt))
+    assert lost / sent < 0.02, f"{100 * lost / sent:.1f} % lost in steady state"
+    assert 0.75 * link <= np.mean(rates) <= link, np.mean(rates)
 
 
 def test_remb_caps_and_bad_bounds_are_refused() -> None:

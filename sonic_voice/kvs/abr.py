@@ -14,7 +14,11 @@ queueing-delay guard, which matters on a thin link where a queue fills before it
   is lost, and 32 * 0.4 * 0.8 = 10.2 kbit/s fits in one step;
 - **up** only after ``hold_up_s`` of clean reports (loss < ``loss_low``, no RTT rise), by
   ``up_factor`` per report, to ``max_bps``: the hysteresis that keeps a link at its edge
-  from flapping;
+  from flapping. The rate the link carried when it last congested is remembered as a
+  ceiling: up to 95 % of it fast, past it only by one ``probe_factor`` step after
+  ``probe_after_s`` clean (a probe that stays clean clears the ceiling: the link got
+  better, fast growth again). A link that stays thin then costs one small probe every few
+  seconds, which the RTT rise usually catches before anything is lost;
 - **REMB** caps the rate at ``remb_share`` of the estimate;
 - **FEC**: libopus's expected-loss setting follows the smoothed loss (x1.5 margin, within
   ``[min_loss_pct, max_loss_pct]``); more expected loss means more of the bitrate goes to
@@ -36,8 +40,14 @@ class AbrConfig:
     rtt_rise_s: float = 0.08
     backoff: float = 0.8
     up_factor: float = 1.25
-    hold_up_s: float = 3.0
-    min_down_interval_s: float = 0.5
+    hold_up_s: float = 2.0
+    probe_after_s: float = 5.0
+    probe_factor: float = 1.15
+    # A report covers about the second before it: after a cut, the next one still shows
+    # the old rate's loss. Cut again only after this long.
+    min_down_interval_s: float = 1.0
+    settle_s: float = 3.0
+    loss_heavy: float = 0.15
     remb_share: float = 0.9
     min_loss_pct: int = 5
     max_loss_pct: int = 30
@@ -79,34 +89,64 @@ class AbrController:
         self.loss = 0.0  # smoothed fraction lost
         self.loss_pct = self.cfg.min_loss_pct
         self.min_rtt: float | None = None
+        self.last_rtt: float | None = None
         self.clean_since: float | None = None
         self.last_down = float("-inf")
+        self.last_up = float("-inf")
+        self.ceiling: float | None = None  # what the link carried when it last congested
         self.history: list[tuple[float, int, int, str]] = []  # (at, bitrate, loss %, why)
+        self.reports: list[Report] = []  # every report seen (diagnostics, benches)
 
     def update(self, r: Report) -> Decision:
         cfg = self.cfg
+        self.reports.append(r)
+        del self.reports[:-1000]
         a = cfg.loss_smoothing
         self.loss = a * r.fraction_lost + (1 - a) * self.loss
         rtt_rise = 0.0
         if r.rtt_s is not None and r.rtt_s > 0:
             self.min_rtt = r.rtt_s if self.min_rtt is None else min(self.min_rtt, r.rtt_s)
-            rtt_rise = r.rtt_s - self.min_rtt
+            # Only a *rising* RTT is a queue filling: aiortc (like most stacks) smooths its
+            # RTT, which stays high for seconds after a queue has drained.
+            if self.last_rtt is not None and r.rtt_s > self.last_rtt:
+                rtt_rise = r.rtt_s - self.min_rtt
+            self.last_rtt = r.rtt_s
         old_rate, old_pct = self.bitrate, self.loss_pct
         why = "hold"
         congested = r.fraction_lost > cfg.loss_high or rtt_rise > cfg.rtt_rise_s
         if congested:
             self.clean_since = None
-            if r.at - self.last_down >= cfg.min_down_interval_s:
-                target = self.bitrate * (1 - min(r.fraction_lost, 0.9)) * cfg.backoff
-                self.bitrate = max(cfg.min_bps, int(target))
+            since = r.at - self.last_down
+            # Just after a cut, reports still carry the old rate's queue: cut again only
+            # for heavy loss (the link fell further), not for its tail.
+            settling = since < cfg.settle_s and r.fraction_lost < cfg.loss_heavy
+            if since >= cfg.min_down_interval_s and not settling:
+                carried = self.bitrate * (1 - min(r.fraction_lost, 0.9))
+                self.ceiling = max(cfg.min_bps, carried)
+                self.bitrate = max(cfg.min_bps, int(carried * cfg.backoff))
                 self.last_down = r.at
                 why = f"down: lost {r.fraction_lost:.0%}, rtt +{rtt_rise * 1000:.0f} ms"
         elif r.fraction_lost < cfg.loss_low:
             if self.clean_since is None:
                 self.clean_since = r.at
-            elif r.at - self.clean_since >= cfg.hold_up_s and self.bitrate < cfg.max_bps:
-                self.bitrate = min(cfg.max_bps, int(self.bitrate * cfg.up_factor))
-                why = "up: clean link"
+            if self.ceiling is not None and self.bitrate > self.ceiling:
+                self.ceiling = None  # a probe past the old ceiling stayed clean
+            clean_for = r.at - self.clean_since
+            if clean_for >= cfg.hold_up_s and self.bitrate < cfg.max_bps:
+                target = self.bitrate * cfg.up_factor
+                near = int(self.ceiling * 0.95) if self.ceiling is not None else None
+                if near is None or target <= near:
+                    why = "up: clean link"
+                elif self.bitrate < near:
+                    target, why = near, "up: to just under the last ceiling"
+                elif r.at - max(self.last_up, self.clean_since) >= cfg.probe_after_s:
+                    target, why = self.bitrate * cfg.probe_factor, "up: probing past the ceiling"
+                else:
+                    target = self.bitrate
+                new = min(cfg.max_bps, int(target))
+                if new > self.bitrate:
+                    self.bitrate = new
+                    self.last_up = r.at
         else:
             self.clean_since = None  # between the thresholds: stay
         if r.remb_bps:
