@@ -290,7 +290,7 @@ async def test_relay_only_policy(world: World) -> None:
     """ice_transport_policy=relay on the robot and the viewer: the answer carries relay
     candidates only, and the call connects relay to relay."""
     w = world
-    await w.start_robot(ice_transport_policy="relay")
+    await w.start_robot(ice_transport_policy="relay", abr=True)
     v = await w.join("visitor-1", policy="relay")
     answer = v.pc.remoteDescription.sdp
     cands = [ln for ln in answer.splitlines() if ln.startswith("a=candidate")]
@@ -306,6 +306,10 @@ async def test_relay_only_policy(world: World) -> None:
     assert await wait_for(lambda: len(v.heard(t0)) >= 48000 * 1.9, 15)
     await asyncio.sleep(0.3)
     assert robot_to_viewer_ok(to_viewer, v.heard(t0)) >= 0.85
+    # Adaptive bitrate on (settings.abr): the viewer's receiver reports reach the controller.
+    peer = w.master.peers["visitor-1"]
+    assert peer.out.cfg.adaptive and peer.abr.reports, "no receiver report reached the ABR"
+    assert peer.abr.bitrate == 32000  # a clean relay: nothing to adapt
     await close_viewer(w, v)
 
 

@@ -28,10 +28,17 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
+from sonic_voice.kvs.abr import AbrConfig, AbrController
 from sonic_voice.kvs.audio import PacedAudioTrack, RemoteBlocker, consume_remote
 from sonic_voice.kvs.jitter import ResilientAudioReceiver, install_receiver
 from sonic_voice.kvs.messages import RejectedMessage, dumps, parse_inbound
-from sonic_voice.kvs.opus_send import ENCODER_RATES, OpusFecTrack, OpusSendConfig, munge_sdp
+from sonic_voice.kvs.opus_send import (
+    ENCODER_RATES,
+    OpusFecTrack,
+    OpusSendConfig,
+    munge_sdp,
+    run_abr,
+)
 from sonic_voice.kvs.settings import KvsSettings
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,7 @@ def opus_config(settings: KvsSettings) -> OpusSendConfig:
         bitrate=settings.opus_bitrate,
         fec=True,
         packet_loss_pct=settings.opus_packet_loss_pct,
+        adaptive=settings.abr,
         input_rate=settings.out_rate if settings.out_rate in ENCODER_RATES else 48000,
     )
 
@@ -81,6 +89,13 @@ class ViewerPeer:
             else PacedAudioTrack(settings.out_rate)
         )  # fmt: skip
         self.rx: ResilientAudioReceiver | None = None  # the viewer's audio (resilient path)
+        self.abr = AbrController(
+            AbrConfig(
+                min_bps=min(settings.abr_min_bps, settings.opus_bitrate),
+                max_bps=settings.opus_bitrate,
+                start_bps=settings.opus_bitrate,
+            )
+        )  # used when settings.abr
         self.channels: list[Any] = []
         self.muted = False
         self.remote_set = False
@@ -122,7 +137,9 @@ class ViewerPeer:
         for c in take_pending():
             await self.add_candidate(c)
         if any(t.kind == "audio" for t in self.pc.getTransceivers()):
-            self.pc.addTrack(self.out)  # reuses the offered audio transceiver
+            sender = self.pc.addTrack(self.out)  # reuses the offered audio transceiver
+            if self.settings.abr and isinstance(self.out, OpusFecTrack):
+                self.spawn(run_abr(self.out, sender, self.abr), "abr")
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         sdp = self.pc.localDescription.sdp
         if self.settings.resilient_receive or self.settings.opus_fec:
