@@ -111,6 +111,8 @@ class UdpImpairRelay:
         self.first_seen: dict[str, dict[int, float]] = {k: {} for k in self.imp}
         self.dropped_ts: dict[str, set[int]] = {k: set() for k in self.imp}
         self._busy_until = dict.fromkeys(self.imp, 0.0)  # bottleneck queue drains by then
+        # When each RTP timestamp left the relay (benches: the path's own delay).
+        self.forwarded: dict[str, dict[int, float]] = {k: {} for k in self.imp}
         # face_a: the address B believes is A. face_b: the address A believes is B.
         self.face_a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.face_b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -152,6 +154,7 @@ class UdpImpairRelay:
             now = time.monotonic()
             while self._heap and self._heap[0][0] <= now:
                 _, _, sock, data, addr = heapq.heappop(self._heap)
+                self._note_forwarded(sock, data, now)
                 try:
                     sock.sendto(data, addr)
                 except OSError:
@@ -218,10 +221,17 @@ class UdpImpairRelay:
         if not rtcp:
             st.delays_ms.append(delay)
         if delay <= 0:
+            self._note_forwarded(out_sock, data, now)
             out_sock.sendto(data, dest)
             return
         self._n += 1
         heapq.heappush(self._heap, (now + delay / 1000, self._n, out_sock, data, dest))
+
+    def _note_forwarded(self, sock: socket.socket, data: bytes, now: float) -> None:
+        if len(data) >= 12 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223:
+            direction = "a_to_b" if sock is self.face_a else "b_to_a"
+            ts = int.from_bytes(data[4:8], "big")
+            self.forwarded[direction].setdefault(ts, now)
 
     def close(self) -> None:
         self._stop.set()
