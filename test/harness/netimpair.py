@@ -46,6 +46,7 @@ class Impairment:
     # in it is dropped (tail drop, as a router's buffer).
     rate_kbps: float = 0.0
     queue_ms: float = 200.0
+    queue_rtcp: bool = True  # RTCP waits in the bottleneck queue too (not counted in the rate)
 
 
 @dataclass
@@ -207,6 +208,9 @@ class UdpImpairRelay:
                 self.dropped_ts[direction].add(ts)
             return
         delay = imp.delay_ms + (rng.uniform(0, imp.jitter_ms) if imp.jitter_ms > 0 else 0.0)
+        if imp.rate_kbps > 0 and rtcp and imp.queue_rtcp:
+            # RTCP waits in the same queue (so RTT shows it) but is not counted in the rate.
+            delay += max(0.0, self._busy_until[direction] - now) * 1000
         if imp.rate_kbps > 0 and not rtcp:
             start = max(now, self._busy_until[direction])
             if start - now > imp.queue_ms / 1000:
