@@ -55,6 +55,7 @@ setup(
         "strands-agents",  # tools: the agent kind
         "bm25s",  # tools: knowledge, BM25 over sparse numpy matrices
         "PyStemmer",  # tools: knowledge, Snowball stemmers (es, en, ...)
+        "segno",  # QR codes of guest invite links (pure Python, no Pillow)
     ],
     extras_require={
         "test": ["pytest", "pytest-asyncio", "pytest-timeout", "hypothesis", "ruff"],

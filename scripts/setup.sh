@@ -10,7 +10,7 @@ VENV=${SONIC_VOICE_VENV:-$ROOT/.venv}
 # Debian packages the tests and the run command need (audio devices, namespaces, speech,
 # and Debian's chromium for the browser viewer test).
 APT_PKGS=(libportaudio2 libopus0 pulseaudio pulseaudio-utils libasound2-plugins iproute2 util-linux
-          espeak-ng sox make cmake g++ chromium)
+          espeak-ng sox make cmake g++ chromium nftables coturn)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,9 +9,17 @@
 //                   played here; a data channel carrying the robot's transcripts and state
 //                   in and the visitor's text chat and mute/unmute out.
 //
-// Credentials are typed by the user and live in this tab's memory; they are written to
-// localStorage only when "remember" is ticked. Non-secret settings may come from the URL
-// (?region=&channel=&endpoint=&clientId=); credentials in the URL are ignored on purpose.
+// Three ways in, no keys needed for the first two:
+// - a guest invite minted by the robot (sonic_voice/kvs/invite.py): #invite=<base64url JSON>
+//   in the URL *fragment* (never sent to any server) holding a presigned viewer signaling
+//   URL, its client id and the TURN servers; the page skips the control plane entirely;
+// - an Amazon Cognito identity pool (?cognitoPool=REGION:ID, optional ?cognitoEndpoint= for
+//   a local stand-in): unauthenticated guest credentials from GetId +
+//   GetCredentialsForIdentity, then the usual signed control-plane calls;
+// - typed keys (the developer fallback): they live in this tab's memory and are written to
+//   localStorage only when "remember" is ticked.
+// Non-secret settings may come from the URL (?region=&channel=&endpoint=&clientId=);
+// credentials in the URL are ignored on purpose.
 //
 // window.kvsViewer exposes the live state (status, transcripts, candidates, levels) and a few
 // diagnostics (stats(), takeCapture() when the page was opened with ?capture=1) so the page
@@ -26,10 +34,12 @@
   const DATA_CHANNEL_LABEL = "kvsDataChannel";
   const CLIENT_ID_RE = /^[a-zA-Z0-9_.-]{1,256}$/;
   const query = new URLSearchParams(location.search);
+  let invite = null; // the guest invite read from the fragment, see readInvite()
 
   const viewer = {
     status: "idle",
     error: null,
+    joinedWith: null, // "invite" | "cognito" | "keys"
     clientId: null,
     channelArn: null,
     connectionState: "new",
@@ -178,6 +188,59 @@
     return { arn, wss: byProtocol.WSS, https: byProtocol.HTTPS, iceServers };
   }
 
+  // ---------------------------------------------------------------- guests
+  /** The #invite= bundle, or null. Removed from the address bar once read. */
+  function readInvite() {
+    const m = /^#invite=([A-Za-z0-9_-]+)$/.exec(location.hash);
+    if (!m) return null;
+    let inv;
+    try {
+      const b64 = m[1].replace(/-/g, "+").replace(/_/g, "/");
+      inv = JSON.parse(b64decode(b64 + "=".repeat((4 - (b64.length % 4)) % 4)));
+    } catch (e) {
+      log("the invite link is damaged: ask for a new one", "error");
+      return null;
+    }
+    history.replaceState(null, "", location.pathname + location.search);
+    if (inv.v !== 1 || !inv.wss || !inv.clientId) {
+      log("the invite link is not one this page understands: ask for a new one", "error");
+      return null;
+    }
+    return inv;
+  }
+
+  /** Unauthenticated (guest) credentials from a Cognito identity pool. */
+  async function cognitoCredentials(poolId, endpoint) {
+    const region = poolId.split(":")[0];
+    const url = endpoint || `https://cognito-identity.${region}.amazonaws.com/`;
+    async function call(target, body) {
+      let resp;
+      try {
+        resp = await fetch(url, {
+          method: "POST",
+          headers: {
+            "Content-Type": "application/x-amz-json-1.1",
+            "X-Amz-Target": `AWSCognitoIdentityService.${target}`,
+          },
+          body: JSON.stringify(body),
+          mode: "cors",
+        });
+      } catch (e) {
+        throw new KvsError("NetworkError", `${url}: ${e.message}`, 0);
+      }
+      const json = await resp.json().catch(() => ({}));
+      if (!resp.ok) {
+        const code = (json.__type || `HTTP ${resp.status}`).split("#").pop();
+        throw new KvsError(`Cognito ${target}: ${code}`, json.message || resp.statusText, resp.status);
+      }
+      return json;
+    }
+    const { IdentityId } = await call("GetId", { IdentityPoolId: poolId });
+    const { Credentials: c } = await call("GetCredentialsForIdentity", { IdentityId });
+    log(`guest identity ${IdentityId} (credentials until ${new Date(c.Expiration * 1000).toISOString()})`);
+    return { accessKeyId: c.AccessKeyId, secretAccessKey: c.SecretKey, sessionToken: c.SessionToken };
+  }
+
   // ---------------------------------------------------------------- signaling
   /** The signaling WebSocket; reconnects (freshly presigned) on GO_AWAY. */
   class Signaling {
@@ -191,7 +254,7 @@
     }
 
     async open() {
-      const url = await SigV4.presignUrl({
+      const url = this.channel.presigned || await SigV4.presignUrl({
         url: this.channel.wss,
         params: { "X-Amz-ChannelARN": this.channel.arn, "X-Amz-ClientId": this.cfg.clientId },
         credentials: this.cfg.credentials,
@@ -508,6 +571,18 @@
 
   // ---------------------------------------------------------------- connect / disconnect
   function readForm() {
+    if (invite) {
+      if (invite.exp && invite.exp * 1000 < Date.now()) {
+        throw new Error("this invite has expired: ask the robot for a new one");
+      }
+      return {
+        region: invite.region,
+        channel: invite.channel,
+        clientId: invite.clientId,
+        icePolicy: $("ice-policy").value,
+        invite,
+      };
+    }
     const cfg = {
       region: $("region").value.trim(),
       channel: $("channel").value.trim(),
@@ -524,8 +599,17 @@
       throw new Error("client id: 1-256 of a-z A-Z 0-9 _ . - and not starting with AWS_");
     }
     if (!cfg.region || !cfg.channel) throw new Error("region and channel name are required");
-    if (!cfg.credentials.accessKeyId || !cfg.credentials.secretAccessKey) {
+    cfg.cognitoPool = query.get("cognitoPool") || "";
+    cfg.cognitoEndpoint = query.get("cognitoEndpoint") || "";
+    if (cfg.cognitoEndpoint && !/^(https:\/\/|http:\/\/(127\.0\.0\.1|localhost)(:|\/|$))/.test(cfg.cognitoEndpoint)) {
+      throw new Error("cognitoEndpoint must be https://…, or http:// on 127.0.0.1/localhost");
+    }
+    const typed = cfg.credentials.accessKeyId || cfg.credentials.secretAccessKey;
+    if (!typed && !cfg.cognitoPool) {
       throw new Error("enter an access key id and a secret access key");
+    }
+    if (typed && (!cfg.credentials.accessKeyId || !cfg.credentials.secretAccessKey)) {
+      throw new Error("enter both an access key id and a secret access key");
     }
     if (cfg.endpoint && !/^(https:\/\/|http:\/\/(127\.0\.0\.1|localhost)(:|\/|$))/.test(cfg.endpoint)) {
       throw new Error("endpoint override must be https://…, or http:// on 127.0.0.1/localhost");
@@ -534,7 +618,7 @@
   }
 
   function rememberCredentials(cfg) {
-    if ($("remember").checked) {
+    if (cfg.credentials && cfg.credentials.accessKeyId && $("remember").checked) {
       localStorage.setItem(STORAGE_KEY, JSON.stringify(cfg.credentials));
     }
   }
@@ -563,7 +647,20 @@
     session = s;
     try {
       setStatus("resolving");
-      const channel = await resolveChannel(cfg);
+      let channel;
+      if (cfg.invite) {
+        viewer.joinedWith = "invite";
+        const arn = new URL(cfg.invite.wss).searchParams.get("X-Amz-ChannelARN");
+        channel = { arn, presigned: cfg.invite.wss, iceServers: cfg.invite.iceServers || [] };
+      } else {
+        if (!cfg.credentials.accessKeyId) {
+          viewer.joinedWith = "cognito";
+          cfg.credentials = await cognitoCredentials(cfg.cognitoPool, cfg.cognitoEndpoint);
+        } else {
+          viewer.joinedWith = "keys";
+        }
+        channel = await resolveChannel(cfg);
+      }
       viewer.channelArn = channel.arn;
       log(`channel ${channel.arn}; ${channel.iceServers.length} ICE server(s)`);
 
@@ -747,6 +844,18 @@
     }
     for (const secret of ["accessKeyId", "secretAccessKey", "sessionToken"]) {
       if (query.has(secret)) log(`ignored "${secret}" in the URL: type credentials instead`, "error");
+    }
+    invite = readInvite();
+    if (invite) {
+      $("channel").value = invite.channel || "";
+      $("region").value = invite.region || "";
+      $("client-id").value = invite.clientId;
+      for (const id of ["access-key-id", "secret-access-key"]) $(id).required = false;
+      $("credentials").hidden = true;
+      log(`invited as ${invite.clientId} to ${invite.channel}: no keys needed`);
+    } else if (query.get("cognitoPool")) {
+      for (const id of ["access-key-id", "secret-access-key"]) $(id).required = false;
+      log(`guest credentials from Cognito pool ${query.get("cognitoPool")} (keys optional)`);
     }
     const saved = localStorage.getItem(STORAGE_KEY);
     if (saved) {

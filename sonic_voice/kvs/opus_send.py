@@ -31,6 +31,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import av
 import numpy as np
@@ -66,6 +67,9 @@ class OpusSendConfig:
     # shares a stalled event loop with this track, must not leave holes inside speech; the
     # frame leaves a little late instead, which the receiver's jitter buffer absorbs.
     hold_ms: float = 40.0
+    # Adaptive bitrate (sonic_voice/kvs/abr.py): encode with opuslib, whose bitrate and
+    # expected loss can change between two frames (PyAV's encoder is fixed once open).
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         if self.input_rate not in ENCODER_RATES:
@@ -93,6 +97,40 @@ def make_opus_encoder(cfg: OpusSendConfig) -> av.CodecContext:
     return ctx
 
 
+class _OpuslibEncoder:
+    """libopus through opuslib: same settings as :func:`make_opus_encoder`, plus
+    :meth:`retarget` between frames. Packets carry the frame's pts (no pre-skip shift)."""
+
+    def __init__(self, cfg: OpusSendConfig) -> None:
+        import opuslib
+        import opuslib.api.ctl
+        import opuslib.api.encoder
+
+        self.enc = opuslib.Encoder(cfg.input_rate, 1, opuslib.APPLICATION_VOIP)
+        self.enc.bitrate = cfg.bitrate
+        self.enc.vbr = 0  # CBR: the rate it is told is the rate it sends (a thin link)
+        # opuslib 3.0.1's inband_fec setter drops its value (a bug): call the ctl directly.
+        opuslib.api.encoder.encoder_ctl(
+            self.enc.encoder_state, opuslib.api.ctl.set_inband_fec, 1 if cfg.fec else 0
+        )
+        self.enc.packet_loss_perc = int(cfg.packet_loss_pct)
+        self.enc.complexity = int(cfg.complexity)
+        self.rate = cfg.input_rate
+        if cfg.dtx:
+            raise ValueError("dtx is not supported with adaptive=True")
+
+    def retarget(self, bitrate: int, packet_loss_pct: int) -> None:
+        self.enc.bitrate = int(bitrate)
+        self.enc.packet_loss_perc = int(packet_loss_pct)
+
+    def encode(self, frame: av.AudioFrame) -> list[av.Packet]:
+        pcm = frame.to_ndarray().reshape(-1).astype("<i2").tobytes()
+        pkt = av.Packet(self.enc.encode(pcm, frame.samples))
+        pkt.pts = pkt.dts = frame.pts
+        pkt.time_base = frame.time_base
+        return [pkt]
+
+
 class OpusFecTrack(MediaStreamTrack):
     """An audio track for ``pc.addTrack``: PCM pushed in, FEC-protected Opus packets out.
 
@@ -111,7 +149,10 @@ class OpusFecTrack(MediaStreamTrack):
         self.rate = self.cfg.input_rate
         self.frame = self.rate // 50  # 20 ms
         self._time_base = fractions.Fraction(1, self.rate)
-        self._enc = make_opus_encoder(self.cfg)
+        self._enc = _OpuslibEncoder(self.cfg) if self.cfg.adaptive else make_opus_encoder(self.cfg)
+        self._target: tuple[int, int] | None = None  # (bit/s, loss %) for the next frame
+        self.bitrate = self.cfg.bitrate
+        self.packet_loss_pct = self.cfg.packet_loss_pct
         self._lock = threading.Lock()
         self._chunks: deque[np.ndarray] = deque()
         self._queued = 0
@@ -129,6 +170,13 @@ class OpusFecTrack(MediaStreamTrack):
         self.padded_frames = 0  # frames completed with silence (ends of utterances)
         self.send_times: dict[int, float] = {}  # pts (48 kHz) -> monotonic time sent (benches)
         self.record_send_times = False
+
+    def set_target(self, bitrate: int, packet_loss_pct: int) -> None:
+        """Encode from the next frame on at ``bitrate`` with FEC for ``packet_loss_pct``
+        (needs ``adaptive=True``; any thread)."""
+        if not isinstance(self._enc, _OpuslibEncoder):
+            raise RuntimeError("set_target needs OpusSendConfig(adaptive=True)")
+        self._target = (int(bitrate), int(packet_loss_pct))
 
     def push(self, pcm: bytes | np.ndarray, rate: int = RATE) -> None:
         """Queue mono PCM16 at ``rate`` to be sent in real time."""
@@ -252,12 +300,48 @@ class OpusFecTrack(MediaStreamTrack):
             frame.pts = self._n * self.frame
             self._n += 1
             self.speech_frames += speech
+            target, self._target = self._target, None
+            if target is not None and isinstance(self._enc, _OpuslibEncoder):
+                self._enc.retarget(*target)
+                self.bitrate, self.packet_loss_pct = target
             for p in self._enc.encode(frame):
                 self._packets.append(p)
         self.sent_frames += 1
         if self.record_send_times:
             self.send_times[int(pkt.pts) * (RATE // self.rate)] = time.monotonic()
         return pkt
+
+
+async def run_abr(
+    track: OpusFecTrack,
+    sender: Any,
+    controller: Any,
+    poll_s: float = 0.1,
+    on_decision: Any = None,
+) -> None:
+    """Adapt ``track`` to what the viewer reports about ``sender`` (an RTCRtpSender), for as
+    long as the track lives. ``controller``: a :class:`sonic_voice.kvs.abr.AbrController`.
+    Each new receiver report (aiortc's public ``getStats()``; REMB through
+    :func:`sonic_voice.kvs.net_hooks.tap_remb`) is fed to it once; its decisions are
+    applied from the next frame on."""
+    from sonic_voice.kvs.abr import Report
+    from sonic_voice.kvs.net_hooks import sender_stats, tap_remb
+
+    tap_remb(sender)
+    last = None
+    while track.readyState == "live":
+        await asyncio.sleep(poll_s)
+        rep = await sender_stats(sender)
+        if rep is None or rep.stamp == last:
+            continue
+        last = rep.stamp
+        d = controller.update(
+            Report(time.monotonic(), rep.fraction_lost, rep.jitter_s, rep.rtt_s, rep.remb_bps)
+        )
+        if d.changed:
+            track.set_target(d.bitrate, d.packet_loss_pct)
+            if on_decision is not None:
+                on_decision(d)
 
 
 _RTPMAP = re.compile(r"^a=rtpmap:(\d+) opus/48000(/2)?\s*$", re.IGNORECASE)

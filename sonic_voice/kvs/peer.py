@@ -29,11 +29,18 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
 from sonic_voice.kvs import aiortc_hooks
+from sonic_voice.kvs.abr import AbrConfig, AbrController
 from sonic_voice.kvs.audio import PacedAudioTrack, RemoteBlocker, consume_remote
 from sonic_voice.kvs.frames import validate_candidate
 from sonic_voice.kvs.jitter import ResilientAudioReceiver, install_receiver
 from sonic_voice.kvs.messages import RejectedMessage, dumps, parse_inbound
-from sonic_voice.kvs.opus_send import ENCODER_RATES, OpusFecTrack, OpusSendConfig, munge_sdp
+from sonic_voice.kvs.opus_send import (
+    ENCODER_RATES,
+    OpusFecTrack,
+    OpusSendConfig,
+    munge_sdp,
+    run_abr,
+)
 from sonic_voice.kvs.settings import KvsSettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,7 @@ def opus_config(settings: KvsSettings) -> OpusSendConfig:
         bitrate=settings.opus_bitrate,
         fec=True,
         packet_loss_pct=settings.opus_packet_loss_pct,
+        adaptive=settings.abr,
         input_rate=settings.out_rate if settings.out_rate in ENCODER_RATES else 48000,
     )
 
@@ -91,6 +99,13 @@ class ViewerPeer:
             else PacedAudioTrack(settings.out_rate)
         )  # fmt: skip
         self.rx: ResilientAudioReceiver | None = None  # the viewer's audio (resilient path)
+        self.abr = AbrController(
+            AbrConfig(
+                min_bps=min(settings.abr_min_bps, settings.opus_bitrate),
+                max_bps=settings.opus_bitrate,
+                start_bps=settings.opus_bitrate,
+            )
+        )  # used when settings.abr
         self.channels: list[Any] = []
         # What every new data channel gets first (the master's latched state): a viewer that
         # joins late sees the robot's state without waiting for it to change.
@@ -138,7 +153,9 @@ class ViewerPeer:
         for c in take_pending():
             await self.add_candidate(c)
         if any(t.kind == "audio" for t in self.pc.getTransceivers()):
-            self.pc.addTrack(self.out)  # reuses the offered audio transceiver
+            sender = self.pc.addTrack(self.out)  # reuses the offered audio transceiver
+            if self.settings.abr and isinstance(self.out, OpusFecTrack):
+                self.spawn(run_abr(self.out, sender, self.abr), "abr")
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         sdp = self.pc.localDescription.sdp
         if self.settings.resilient_receive or self.settings.opus_fec:
@@ -260,7 +277,10 @@ class ViewerPeer:
             self.connected.set()
             self._on_state(self)
         elif state in ("failed", "closed") and not self.closed.is_set():
-            self.spawn(self.close(f"connection {state}"), "close")
+            # "ICE failed/closed": the path died (consent expired, e.g. the TURN relay
+            # vanished); a viewer's goodbye closes DTLS with ICE still "completed".
+            ice = self.pc.iceConnectionState
+            self.spawn(self.close(f"connection {state} (ICE {ice})"), "close")
 
     # -- data ---------------------------------------------------------------------------
     @staticmethod

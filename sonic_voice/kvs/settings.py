@@ -75,6 +75,10 @@ class KvsSettings:
     opus_fec: bool = True
     opus_bitrate: int = 32000  # bit/s; FEC needs headroom, libopus adds it from ~24 kbit/s
     opus_packet_loss_pct: int = 10  # the loss libopus provisions its FEC for
+    # Adaptive bitrate on the robot -> viewer stream (sonic_voice/kvs/abr.py): from each
+    # viewer's RTCP receiver reports, between abr_min_bps and opus_bitrate. Off by default.
+    abr: bool = False
+    abr_min_bps: int = 6000
     # Data channel.
     data_max_bytes: int = 4096
     text_max_chars: int = 2000

@@ -40,6 +40,13 @@ class Impairment:
     delay_ms: float = 0.0
     seed: int = 1
     warmup_packets: int = 10
+    # Bottleneck: 0 = none. A FIFO drained at ``rate_kbps`` of RTP *media payload* (the
+    # codec's bits: RTP header, SRTP tag, UDP/IP are not counted, so "12 kbit/s" means
+    # what a 12 kbit/s codec stream needs); a packet that would wait over ``queue_ms``
+    # in it is dropped (tail drop, as a router's buffer).
+    rate_kbps: float = 0.0
+    queue_ms: float = 200.0
+    queue_rtcp: bool = True  # RTCP waits in the bottleneck queue too (not counted in the rate)
 
 
 @dataclass
@@ -47,6 +54,7 @@ class DirectionStats:
     rtp: int = 0
     rtcp: int = 0
     dropped: int = 0
+    queue_dropped: int = 0  # of ``dropped``: by the bottleneck's full queue
     other: int = 0
     delays_ms: list[float] = field(default_factory=list)
 
@@ -81,6 +89,14 @@ def _rewrite(sdp: str, addr: tuple[str, int]) -> str:
     return eol.join(out)
 
 
+def _media_payload(data: bytes) -> int:
+    """Bytes of codec payload in an SRTP packet (header, CSRCs, extension, 10-byte tag off)."""
+    n = 12 + 4 * (data[0] & 0x0F)
+    if data[0] & 0x10 and len(data) >= n + 4:
+        n += 4 + 4 * int.from_bytes(data[n + 2 : n + 4], "big")
+    return max(0, len(data) - n - 10)
+
+
 class UdpImpairRelay:
     """Relay between peer A and peer B. Use ``sdp_for_b(a_sdp)`` / ``sdp_for_a(b_sdp)``."""
 
@@ -95,6 +111,9 @@ class UdpImpairRelay:
         self.stats = {k: DirectionStats() for k in self.imp}
         self.first_seen: dict[str, dict[int, float]] = {k: {} for k in self.imp}
         self.dropped_ts: dict[str, set[int]] = {k: set() for k in self.imp}
+        self._busy_until = dict.fromkeys(self.imp, 0.0)  # bottleneck queue drains by then
+        # When each RTP timestamp left the relay (benches: the path's own delay).
+        self.forwarded: dict[str, dict[int, float]] = {k: {} for k in self.imp}
         # face_a: the address B believes is A. face_b: the address A believes is B.
         self.face_a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.face_b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -121,6 +140,8 @@ class UdpImpairRelay:
         return _rewrite(b_sdp, self.face_b.getsockname())
 
     def set_impairment(self, direction: str, imp: Impairment) -> None:
+        """Change a direction's impairment now (a step change: the bottleneck queue keeps
+        what it holds)."""
         self.imp[direction] = imp
         self.rng[direction] = random.Random(imp.seed)
 
@@ -134,6 +155,7 @@ class UdpImpairRelay:
             now = time.monotonic()
             while self._heap and self._heap[0][0] <= now:
                 _, _, sock, data, addr = heapq.heappop(self._heap)
+                self._note_forwarded(sock, data, now)
                 try:
                     sock.sendto(data, addr)
                 except OSError:
@@ -186,13 +208,34 @@ class UdpImpairRelay:
                 self.dropped_ts[direction].add(ts)
             return
         delay = imp.delay_ms + (rng.uniform(0, imp.jitter_ms) if imp.jitter_ms > 0 else 0.0)
+        if imp.rate_kbps > 0 and rtcp and imp.queue_rtcp:
+            # RTCP waits in the same queue (so RTT shows it) but is not counted in the rate.
+            delay += max(0.0, self._busy_until[direction] - now) * 1000
+        if imp.rate_kbps > 0 and not rtcp:
+            start = max(now, self._busy_until[direction])
+            if start - now > imp.queue_ms / 1000:
+                st.dropped += 1
+                st.queue_dropped += 1
+                if ts is not None:
+                    self.dropped_ts[direction].add(ts)
+                return
+            done = start + _media_payload(data) * 8 / (imp.rate_kbps * 1000)
+            self._busy_until[direction] = done
+            delay += (done - now) * 1000
         if not rtcp:
             st.delays_ms.append(delay)
         if delay <= 0:
+            self._note_forwarded(out_sock, data, now)
             out_sock.sendto(data, dest)
             return
         self._n += 1
         heapq.heappush(self._heap, (now + delay / 1000, self._n, out_sock, data, dest))
+
+    def _note_forwarded(self, sock: socket.socket, data: bytes, now: float) -> None:
+        if len(data) >= 12 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223:
+            direction = "a_to_b" if sock is self.face_a else "b_to_a"
+            ts = int.from_bytes(data[4:8], "big")
+            self.forwarded[direction].setdefault(ts, now)
 
     def close(self) -> None:
         self._stop.set()

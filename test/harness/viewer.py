@@ -53,6 +53,7 @@ class Viewer:
         send_rate: int = 16000,
         trickle: bool = False,
         secret: str = TEST_SECRET,
+        config: RTCConfiguration | None = None,
     ) -> None:
         self.settings = KvsSettings(
             channel,
@@ -63,9 +64,10 @@ class Viewer:
         )
         self.client_id = client_id
         self.trickle = trickle
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = RTCPeerConnection(config or RTCConfiguration(iceServers=[]))
         self.mic = PacedAudioTrack(send_rate)
         self.frames: list[tuple[float, np.ndarray]] = []  # (arrival, 48 kHz mono)
+        self.frame_pts: list[int] = []  # RTP timestamp (48 kHz) of each frame in ``frames``
         self.messages: list[dict[str, Any]] = []
         self.signals: list[dict[str, Any]] = []  # every frame from the service
         self.connected = asyncio.Event()
@@ -139,6 +141,7 @@ class Viewer:
                 except MediaStreamError:
                     return
                 self.frames.append((time.monotonic(), frame_to_mono(frame)))
+                self.frame_pts.append(int(frame.pts or 0))
 
         if track.kind == "audio":
             self._tasks.append(asyncio.create_task(record()))

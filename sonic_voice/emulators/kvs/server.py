@@ -29,6 +29,8 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -226,7 +228,12 @@ class KvsEmulator:
 
     ``channels``: names created at start. ``ice_servers``: TURN entries returned by
     GetIceServerConfig (default none: host candidates suffice on loopback, and an unreachable
-    relay would stall candidate gathering). ``verify_secret``: when set, the SigV4 signature
+    relay would stall candidate gathering). ``ice_ttl``: their credentials' lifetime in
+    seconds (the service uses 300; tests use a few seconds). ``turn_secret``: mint the
+    credentials as a real relay checks them (TURN REST API: username
+    ``<expiry>:<base64("v1:<channel ARN>")>`` as KVS shapes it, password
+    base64(HMAC-SHA1(secret, username))), so a local coturn with ``use-auth-secret`` and the
+    same secret accepts them until they expire. ``verify_secret``: when set, the SigV4 signature
     of every WebSocket URL is recomputed with this secret and a mismatch is refused (403).
     ``ssl``: a server TLS context (e.g. from sonic_voice.emulators.certs) -> https/wss.
     ``record_limit``: keep only the newest this many ``records``/``calls``/``connections``
@@ -245,6 +252,7 @@ class KvsEmulator:
         max_payload_chars: int = MAX_PAYLOAD_CHARS,
         ice_servers: list[dict[str, Any]] | None = None,
         ice_ttl: int = 300,
+        turn_secret: str | None = None,
         verify_secret: str | None = None,
         max_connection_s: float | None = None,
         ssl: ssl.SSLContext | None = None,
@@ -259,6 +267,8 @@ class KvsEmulator:
         self.max_payload_chars = max_payload_chars
         self.ice_servers = list(ice_servers or [])
         self.ice_ttl = ice_ttl
+        self.turn_secret = turn_secret
+        self.ice_issued: list[tuple[str, str | None]] = []  # (TURN username, ClientId) minted
         self.verify_secret = verify_secret
         self.max_connection_s = max_connection_s
         self.ssl = ssl
@@ -626,12 +636,20 @@ class KvsEmulator:
             {
                 "Uris": list(s["Uris"]),
                 "Username": s.get("Username", user),
-                "Password": s.get("Password", secrets.token_urlsafe(24)),
+                "Password": s.get("Password", self._turn_password(user)),
                 "Ttl": int(s.get("Ttl", self.ice_ttl)),
             }
             for s in self.ice_servers
         ]
+        if servers:
+            self.ice_issued.append((user, client))
         return {"IceServerList": servers}
+
+    def _turn_password(self, username: str) -> str:
+        if self.turn_secret is None:
+            return secrets.token_urlsafe(24)
+        digest = hmac.new(self.turn_secret.encode(), username.encode(), hashlib.sha1).digest()
+        return base64.b64encode(digest).decode()
 
     # -- WebSocket --------------------------------------------------------------------
     def _refuse(self, status: int, code: str, reason: str) -> web.Response:

@@ -1,0 +1,221 @@
+"""Robot -> viewer audio under a bandwidth step (64 -> 12 -> 64 kbit/s): fixed 32 kbit/s
+Opus vs adaptive bitrate (sonic_voice/kvs/abr.py driving OpusFecTrack from the viewer's
+RTCP receiver reports).
+
+Two aiortc peers in a private network namespace, joined through the UDP impairment relay
+(test/harness/netimpair.py) with a bottleneck: a FIFO drained at the link rate, tail-drop
+past 200 ms of queue. The rate counts RTP media payload only (the codec's bits; see
+Impairment.rate_kbps). Receiver: aiortc's own receive path by default (a frame counts when
+its RTP timestamp comes out); ``--receiver ours`` uses sonic_voice.kvs.jitter instead, which
+(measured) falls silent for the rest of the run after the 200 ms queue delay step (a
+finding for jitter.py: its playout base does not recover from a delay step).
+
+Per phase (64 kbit/s, 12 kbit/s, 64 kbit/s):
+- lost: frames sent that never played from a packet or FEC (missing, concealed or silence);
+- latency p95: time a frame comes out of the receiver minus the time its packet entered the
+  relay (sent); "path only": time the packet left the relay minus that (the bottleneck's
+  queue: what the sender controls; the receiver's own buffering is the rest);
+- follow: seconds from the step until the sender's bitrate fits the new link (down:
+  at or under it) or is back at its maximum (up). "once followed": the same figures from
+  then on (the steady state at the new rate).
+Goals at 12 kbit/s: lost <= 2 %, p95 <= 150 ms (fixed 32 kbit/s collapses there).
+Run: ``.venv/bin/python bench/abr.py [--phase 8]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from _common import figure, isolate, pct, setup_path
+
+isolate()
+setup_path()
+
+from sonic_voice.kvs.abr import AbrConfig, AbrController  # noqa: E402
+from sonic_voice.kvs.jitter import install_receiver  # noqa: E402
+from sonic_voice.kvs.opus_send import OpusFecTrack, OpusSendConfig, munge_sdp, run_abr  # noqa: E402
+
+from test.harness.netimpair import Impairment, UdpImpairRelay, connect_through  # noqa: E402
+from test.harness.signals import speech_like  # noqa: E402
+
+RATE = 48000
+FRAME = 960
+STEPS = (64.0, 12.0, 64.0)
+
+
+async def run(adaptive: bool, phase_s: float, receiver: str = "stock") -> dict:
+    relay = UdpImpairRelay(Impairment(rate_kbps=STEPS[0], seed=3))
+    cfg = OpusSendConfig(bitrate=32000, packet_loss_pct=5, adaptive=adaptive)
+    track = OpusFecTrack(cfg)
+    total = phase_s * len(STEPS) + 1.0
+    src = speech_like(total, RATE, seed=2, level=0.3)
+    track.push(src)
+    out: dict[int, tuple[float, str]] = {}
+    state: dict = {}
+    rates: list[tuple[float, int]] = [(time.monotonic(), cfg.bitrate)]
+
+    tasks: list[asyncio.Task] = []
+
+    def on_track(pc, t) -> None:
+        if receiver == "ours":
+
+            def on_frame(f) -> None:
+                if f.kind != "stretch":
+                    out.setdefault(f.rtp_ts & 0xFFFFFFFF, (time.monotonic(), f.kind))
+
+            state["rx"] = install_receiver(pc, t, on_frame=on_frame)
+            return
+
+        async def pull() -> None:
+            try:
+                while True:
+                    fr = await t.recv()
+                    out.setdefault(int(fr.pts) & 0xFFFFFFFF, (time.monotonic(), "normal"))
+            except Exception:  # noqa: BLE001 - the track ends when the peer closes
+                return
+
+        tasks.append(asyncio.ensure_future(pull()))
+
+    pc_a, pc_b = await connect_through(relay, track, on_track, munge=munge_sdp)
+    abr_task = None
+    if adaptive:
+        sender = pc_a.getSenders()[0]
+        ctl = AbrController(AbrConfig(min_bps=6000, max_bps=32000, start_bps=32000))
+        abr_task = asyncio.ensure_future(
+            run_abr(
+                track,
+                sender,
+                ctl,
+                on_decision=lambda d: rates.append((time.monotonic(), d.bitrate)),
+            )
+        )
+    t_start = time.monotonic()
+    bounds = []
+    for i, kbps in enumerate(STEPS):
+        if i:
+            relay.set_impairment("a_to_b", Impairment(rate_kbps=kbps, seed=3 + i, warmup_packets=0))
+        bounds.append(time.monotonic())
+        await asyncio.sleep(phase_s)
+    bounds.append(time.monotonic())
+    await asyncio.sleep(0.5)
+    if abr_task is not None:
+        abr_task.cancel()
+    for t in tasks:
+        t.cancel()
+    await pc_a.close()
+    await pc_b.close()
+    relay.close()
+    if "rx" in state:
+        state["rx"].stop()
+
+    seen = relay.first_seen["a_to_b"]
+    if receiver == "stock":  # aiortc's frames count from the first RTP timestamp
+        first_ts = min(seen, key=lambda ts: seen[ts])
+        out = {(first_ts + pts) & 0xFFFFFFFF: v for pts, v in out.items()}
+    res = {}
+    for i, kbps in enumerate(STEPS):
+        lo, hi = bounds[i], bounds[i + 1]
+        sent = [ts for ts, t in seen.items() if lo <= t < hi]
+        lat, lost = [], 0
+        why = {"dropped": 0, "missing": 0, "plc": 0, "silence": 0}
+        dropped = relay.dropped_ts["a_to_b"]
+        for ts in sent:
+            got = out.get(ts)
+            if got is None or got[1] in ("plc", "silence"):
+                lost += 1
+                key = "dropped" if ts in dropped else ("missing" if got is None else got[1])
+                why[key] += 1
+                continue
+            lat.append((got[0] - seen[ts]) * 1000)
+        follow = float("nan")
+        if adaptive and i:
+            limit = kbps * 1000 if kbps < STEPS[i - 1] else None
+
+            def ok(r: int, limit: float | None = limit) -> bool:
+                return r <= limit if limit is not None else r >= 32000
+
+            cur = [r for t, r in rates if t <= lo][-1]
+            if ok(cur):
+                follow = 0.0
+            else:
+                hit = [t for t, r in rates if t > lo and ok(r)]
+                follow = hit[0] - lo if hit else float("inf")
+        settled_from = lo + (follow if follow == follow and follow != float("inf") else 0.0)
+        settled = [ts for ts in sent if seen[ts] >= settled_from]
+        s_lost = sum(1 for ts in settled if out.get(ts) is None or out[ts][1] in ("plc", "silence"))
+        s_lat = [(out[ts][0] - seen[ts]) * 1000 for ts in settled
+                 if out.get(ts) is not None and out[ts][1] not in ("plc", "silence")]  # fmt: skip
+        fwd = relay.forwarded["a_to_b"]
+        s_path = [(fwd[ts] - seen[ts]) * 1000 for ts in settled if ts in fwd]
+        res[i] = {
+            "settled_path_p95": pct(s_path, 95) if s_path else float("nan"),
+            "settled_lost_pct": 100 * s_lost / max(1, len(settled)),
+            "settled_p95": pct(s_lat, 95) if s_lat else float("nan"),
+            "kbps": kbps,
+            "frames": len(sent),
+            "lost_pct": 100 * lost / max(1, len(sent)),
+            "p95": pct(lat, 95) if lat else float("nan"),
+            "follow": follow,
+            "why": why,
+        }
+    res["rates"] = [(round(t - t_start, 2), r) for t, r in rates]
+    if adaptive:
+        res["reports"] = [
+            (round(r.at - t_start, 1), round(r.fraction_lost, 2), round((r.rtt_s or 0) * 1000))
+            for r in ctl.reports
+        ]
+    res["queue_dropped"] = relay.stats["a_to_b"].queue_dropped
+    return res
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--phase", type=float, default=8.0, help="seconds per link rate")
+    ap.add_argument("--only", choices=("fixed", "adaptive"), help="run one sender only")
+    ap.add_argument(
+        "--receiver",
+        choices=("stock", "ours"),
+        default="stock",
+        help="aiortc's receive path (default; frames by RTP timestamp) or kvs/jitter.py",
+    )
+    ap.add_argument("--verbose", action="store_true", help="print every receiver report")
+    args = ap.parse_args()
+    results = {}
+    ap_kinds = (False, True) if args.only is None else (args.only == "adaptive",)
+    for adaptive in ap_kinds:
+        name = "adaptive" if adaptive else "fixed32k"
+        r = await run(adaptive, args.phase, args.receiver)
+        results[name] = r
+        for i in range(len(STEPS)):
+            p = r[i]
+            print(
+                f"{name:9} {p['kbps']:>5.0f} kbit/s: frames {p['frames']:>4} "
+                f"lost {p['lost_pct']:5.1f} % p95 {p['p95']:6.1f} ms follow {p['follow']:.2f} s "
+                f"{p['why']}; once followed: lost {p['settled_lost_pct']:.1f} % "
+                f"p95 {p['settled_p95']:.1f} ms (path only {p['settled_path_p95']:.1f} ms)",
+                flush=True,
+            )
+        print(f"{name:9} bitrate changes (s, bit/s): {r['rates']}", flush=True)
+        if args.verbose and "reports" in r:
+            print(f"{name:9} reports (s, lost, rtt ms): {r['reports']}", flush=True)
+    if len(results) < 2:
+        return
+    for name, r in results.items():
+        goal_lost = "<= 2" if name == "adaptive" else ""
+        goal_p95 = "<= 150" if name == "adaptive" else ""
+        figure(f"{name}_12k_frames_lost", r[1]["lost_pct"], "%", goal_lost)
+        figure(f"{name}_12k_latency_p95", r[1]["p95"], "ms", goal_p95)
+        figure(f"{name}_64k_after_latency_p95", r[2]["p95"], "ms")
+    a = results["adaptive"][1]
+    figure("adaptive_12k_frames_lost_once_followed", a["settled_lost_pct"], "%", "<= 2")
+    figure("adaptive_12k_latency_p95_once_followed", a["settled_p95"], "ms", "<= 150")
+    figure("adaptive_12k_path_delay_p95_once_followed", a["settled_path_p95"], "ms", "<= 150")
+    figure("fixed32k_12k_path_delay_p95", results["fixed32k"][1]["settled_path_p95"], "ms")
+    figure("adaptive_follow_down_64_to_12", results["adaptive"][1]["follow"], "s", "<= 2")
+    figure("adaptive_follow_up_12_to_64", results["adaptive"][2]["follow"], "s", "<= 8")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,159 @@
+"""The network side's reach into aiortc/aioice internals, in one place (like aiortc_hooks.py).
+
+- :func:`selected_pair`: which candidate pair ICE nominated (aiortc has no
+  ``getSelectedCandidatePair``): ``RTCIceTransport._connection`` (the aioice
+  ``Connection``) and its ``_nominated`` dict. Used to report "connected through the TURN
+  relay" and by the NAT tests to prove it.
+- :func:`consent_timing`: aioice checks consent (RFC 7675) every ``CONSENT_INTERVAL`` = 5 s
+  and gives up after ``CONSENT_FAILURES`` = 6 misses; then, before the peer is reported
+  failed, it closes its TURN allocations, and each delete to a dead relay retransmits
+  ``aioice.stun.RETRY_MAX`` = 6 times (~32 s). A vanished relay is therefore reported
+  ~60 s after it went (measured here: the peer still "connected" 20 s later). The NAT
+  tests shorten all three (module globals; process-wide).
+- :func:`sender_stats`: the RTCP the viewer sends about our audio, for adaptive bitrate.
+  Receiver reports come through aiortc's public ``RTCRtpSender.getStats()``
+  (``remote-inbound-rtp``: fraction lost, jitter, RTT); REMB (which aiortc parses but keeps
+  to video encoders) needs ``RTCRtpSender._handle_rtcp_packet``, wrapped per sender.
+
+TURN credentials are *not* pushed into live allocations: an allocation is bound to the
+username it was made with (RFC 8656 §6.2; coturn answers a Refresh with another username
+441 Wrong Credentials, measured), and a relay checks a REST-API username's expiry only when
+an allocation is made. Fresh credentials therefore serve new peers; live calls keep going.
+
+test/test_abr.py::test_net_hook_points_exist fails loudly when an upgrade moves any of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aioice
+import aioice.ice
+import aioice.stun
+import aiortc
+from aiortc import RTCPeerConnection, RTCRtpSender
+
+TESTED = {"aiortc": ("1.16.0",), "aioice": ("0.13.0",)}
+
+
+class HookError(RuntimeError):
+    """aiortc/aioice internals no longer look like the versions these hooks were written for."""
+
+
+def check_hook_points(pc: RTCPeerConnection | None = None) -> None:
+    """Raise :class:`HookError` naming what changed, if anything the hooks rely on did."""
+    problems = []
+    for mod, name in ((aioice.ice, "CONSENT_INTERVAL"), (aioice.ice, "CONSENT_FAILURES"),
+                      (aioice.stun, "RETRY_MAX")):  # fmt: skip
+        if not isinstance(getattr(mod, name, None), int | float):
+            problems.append(f"{mod.__name__}.{name} is gone")
+    if not callable(getattr(RTCRtpSender, "_handle_rtcp_packet", None)):
+        problems.append("RTCRtpSender._handle_rtcp_packet is gone")
+    if pc is not None:
+        ice = _ice_transport(pc)
+        conn = getattr(ice, "_connection", None) if ice is not None else None
+        if conn is None or not isinstance(getattr(conn, "_nominated", None), dict):
+            problems.append("RTCIceTransport._connection._nominated (dict) is gone")
+    if problems:
+        raise HookError(
+            f"aiortc {aiortc.__version__} / aioice {aioice.__version__} (hooks tested with "
+            f"{TESTED}): " + "; ".join(problems)
+        )
+
+
+def _ice_transport(pc: RTCPeerConnection) -> Any:
+    for t in pc.getTransceivers():
+        dtls = t.sender.transport
+        if dtls is not None:
+            return dtls.transport
+    sctp = pc.sctp
+    return sctp.transport.transport if sctp is not None else None
+
+
+@dataclass(frozen=True)
+class SelectedPair:
+    local_type: str  # host | srflx | prflx | relay
+    remote_type: str
+    local: tuple[str, int]
+    remote: tuple[str, int]
+
+    @property
+    def relayed(self) -> bool:
+        return "relay" in (self.local_type, self.remote_type)
+
+
+def selected_pair(pc: RTCPeerConnection) -> SelectedPair | None:
+    """The nominated candidate pair of ``pc``'s (bundled) transport, or None before ICE
+    has nominated one."""
+    check_hook_points(pc)
+    conn = _ice_transport(pc)._connection
+    pair = conn._nominated.get(1)
+    if pair is None:
+        return None
+    lc, rc = pair.local_candidate, pair.remote_candidate
+    return SelectedPair(lc.type, rc.type, (lc.host, lc.port), (rc.host, rc.port))
+
+
+@contextlib.contextmanager
+def consent_timing(interval_s: float, failures: int, stun_retries: int = 2) -> Iterator[None]:
+    """Check ICE consent every ``interval_s``, fail after ``failures`` misses, and give up
+    STUN/TURN transactions after ``stun_retries`` retransmissions, inside the block
+    (process-wide; restored on exit)."""
+    check_hook_points()
+    old = aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES, aioice.stun.RETRY_MAX
+    aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES = interval_s, failures
+    aioice.stun.RETRY_MAX = stun_retries
+    try:
+        yield
+    finally:
+        aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES, aioice.stun.RETRY_MAX = old
+
+
+@dataclass(frozen=True)
+class RemoteReport:
+    """What the viewer last said about our stream (RTCP RR, and REMB if it sends one)."""
+
+    fraction_lost: float  # 0..1, over the last report interval
+    packets_lost: int  # cumulative
+    jitter_s: float
+    rtt_s: float | None
+    remb_bps: int | None = None
+    stamp: float = 0.0  # when aiortc took the report (POSIX time): a new report, a new stamp
+
+
+async def sender_stats(sender: RTCRtpSender) -> RemoteReport | None:
+    """The latest receiver report about ``sender``'s stream (None before the first)."""
+    stats = await sender.getStats()
+    for s in stats.values():
+        if getattr(s, "type", None) == "remote-inbound-rtp":
+            return RemoteReport(
+                fraction_lost=float(getattr(s, "fractionLost", 0) or 0) / 256.0,  # RR's 8 bits
+                packets_lost=int(getattr(s, "packetsLost", 0) or 0),
+                jitter_s=float(getattr(s, "jitter", 0) or 0) / 48000.0,
+                rtt_s=getattr(s, "roundTripTime", None),
+                remb_bps=getattr(sender, "_sv_remb_bps", None),
+                stamp=s.timestamp.timestamp(),
+            )
+    return None
+
+
+def tap_remb(sender: RTCRtpSender, on_remb: Callable[[int], None] | None = None) -> None:
+    """Record REMB bitrates the viewer sends about ``sender`` (``sender._sv_remb_bps``)."""
+    check_hook_points()
+    from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
+
+    original = sender._handle_rtcp_packet
+
+    async def handle(packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            with contextlib.suppress(ValueError):
+                bitrate, _ssrcs = unpack_remb_fci(packet.fci)
+                sender._sv_remb_bps = int(bitrate)  # type: ignore[attr-defined]
+                if on_remb is not None:
+                    on_remb(int(bitrate))
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
