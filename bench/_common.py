@@ -183,7 +183,7 @@ class Figures:
         self.values[(phase_name, name)] = value
 
     def print(self) -> None:
-        names = [p.name for p in self.phases] or [QUIET]
+        names = [n for n in (QUIET, LOADED) if any(k[0] == n for k in self.values)]
         for p in self.phases:
             if p.name == LOADED:
                 print(
