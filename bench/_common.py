@@ -199,7 +199,11 @@ class Figures:
             for n in names:
                 v = self.values.get((n, name))
                 cells += f"{'-' if v is None else f'{v:.2f} {unit}':>14s}"
-            goal = "; ".join(f"{n} {g}" for n, g in goals.items() if g)
+            given = {n: g for n, g in goals.items() if g}
+            if len(set(given.values())) == 1:
+                goal = next(iter(given.values()))
+            else:
+                goal = "; ".join(f"{n} {g}" for n, g in given.items())
             print(f"{name:{width}s}{cells}  {goal}")
         for n in names:
             for name, unit, goals in self.rows:
