@@ -206,14 +206,11 @@ def answers(viewer: Any) -> int:
     )
 
 
-async def converse(say: Any, viewer: Any, until: float, wait_s: float = 15.0) -> int:
-    """The visitor's side until ``until``: speak 2 s (``say``), wait until the viewer has
-    the answer's transcript, again. Returns the number of answers."""
-    from test.harness.signals import speech_like
-
-    speech = speech_like(2.0, 16000, seed=3)
+async def converse(say: Any, viewer: Any, speech: Any, until: float, wait_s: float = 15.0) -> int:
+    """The visitor's side: speak (``say``), wait until the viewer has the answer's
+    transcript, again, until ``until`` (at least once). Returns the number of answers."""
     heard = 0
-    while time.monotonic() < until:
+    while True:
         before = answers(viewer)
         say(speech)
         deadline = time.monotonic() + wait_s
@@ -222,7 +219,8 @@ async def converse(say: Any, viewer: Any, until: float, wait_s: float = 15.0) ->
         if answers(viewer) > before:
             heard += 1
         await asyncio.sleep(0.5)  # the answer's tail plays out
-    return heard
+        if time.monotonic() >= until:
+            return heard
 
 
 def state_watch(domain_id: int) -> tuple[Any, list[str]]:
@@ -245,6 +243,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     from sonic_voice.emulators.sonic import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
 
     from test.harness.ros import wait_for
+    from test.harness.signals import speech_like
     from test.harness.viewer import Viewer
 
     tmp = Path(tempfile.mkdtemp(prefix="sv-cpu-"))
@@ -324,7 +323,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         else:
             feed = MicFeed(audio)
             say = feed.say
-        warm = await converse(say, viewer, time.monotonic() + 1, 30.0)  # one exchange first
+        speech = speech_like(2.0, 16000, seed=3)
+        warm = await converse(say, viewer, speech, 0.0, 30.0)  # one exchange first
         if not warm:
             kinds = sorted({str(m.get("type")) for m in viewer.messages})
             raise SystemExit(
@@ -332,7 +332,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 f"state: {states[-1:]}; logs in {tmp})"
             )
         usage.start()
-        heard = await converse(say, viewer, time.monotonic() + args.window)
+        heard = await converse(say, viewer, speech, time.monotonic() + args.window)
         talk = usage.stop()
         if heard < 2:
             raise SystemExit(f"only {heard} answer(s) heard by the viewer in the window")
