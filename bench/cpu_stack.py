@@ -16,7 +16,9 @@ runner itself: its params-file type check refuses ``ice_servers: "[]"``, see the
   for audio_io, which captures and plays as on a robot;
 - the viewer: aiortc in this process (``test/harness/viewer.py``), the browser's part. It
   speaks 2 s, waits for the robot's answer, and speaks again, for the whole window; with a
-  viewer connected the session listens to it (``input_source: auto``).
+  viewer connected the session listens to it (``input_source: auto``). ``--visitor mic``
+  has a visitor speak into the robot's microphone instead (one long-lived ``pacat``) while
+  the viewer listens: the same work within a few %, for comparison.
 
 Measured: utime + stime of the runner's process (every thread) from /proc/<pid>/stat over
 a steady window, as % of one core. PulseAudio's share is printed beside it and NOT counted
@@ -379,9 +381,9 @@ def main() -> None:
     ap.add_argument(
         "--visitor",
         choices=["mic", "viewer"],
-        default="mic",
-        help="who speaks: a visitor at the robot's microphone while the viewer listens and "
-        "sends its (silent) microphone (default), or the viewer",
+        default="viewer",
+        help="who speaks: the viewer (default), or a visitor at the robot's microphone "
+        "while the viewer listens (its microphone track then carries silence)",
     )
     ap.add_argument("--robot", help=argparse.SUPPRESS)  # the child: its overrides as JSON
     args = ap.parse_args()
