@@ -14,11 +14,14 @@ runner itself: its params-file type check refuses ``ice_servers: "[]"``, see the
 - the KVS signaling stand-in (``python -m sonic_voice.emulators.kvs``);
 - a private PulseAudio server (virtual microphone and speaker; ``sonic_voice.audio.virtual``)
   for audio_io, which captures and plays as on a robot;
-- the viewer: aiortc in this process (``test/harness/viewer.py``), the browser's part. It
-  speaks 2 s, waits for the robot's answer, and speaks again, for the whole window; with a
-  viewer connected the session listens to it (``input_source: auto``). ``--visitor mic``
-  has a visitor speak into the robot's microphone instead (one long-lived ``pacat``) while
-  the viewer listens: the same work within a few %, for comparison.
+- the visitor speaks 2 s, waits for the robot's answer, and speaks again, for the whole
+  window: into the robot's microphone (one long-lived ``pacat``; ``input_source: local``)
+  while the viewer, aiortc in this process (``test/harness/viewer.py``, the browser's
+  part), is connected, hears the answers and sends its microphone track (silence); or,
+  with ``--visitor viewer``, the viewer speaks (``input_source: auto``). Both cost the
+  robot the same within a few % (44 % and 42 % in two runs here); the default is the mic
+  because the viewer's speech is sometimes lost on the robot's side (the adaptive jitter
+  buffer stuck calling every packet late, seen here under load).
 
 Measured: utime + stime of the runner's process (every thread) from /proc/<pid>/stat over
 a steady window, as % of one core. PulseAudio's share is printed beside it and NOT counted
@@ -326,8 +329,11 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             feed = MicFeed(audio)
             say = feed.say
         speech = speech_like(2.0, 16000, seed=3)
-        warm = await converse(say, viewer, speech, 0.0, 30.0)  # one exchange first
-        if not warm:
+        await asyncio.sleep(1.0)  # the viewer's audio is flowing before it speaks
+        for _ in range(4):  # one exchange before measuring (on a busy machine the stand-in
+            if await converse(say, viewer, speech, 0.0, 10.0):  # may miss an utterance)
+                break
+        else:
             kinds = sorted({str(m.get("type")) for m in viewer.messages})
             raise SystemExit(
                 f"the robot did not answer the viewer (data-channel messages: {kinds}; "
@@ -381,9 +387,10 @@ def main() -> None:
     ap.add_argument(
         "--visitor",
         choices=["mic", "viewer"],
-        default="viewer",
-        help="who speaks: the viewer (default), or a visitor at the robot's microphone "
-        "while the viewer listens (its microphone track then carries silence)",
+        default="mic",
+        help="who speaks: a visitor at the robot's microphone while the viewer listens "
+        "(default), or the viewer (fails while kvs/jitter.py can stay stuck calling every "
+        "packet late: the viewer's speech then reaches the model as silence)",
     )
     ap.add_argument("--robot", help=argparse.SUPPRESS)  # the child: its overrides as JSON
     args = ap.parse_args()
