@@ -16,8 +16,10 @@ CPU per viewer: the master process's CPU time per second of audio with N talking
 Jitter-buffer depth estimate: microseconds per played frame spent in
 ``AdaptiveJitterBuffer._update_target`` with a full 4 s window (offline, no network).
 
-``--modes ours,stock`` (default both), ``--cpu-only`` (skip the latency runs),
-``KVS_BENCH_BURSTS`` (40), ``KVS_BENCH_CPU_S`` (10).
+``--modes ours,stock`` (default both), ``KVS_BENCH_BURSTS`` (40), ``KVS_BENCH_CPU_S`` (10).
+``--load both|off|on`` (default both, bench/_common.py): the latencies quiet, then under
+the standard background load (one busy process per core); CPU per viewer is measured
+without it (CPU time, not wall time: the load would only add noise).
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def update_target_us(frames: int = 5000) -> float:
     return best / frames * 1e6
 
 
-async def main(modes: list[str], cpu_only: bool = False) -> None:
+async def main(modes: list[str], load: str) -> None:
     _common.figure(
         "jitter_update_target",
         update_target_us(),
@@ -201,51 +203,57 @@ async def main(modes: list[str], cpu_only: bool = False) -> None:
     )
     emu = KvsEmulator(channels=["bench"], verify_secret=TEST_SECRET)
     await emu.start()
-    results = {}
+    figs = _common.Figures()
     try:
+        for name in _common.phases(load):
+            with _common.phase(name) as info:
+                for mode in modes:
+                    up, down, buffered = await latency(emu, mode)
+                    add_latency(figs, name, mode, up, down, buffered)
+            figs.phases.append(info)
         for mode in modes:
-            up, down, buffered = await latency(emu, mode) if not cpu_only else ([], [], [])
             idle = await cpu(emu, 0, mode)
             loads = {n: await cpu(emu, n, mode) for n in (1, 3)}
-            results[mode] = (up, down, buffered, idle, loads)
+            add_cpu(figs, mode, idle, loads)
     finally:
         await emu.stop()
-    for mode, (up, down, buffered, idle, loads) in results.items():
-        pre = "" if mode == "ours" else "stock_"
-        if cpu_only:
-            _report_cpu(pre, idle, loads)
-            continue
-        print(
-            f"[{mode}] bursts matched: viewer->robot {len(up)}/{BURSTS}, "
-            f"robot->viewer {len(down)}/{BURSTS}"
-        )
-        goal = "<= 120 ms p50 on loopback (stock: 122 ms p50 before issue 7)"
-        _common.figure(f"{pre}viewer_to_audio_remote_p50", _common.pct(up, 50), "ms", goal)
-        _common.figure(
-            f"{pre}viewer_to_audio_remote_p99", _common.pct(up, 99), "ms", "<= 200 ms on loopback"
-        )
-        goal = "<= 120 ms p50 on loopback; includes the aiortc viewer's own ~80 ms buffer"
-        _common.figure(f"{pre}play_to_viewer_p50", _common.pct(down, 50), "ms", goal)
-        _common.figure(
-            f"{pre}play_to_viewer_p99", _common.pct(down, 99), "ms", "<= 200 ms on loopback"
-        )
-        if buffered:
-            _common.figure(
-                f"{pre}jitter_buffer_delay_p50",
-                _common.pct(buffered, 50),
-                "ms",
-                "well under aiortc's fixed ~80 ms on a clean link",
-            )
-        _report_cpu(pre, idle, loads)
+    figs.print()
 
 
-def _report_cpu(pre: str, idle: float, loads: dict[int, float]) -> None:
-    _common.figure(f"{pre}master_cpu_idle", idle * 1000, "ms/s", "near 0")
+def add_latency(
+    figs: _common.Figures,
+    phase: str,
+    mode: str,
+    up: list[float],
+    down: list[float],
+    buffered: list[float],
+) -> None:
+    print(
+        f"[{mode}, {phase}] bursts matched: viewer->robot {len(up)}/{BURSTS}, "
+        f"robot->viewer {len(down)}/{BURSTS}"
+    )
+    pre = "" if mode == "ours" else "stock_"
+    pct = _common.pct
+    goal = "<= 120 ms p50 on loopback (stock: 122 ms p50 before issue 7)"
+    figs.add(phase, f"{pre}viewer_to_audio_remote_p50", pct(up, 50), "ms", goal)
+    goal = "<= 200 ms on loopback"
+    figs.add(phase, f"{pre}viewer_to_audio_remote_p99", pct(up, 99), "ms", goal)
+    goal = "<= 120 ms p50 on loopback; includes the aiortc viewer's own ~80 ms buffer"
+    figs.add(phase, f"{pre}play_to_viewer_p50", pct(down, 50), "ms", goal)
+    figs.add(phase, f"{pre}play_to_viewer_p99", pct(down, 99), "ms", "<= 200 ms on loopback")
+    if buffered:
+        goal = "well under aiortc's fixed ~80 ms on a clean link"
+        figs.add(phase, f"{pre}jitter_buffer_delay_p50", pct(buffered, 50), "ms", goal)
+
+
+def add_cpu(figs: _common.Figures, mode: str, idle: float, loads: dict[int, float]) -> None:
+    pre = "" if mode == "ours" else "stock_"
+    figs.add(_common.QUIET, f"{pre}master_cpu_idle", idle * 1000, "ms/s", "near 0")
     for n, used in loads.items():
-        per = (used - idle) / n * 1000
-        _common.figure(
+        figs.add(
+            _common.QUIET,
             f"{pre}master_cpu_per_viewer_{n}v",
-            per,
+            (used - idle) / n * 1000,
             "ms CPU per s of audio",
             "<= 250 ms (both directions; aiortc baseline ~110 ms per direction)",
         )
@@ -254,10 +262,10 @@ def _report_cpu(pre: str, idle: float, loads: dict[int, float]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default="ours,stock", help="comma list of: ours, stock")
-    parser.add_argument("--cpu-only", action="store_true", help="skip the latency runs")
+    _common.add_load_option(parser)
     args = parser.parse_args()
     chosen = [m for m in args.modes.split(",") if m]
     unknown = [m for m in chosen if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
-    asyncio.run(main(chosen, args.cpu_only))
+    asyncio.run(main(chosen, args.load))
