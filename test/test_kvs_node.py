@@ -187,3 +187,41 @@ def test_audio_path_parameters_reach_the_master(ros_graph) -> None:
     result = node.set_parameters([Parameter("opus_bitrate", value=1000)])[0]
     assert not result.successful and "opus_bitrate" in result.reason, result
     assert node.get_parameter("opus_bitrate").value == 24000
+
+
+def test_guest_invite_service_and_qr_topic(ros_graph, stand_in) -> None:
+    """~/create_invite mints a join link (in the URL fragment, never the query) for the
+    stand-in's channel and publishes it as a QR code on ~/invite_qr."""
+    from sensor_msgs.msg import Image
+    from std_srvs.srv import Trigger
+
+    from sonic_voice.kvs.invite import read_invite
+
+    params = {
+        "channel_name": "robot",
+        "endpoint_url": stand_in.endpoint_url,
+        "ice_servers": "[]",
+        "invite_page_url": "https://robot.example/viewer/index.html",
+    }
+    node = KvsWebrtcNode(
+        context=ros_graph.context,
+        parameter_overrides=[Parameter(k, value=v) for k, v in params.items()],
+    )
+    ros_graph.add(node)
+    probe = ros_graph.node("invite_probe")
+    images: list[Image] = []
+    probe.create_subscription(Image, "/kvs_webrtc/invite_qr", images.append, LATCHED_QOS)
+    client = probe.create_client(Trigger, "/kvs_webrtc/create_invite")
+    assert client.wait_for_service(timeout_sec=10)
+    fut = client.call_async(Trigger.Request())
+    assert wait_for(fut.done, 20)
+    resp = fut.result()
+    assert resp.success, resp.message
+    page, _, fragment = resp.message.partition("#")
+    assert page == "https://robot.example/viewer/index.html" and fragment.startswith("invite=")
+    bundle = read_invite(resp.message)
+    assert "X-Amz-Signature" in json.dumps(bundle) and bundle  # presigned, in the fragment
+    assert wait_for(lambda: images, 10)
+    img = images[-1]
+    assert img.encoding == "mono8" and img.width == img.height >= 21 * 4
+    assert set(bytes(img.data)) == {0, 255}

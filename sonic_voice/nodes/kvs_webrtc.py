@@ -27,11 +27,15 @@ role); none are ever taken from viewers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from rclpy.task import Future as RclpyFuture
+from sensor_msgs.msg import Image
 from std_msgs.msg import Int32, String, UInt8MultiArray
+from std_srvs.srv import Trigger
 
 from sonic_voice import contracts as c
 from sonic_voice.kvs.control import ControlPlaneError
@@ -40,7 +44,13 @@ from sonic_voice.kvs.settings import KVS_MAX_VIEWERS, KvsSettings
 from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStatus
 from sonic_voice.ros.node import ConfigError, VoiceNode, param
 from sonic_voice.ros.runtime import run_node
-from sonic_voice.ros.topics import follow_output, msg_bytes, publisher, subscription
+from sonic_voice.ros.topics import (
+    LATCHED_QOS,
+    follow_output,
+    msg_bytes,
+    publisher,
+    subscription,
+)
 
 
 @dataclass
@@ -84,6 +94,20 @@ class KvsParams:
     )
     opus_packet_loss_pct: int = param(
         10, "Packet loss the Opus FEC is provisioned for, %.", range=(0, 100)
+    )
+    abr: bool = param(
+        False,
+        "Adapt the Opus bitrate and FEC to each viewer's receiver reports (docs/kvs.md), "
+        "between abr_min_bps and opus_bitrate.",
+    )
+    abr_min_bps: int = param(6000, "Lowest adaptive bitrate, bit/s.", range=(6000, 510000))
+    invite_page_url: str = param(
+        "",
+        "The viewer page guests open (e.g. https://example.org/robot/index.html); '' = no "
+        "invites. ~/create_invite mints a short-lived join link for it (no AWS keys needed).",
+    )
+    invite_expires_s: int = param(
+        299, "How long an invite link can be opened, s (KVS signs at most 299).", range=(10, 299)
     )
 
 
@@ -131,6 +155,8 @@ class KvsWebrtcNode(VoiceNode):
             opus_fec=p.opus_fec,
             opus_bitrate=p.opus_bitrate,
             opus_packet_loss_pct=p.opus_packet_loss_pct,
+            abr=p.abr,
+            abr_min_bps=p.abr_min_bps,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -148,9 +174,13 @@ class KvsWebrtcNode(VoiceNode):
         )
         self._remote_pub = publisher(self, c.REMOTE, lifecycle=True)
         self._text_pub = publisher(self, c.VIEWER_TEXT)
+        self._settings_ = settings
+        self._qr_pub = self.create_publisher(Image, "~/invite_qr", LATCHED_QOS)
         self._ros = [
             self._remote_pub,
             self._text_pub,
+            self._qr_pub,
+            self.create_service(Trigger, "~/create_invite", self._on_create_invite),
             *follow_output(self, self._on_out, self._on_flush),
             subscription(self, c.TRANSCRIPT, lambda m: self._forward("transcript", m)),
             subscription(self, c.STATE, lambda m: self._forward("state", m)),
@@ -180,6 +210,45 @@ class KvsWebrtcNode(VoiceNode):
 
     def release(self) -> None:
         self.diag.close()
+
+    # -- guest invites ------------------------------------------------------------------
+    def mint_invite(self) -> Any:
+        """A short-lived join link for a guest (blocking: two control-plane calls), also
+        published as a QR code on ``~/invite_qr``. See ``sonic_voice.kvs.invite``."""
+        from sonic_voice.kvs.control import ControlPlane
+        from sonic_voice.kvs.invite import invite_for_channel, qr_matrix
+
+        if not self.params.invite_page_url:
+            raise ConfigError("invite_page_url is empty: set the page guests open")
+        settings = self._settings_
+        stun = None if settings.ice_servers_override is not None else settings.default_stun_url
+        invite = invite_for_channel(
+            ControlPlane(settings, "VIEWER"),
+            self.params.invite_page_url,
+            expires_s=self.params.invite_expires_s,
+            stun_url=stun,
+        )
+        self._qr_pub.publish(_mono8(qr_matrix(invite.url), self.get_clock().now().to_msg()))
+        self.get_logger().info(f"guest invite minted for client {invite.client_id}")
+        return invite
+
+    async def _on_create_invite(self, _req: Any, resp: Any) -> Any:
+        """std_srvs/Trigger: the link in ``message`` (minted off the executor thread)."""
+        done = RclpyFuture()
+
+        async def mint() -> None:
+            try:
+                done.set_result(await asyncio.to_thread(self.mint_invite))
+            except Exception as e:  # noqa: BLE001 - said in the response
+                done.set_result(e)
+
+        self.bridge.submit(mint())
+        result = await done
+        if isinstance(result, Exception):
+            resp.success, resp.message = False, f"no invite: {result}"
+        else:
+            resp.success, resp.message = True, result.url
+        return resp
 
     # -- master -> ROS (on the loop) ----------------------------------------------------
     def _on_remote_audio(self, client: str, pcm: bytes) -> None:
@@ -233,6 +302,24 @@ class KvsWebrtcNode(VoiceNode):
         if not self.connected:
             return DiagStatus(WARN, "not connected", values)
         return DiagStatus(OK, "ok", values)
+
+
+def _mono8(matrix: list[list[bool]], stamp: Any, scale: int = 4, border: int = 4) -> Image:
+    """A QR matrix as a ``sensor_msgs/Image`` (mono8, dark modules black)."""
+    n = len(matrix) + 2 * border
+    rows = []
+    for y in range(n):
+        src = matrix[y - border] if border <= y < n - border else []
+        row = bytes(
+            0 if (border <= x < n - border and src and src[x - border]) else 255 for x in range(n)
+        )
+        line = b"".join(bytes([v]) * scale for v in row)
+        rows.extend([line] * scale)
+    img = Image(height=n * scale, width=n * scale, encoding="mono8", is_bigendian=0)
+    img.step = n * scale
+    img.data = b"".join(rows)
+    img.header.stamp = stamp
+    return img
 
 
 def main(args: list[str] | None = None) -> None:
