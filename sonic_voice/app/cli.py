@@ -309,6 +309,7 @@ def run_online(args: argparse.Namespace, signals: Signals) -> int:
     stack = Stack(args.params_file)
     stop = _StopAfterStart(signals)
     stack.runtime.stop_requested = stop
+    kvs_node = None
     try:
         stack.add(make_monitor(run, stack.context))
         if not args.no_local_audio:
@@ -317,7 +318,7 @@ def run_online(args: argparse.Namespace, signals: Signals) -> int:
             kvs = {"channel_name": args.kvs_channel}
             if args.region:
                 kvs["region"] = args.region
-            stack.node("kvs_webrtc", kvs)
+            kvs_node = stack.node("kvs_webrtc", kvs)
         if args.sim_base:
             stack.node("sim_base")
         session = {
@@ -336,6 +337,10 @@ def run_online(args: argparse.Namespace, signals: Signals) -> int:
         node = stack.node("sonic_session", session)
         node.get_logger().set_level(30)  # transcripts: the monitor prints them
         stack.start()
+        if args.kvs_channel and kvs_node.params.invite_page_url:
+            from sonic_voice.app.demo import print_invite
+
+            print_invite(kvs_node)
         deadline = time.monotonic() + args.duration if args.duration else float("inf")
         while time.monotonic() < deadline:
             fatal = stack.fatal_errors()

@@ -192,6 +192,7 @@ class Offline:
         self.emu: Any = None
         self.kvs: Any = None
         self.viewer_url = ""
+        self.page_url = ""
 
     def __enter__(self) -> Offline:
         try:
@@ -228,6 +229,7 @@ class Offline:
             )
             server, url = serve_in_thread()
             self.stack.callback(server.shutdown)
+            self.page_url = url
             em = self.kvs.emulator
             self.viewer_url = (
                 f"{url}?endpoint={em.endpoint_url}&channel={self.args.kvs_channel}"
@@ -291,14 +293,16 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
                 # keeps the virtual devices from underrunning on a busy machine.
                 stack.node("audio_io", {"latency": "0.05", "output_block_ms": 20.0})
             base = stack.node("sim_base", {"locations_file": session_params["locations_file"]})
+            kvs = None
             if off.kvs is not None:
-                stack.node(
+                kvs = stack.node(
                     "kvs_webrtc",
                     {
                         "channel_name": args.kvs_channel,
                         "endpoint_url": off.kvs.emulator.endpoint_url,
                         "region": off.kvs.emulator.region,
                         "ice_servers": "[]",  # host candidates only: all on this machine
+                        "invite_page_url": off.page_url,
                     },
                 )
                 log.info(
@@ -306,6 +310,8 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
                 )
                 log.info("  %s (any access key and secret)", off.viewer_url)
             stack.start()
+            if kvs is not None:
+                print_invite(kvs)
             ok = _converse(run, off, stack, base, lines, args)
             if ok and args.stay:
                 log.info("%s  scripted conversation done; still running (Ctrl-C)", run.t())
@@ -320,6 +326,20 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
     if stack.runtime.stop_requested.is_set() and not ok:
         return 130
     return 0 if ok else 1
+
+
+def print_invite(kvs: Any) -> None:
+    """A guest's join link and its QR code (no AWS keys needed; docs/web-viewer.md)."""
+    from sonic_voice.kvs.invite import qr_text
+
+    try:
+        invite = kvs.mint_invite()
+    except Exception as e:  # noqa: BLE001 - the rest of the run does not need it
+        log.warning("  no guest invite: %s", e)
+        return
+    log.info("  guests join with this link (valid %d s, no keys):", kvs.params.invite_expires_s)
+    log.info("  %s", invite.url)
+    log.info("%s", qr_text(invite.url))
 
 
 _tick: Any = None  # the demo's once-a-second housekeeping while it waits
