@@ -214,6 +214,7 @@ def main() -> None:
             parameter_overrides=[
                 Parameter("endpoint_uri", value=emu.endpoint_uri),
                 Parameter("ca_bundle", value=emu.ca_file),
+                Parameter("always_on", value=True),
             ],
         )
         graph.add(node)

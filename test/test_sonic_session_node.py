@@ -236,7 +236,14 @@ class Probe:
 
 
 def session_node(graph: Any, emu: EmulatorThread, **params: Any) -> SonicSessionNode:
-    values = {"endpoint_uri": emu.endpoint_uri, "ca_bundle": emu.ca_file, **params}
+    # always_on: these tests are about the stream itself (the lifecycle that opens and
+    # closes it is test_engagement_node.py's).
+    values = {
+        "endpoint_uri": emu.endpoint_uri,
+        "ca_bundle": emu.ca_file,
+        "always_on": True,
+        **params,
+    }
     node = SonicSessionNode(
         context=graph.context,
         parameter_overrides=[Parameter(k, value=v) for k, v in values.items()],
