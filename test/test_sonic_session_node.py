@@ -315,7 +315,13 @@ def test_turn_audio_both_ways_exact_and_topics(rig: Any) -> None:
     ), probe.state_names()
     with probe.lock:
         last = probe.states[-1]
-    assert last == {"state": "listening", "source": "local", "viewers": 0, "error": ""}
+    assert last == {
+        "state": "listening",
+        "source": "local",
+        "viewers": 0,
+        "error": "",
+        "engagement": "off",  # always_on
+    }
 
     # usage: the stand-in's counts (25 speech + 2 text input tokens for "hello robot").
     assert wait_for(lambda: len(probe.usage) >= 2, TIMEOUT)

@@ -273,21 +273,28 @@ class Ledger:
         return {"conversations": 0, "streamed_s": 0.0, **{k: 0 for k in TOKEN_KINDS}}
 
     def _roll(self) -> None:
-        h = int(self.wall() // 3600)
+        wall = self.wall()
+        h = int(wall // 3600)
         if h != self.hour:
-            if self._streaming_since is not None:  # an open stream spans the hour
-                self._bank_stream()
-                self._streaming_since = self.clock()
+            if self._streaming_since is not None and self.hour >= 0:
+                # An open stream spans the hour: what was streamed before it goes to the
+                # old hour, the rest to the new one.
+                now = self.clock()
+                past = min(wall - h * 3600, now - self._streaming_since)
+                self._bank_until(now - past)
             self.hour = h
             self.hourly = self._zero()
             if not self.totals:
                 self.totals = self._zero()
 
     def _bank_stream(self) -> None:
-        if self._streaming_since is None:
-            return
-        s = self.clock() - self._streaming_since
-        self._streaming_since = self.clock()
+        if self._streaming_since is not None:
+            self._bank_until(self.clock())
+
+    def _bank_until(self, t: float) -> None:
+        """Stream time from ``_streaming_since`` up to ``t`` into the buckets."""
+        s = max(0.0, t - self._streaming_since) if self._streaming_since is not None else 0.0
+        self._streaming_since = t
         for bucket in (self.hourly, self.conversation, self.totals):
             bucket["streamed_s"] = bucket.get("streamed_s", 0.0) + s
 
@@ -327,6 +334,14 @@ class Ledger:
             "output_tokens": tokens["speech_output"] + tokens["text_output"],
             "cost_usd": round(self.prices.cost(tokens), 6),
         }
+
+    def overall(self) -> dict[str, Any]:
+        """Everything since start, a stream still open included."""
+        total = self.snapshot(self.totals)
+        if self._streaming_since is not None:
+            live = self.clock() - self._streaming_since
+            total["streamed_s"] = round(total["streamed_s"] + live, 2)
+        return total
 
     def hour_report(self) -> dict[str, Any]:
         """The current clock hour's sums (for ``usage/hourly`` and /diagnostics)."""
