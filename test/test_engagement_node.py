@@ -182,7 +182,7 @@ def test_each_trigger_engages(rig: Any, trigger: str) -> None:
     probe = LifecycleProbe(graph)
     params: dict[str, Any] = {"greeting": "Greet the visitor.", "engage_on_speech": False}
     if trigger == "topic-bool":
-        params["presence_topic"] = DETECTION
+        params.update(presence_topic=DETECTION, release_on_absence=True)
     elif trigger == "topic-field":
         params.update(presence_topic=DETECTION, presence_type="std_msgs/msg/Int32")
     lifecycle_node(graph, emu, **params)
@@ -220,6 +220,13 @@ def test_each_trigger_engages(rig: Any, trigger: str) -> None:
     assert emu.wait_for(lambda: rec.interactive_texts == want, TIMEOUT), rec.interactive_texts
     assert wait_for(lambda: "Hello there!" in probe.finals("ASSISTANT"), TIMEOUT)
     assert len(emu.records) == 1
+    if trigger == "topic-bool":
+        # release_on_absence: the detector says nobody is there any more.
+        pub.publish(Bool(data=False))
+        assert emu.wait_for(lambda: rec.end_reason == "sessionEnd", TIMEOUT), rec.end_reason
+        assert wait_for(lambda: probe.phase() == "idle", TIMEOUT)
+        with probe.lock:
+            assert probe.conversations[-1]["reason"] == "absence"
 
 
 # --------------------------------------------------------------------------- not engaging
@@ -391,8 +398,11 @@ def test_a_running_tool_keeps_the_conversation_open(rig: Any, tmp_path: Path) ->
 
 
 def test_check_on_start_opens_and_closes_one_stream_then_idles(rig: Any) -> None:
+    from test.test_diagnostics import Monitor
+
     emu, graph = rig
     probe = LifecycleProbe(graph)
+    mon = Monitor(graph)
     lifecycle_node(graph, emu, check_on_start=True)
     probe.ready()
     rec = wait_stream(emu, 0)
@@ -403,3 +413,17 @@ def test_check_on_start_opens_and_closes_one_stream_then_idles(rig: Any) -> None
     assert len(emu.records) == 1 and probe.phase() == "idle"
     # The state never claimed a conversation for the check.
     assert "conversing" not in probe.phases() and "listening" not in probe.state_names()
+    # /diagnostics: idle is healthy (no stream on purpose), and says so with the hour's sums.
+    stream, conversation = "sonic_session: bedrock stream", "sonic_session: conversation"
+    assert wait_for(lambda: mon.get(stream) and mon.get(conversation), TIMEOUT)
+    level, message, values = mon.get(stream)
+    assert level == 0 and message.startswith("idle") and values["engagement"] == "idle"
+    level, message, values = mon.get(conversation)
+    assert level == 0 and values["engagement"] == "idle"
+    assert values["hour_conversations"] == "0" and float(values["hour_cost_usd"]) == 0
+    # Engaged (a button): the diagnostics follow.
+    assert probe.call(probe.engage_cli).success
+    wait_stream(emu, 1)
+    assert wait_for(lambda: mon.get(conversation)[2]["engagement"] == "conversing", TIMEOUT)
+    assert wait_for(lambda: mon.get(conversation)[2]["hour_conversations"] == "1", TIMEOUT)
+    assert mon.get(conversation)[2]["trigger"] == "service"

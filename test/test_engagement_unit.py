@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sonic_voice import contracts as c
 from sonic_voice.audio.vad import VadConfig, VoiceActivity
 from sonic_voice.sonic import engagement as eng
 
@@ -183,3 +184,19 @@ def test_ledger_sums_per_conversation_and_per_hour_with_prices() -> None:
     assert hour["hour"].endswith(":00:00Z") and hour["conversations"] == 0
     assert hour["streamed_s"] == pytest.approx(20, abs=0.01)  # after the boundary
     assert led.totals["streamed_s"] == pytest.approx(120)
+
+
+def test_contracts_take_the_lifecycle_fields_additively() -> None:
+    old = {"state": "listening", "source": "local", "viewers": 0, "error": ""}
+    assert c.check(c.STATE, old) == old  # an older publisher's message still passes
+    new = {**old, "engagement": "conversing", "trigger": "speech"}
+    assert c.decode(c.STATE, c.encode(c.STATE, new)) == new
+    with pytest.raises(c.ContractError, match="engagement"):
+        c.check(c.STATE, {**old, "engagement": "dozing"})
+    led = eng.Ledger()
+    c.check(c.USAGE_HOURLY, led.hour_report())
+    led.stream_opened()
+    figures = led.stream_closed()
+    c.check(c.CONVERSATION, {"t": 1.0, "event": "released", "trigger": "speech", **figures})
+    with pytest.raises(c.ContractError, match="hour"):
+        c.check(c.USAGE_HOURLY, led.snapshot())
