@@ -70,8 +70,21 @@ class LifecycleProbe(Probe):
             String, c.CONVERSATION.name, self._json_cb(self.conversations), EVENT_QOS
         )
         n.create_subscription(String, c.USAGE_HOURLY.name, self._json_cb(self.hourly), LATCHED_QOS)
-        self.engage_cli = n.create_client(Trigger, "/sonic_session/engage")
-        self.release_cli = n.create_client(Trigger, "/sonic_session/release")
+        self._clients: dict[str, Any] = {}
+
+    @property
+    def engage_cli(self) -> Any:
+        return self._client("/sonic_session/engage")
+
+    @property
+    def release_cli(self) -> Any:
+        return self._client("/sonic_session/release")
+
+    def _client(self, name: str) -> Any:
+        """Made when first used (a test that calls no service has no client)."""
+        if name not in self._clients:
+            self._clients[name] = self.node.create_client(Trigger, name)
+        return self._clients[name]
 
     def phases(self) -> list[str]:
         with self.lock:

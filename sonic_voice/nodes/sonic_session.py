@@ -263,6 +263,8 @@ class SonicSessionNode(VoiceNode):
         self._pending_texts: list[str] = []
         self._watch: asyncio.Future | None = None
         self._tasks: set[asyncio.Future] = set()
+        self._check: SonicSession | None = None
+        self.preroll_frames_sent = 0  # of the last engagement
         self._last_conversation: dict[str, Any] = {}
         # The lifecycle machine and the cost ledger exist from the start (the listener and
         # diagnostics use them); configure() applies the parameters.
@@ -485,7 +487,10 @@ class SonicSessionNode(VoiceNode):
                     _RosListener(node).on_error(message, fatal)
 
         cfg = dataclasses.replace(self.config, greeting="")
-        check = SonicSession(self.bedrock, cfg, None, _Quiet())
+        # The tools' specs go in the check's promptStart too (the service checks them); the
+        # check never runs or cancels a tool (a conversation may already be running one).
+        specs = _SpecsOnly(self.tools) if self.tools is not None else None
+        check = self._check = SonicSession(self.bedrock, cfg, specs, _Quiet())
         try:
             await check.start()
         except Exception as e:  # noqa: BLE001 - reported on state, log and diagnostics
@@ -495,6 +500,8 @@ class SonicSessionNode(VoiceNode):
             self.publish_state("error")
             return
         finally:
+            if self._check is check:
+                self._check = None
             with contextlib.suppress(Exception):
                 await check.stop()
         self.get_logger().info("model access checked; idle until someone engages")
@@ -528,6 +535,10 @@ class SonicSessionNode(VoiceNode):
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+        check, self._check = self._check, None
+        if check is not None:  # the start-up check still opening: closed politely too
+            with contextlib.suppress(Exception):
+                await check.stop()
         session, self.session = self.session, None
         if session is None:
             self.eng.failed()
@@ -536,7 +547,7 @@ class SonicSessionNode(VoiceNode):
         with contextlib.suppress(Exception):
             await asyncio.wait_for(session.cancel_tools("shutting down"), STOP_TOOLS_S)
         await session.stop()
-        if self.eng.phase != eng.IDLE or self.params.always_on:
+        if self.ledger.streaming:
             self._conversation_ended(session, "shutdown")
         self.eng.failed()
         self.publish_state("error" if self.fatal_error else "inactive")
@@ -628,7 +639,8 @@ class SonicSessionNode(VoiceNode):
         await session.stop()
         if self.session is session:
             self.session = None
-        self._conversation_ended(session, reason)
+        if self.ledger.streaming:
+            self._conversation_ended(session, reason)
         pending = self.eng.closed(session.history)
         self.publish_state("idle" if not self.fatal_error else "error")
         if pending:
@@ -834,6 +846,7 @@ class SonicSessionNode(VoiceNode):
             "idle_s": round(self.eng.idle_for(), 1) if self.eng.phase == eng.CONVERSING else 0,
             "tools_running": self.eng.tools_running,
             "memory_messages": len(self.eng.memory.history) if self.eng.memory else 0,
+            "preroll_chunks_sent": self.preroll_frames_sent,
             **{f"hour_{k}": v for k, v in hour.items()},
         }
         if self._last_conversation:
@@ -860,6 +873,24 @@ class SonicSessionNode(VoiceNode):
         if payload["engagement"] not in ("off", eng.IDLE):
             payload["trigger"] = self.eng.trigger
         self.state_pub.publish(json_msg(c.STATE, payload))
+
+
+class _SpecsOnly:
+    """A ToolProvider that declares the real tools and never runs or cancels one."""
+
+    def __init__(self, tools: Any) -> None:
+        self._tools = tools
+
+    def tool_specs(self) -> list[dict[str, Any]]:
+        return self._tools.tool_specs()
+
+    async def run(self, use: Any, progress: Any) -> Any:
+        from sonic_voice.sonic.tools_seam import ToolResult
+
+        return ToolResult(use.tool_use_id, "error", {"error": "not in a conversation"})
+
+    async def cancel_all(self, reason: str) -> int:
+        return 0
 
 
 async def session_started(session: SonicSession) -> None:

@@ -298,6 +298,11 @@ class Ledger:
         for bucket in (self.hourly, self.conversation, self.totals):
             bucket["streamed_s"] = bucket.get("streamed_s", 0.0) + s
 
+    @property
+    def streaming(self) -> bool:
+        """A stream is open (between stream_opened and stream_closed)."""
+        return self._streaming_since is not None
+
     def stream_opened(self) -> None:
         self._roll()
         self.conversation = self._zero()
