@@ -39,6 +39,7 @@ setup(
         "numpy",
         "pyyaml",
         "jsonschema",
+        "webrtcvad-wheels",
         "soxr",
         "sounddevice",
         "boto3",

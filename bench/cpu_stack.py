@@ -296,6 +296,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 "region": "us-east-1",
                 "tools_file": str(cfg / "tools.yaml"),
                 "locations_file": str(cfg / "locations.yaml"),
+                # A conversation the whole time (the conversation lifecycle would otherwise
+                # start idle, with no stream: docs/conversation-lifecycle.md).
+                "always_on": True,
                 # The visitor at the microphone is heard while the viewer is connected.
                 **({"input_source": "local"} if args.visitor == "mic" else {}),
             },

@@ -306,6 +306,7 @@ def main() -> None:
             parameter_overrides=[
                 Parameter("endpoint_uri", value=emu.endpoint_uri),
                 Parameter("ca_bundle", value=emu.ca_file),
+                Parameter("always_on", value=True),
             ],
         )
         graph.add(node, bring_up=True)  # configure + activate, as the runner does

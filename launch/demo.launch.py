@@ -202,7 +202,8 @@ def launch_setup(context: LaunchContext) -> list:
                     or os.path.join(cert_dir, "ca.pem")
                 ),
             ),
-            # The scenario's first turn answers this text: the robot speaks first.
+            # Sent when a viewer joins or ~/engage is called (greet_on); a visitor who
+            # speaks first engages the idle robot and is answered (conversation lifecycle).
             (
                 "greeting",
                 (
@@ -284,7 +285,7 @@ def generate_launch_description() -> LaunchDescription:
                 "scenario",
                 default_value=share("config", "scenarios", "offline_demo.yaml"),
                 description="Conversation script the Nova Sonic stand-in answers from (the "
-                "default is the offline demo's: greeting, a Spanish request, navigate_to).",
+                "default is the offline demo's: hello, a Spanish request, navigate_to).",
             ),
             DeclareLaunchArgument(
                 "region",
@@ -320,7 +321,7 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument(
                 "greeting",
                 default_value="",
-                description="Text the robot answers first; '' = the demo's greeting.",
+                description="Greeting text (a viewer joining, ~/engage); '' = the demo's.",
             ),
             DeclareLaunchArgument(
                 "kvs_endpoint",

@@ -249,7 +249,8 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument(
                 "greeting",
                 default_value="",
-                description="Text the robot answers first (Nova 2); '' = as in the params file.",
+                description="Greeting (Nova 2) when a conversation starts by a trigger in "
+                "greet_on; '' = as in the params file.",
             ),
             DeclareLaunchArgument(
                 "kvs_endpoint",

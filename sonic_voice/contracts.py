@@ -85,6 +85,7 @@ STATES = (
     "acting",
     "error",
 )
+ENGAGEMENT_PHASES = ("off", "idle", "engaging", "conversing", "closing")
 STATE_SCHEMA = {
     "type": "object",
     "properties": {
@@ -92,6 +93,11 @@ STATE_SCHEMA = {
         "source": {"enum": ["local", "remote"]},
         "viewers": _int,
         "error": _str,
+        # The conversation lifecycle (docs/conversation-lifecycle.md), optional for older
+        # publishers: "off" (always-on mode or inactive), idle (no Bedrock stream), engaging,
+        # conversing, closing; and what engaged it (speech, topic, service, viewer, text).
+        "engagement": {"enum": list(ENGAGEMENT_PHASES)},
+        "trigger": _str,
     },
     "required": ["state", "source", "viewers", "error"],
 }
@@ -122,6 +128,35 @@ USAGE_SCHEMA = {
         "details": {},
     },
     "required": ["input_tokens", "output_tokens", "total_tokens"],
+}
+_figures = {
+    "conversations": _int,
+    "streamed_s": _num,
+    "speech_input": _int,
+    "text_input": _int,
+    "speech_output": _int,
+    "text_output": _int,
+    "input_tokens": _int,
+    "output_tokens": _int,
+    "cost_usd": _num,
+}
+USAGE_HOURLY_SCHEMA = {
+    "type": "object",
+    "properties": {"hour": _str, **_figures},
+    "required": ["hour", "conversations", "streamed_s", "input_tokens", "output_tokens",
+                 "cost_usd"],
+}  # fmt: skip
+CONVERSATION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "t": _num,
+        "event": {"enum": ["engaged", "released"]},
+        "trigger": _str,
+        "reason": _str,
+        "memory": _int,
+        **_figures,
+    },
+    "required": ["t", "event", "trigger"],
 }
 VIEWER_TEXT_SCHEMA = {
     "type": "object",
@@ -170,6 +205,24 @@ TEXT_INPUT = Topic(
     VIEWER_TEXT_SCHEMA,
 )
 VIEWERS = Topic("kvs/viewers", "std_msgs/msg/Int32", LATCHED, "viewers connected")
+USAGE_HOURLY = Topic(
+    "usage/hourly",
+    "std_msgs/msg/String",
+    LATCHED,
+    "streamed seconds, tokens and estimated cost of the current clock hour",
+    USAGE_HOURLY_SCHEMA,
+)
+CONVERSATION = Topic(
+    "conversation",
+    "std_msgs/msg/String",
+    EVENTS,
+    "a conversation engaged (trigger, history replayed) or released (its figures)",
+    CONVERSATION_SCHEMA,
+)
+# Services of sonic_session (std_srvs/srv/Trigger), private to the node: a touch screen or
+# a button engages and releases the conversation.
+ENGAGE_SERVICE = "~/engage"
+RELEASE_SERVICE = "~/release"
 AUDIO_IO_STATE = Topic(
     "audio_io/state", "std_msgs/msg/String", LATCHED, "devices, queue", AUDIO_IO_STATE_SCHEMA
 )
@@ -187,6 +240,8 @@ ALL = (
     TEXT_INPUT,
     VIEWERS,
     AUDIO_IO_STATE,
+    USAGE_HOURLY,
+    CONVERSATION,
 )
 
 

@@ -121,7 +121,11 @@ def test_viewer_chat_reaches_the_model_and_the_answer_reaches_the_viewer(
     run = RunLog()
     ros_graph.add(make_monitor(run, ros_graph.context))
     session = _node(
-        SonicSessionNode, ros_graph, endpoint_uri=sonic.endpoint_uri, ca_bundle=sonic.ca_file
+        SonicSessionNode,
+        ros_graph,
+        endpoint_uri=sonic.endpoint_uri,
+        ca_bundle=sonic.ca_file,
+        always_on=True,
     )
     _node(
         KvsWebrtcNode,

@@ -53,8 +53,10 @@ def test_offline_demo_runs_the_whole_conversation() -> None:
     out = proc.stdout
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-4000:]}\n{proc.stderr[-3000:]}"
     assert "offline demo: no AWS configuration" in out
-    # The robot greeted first, in English.
-    assert re.search(r"robot  : Hello! I am the help robot", out)
+    # The robot waited idle (no Bedrock stream); the visitor's hello engaged it (the
+    # stand-in heard the utterance from its start) and the robot introduced itself.
+    idle = out.index("robot idle: no Bedrock stream")
+    assert idle < out.index("visitor: Hello!") < out.index("robot  : Hello! I am the help robot")
     # The visitor asked in Spanish; the tool was called with the named place...
     assert re.search(r"visitor: Hola, ¿me puedes llevar a la cafetería", out)
     assert re.search(r'tool   : navigate_to \{"location": "kitchen"\}', out)
@@ -69,6 +71,10 @@ def test_offline_demo_runs_the_whole_conversation() -> None:
     arrived = out.index("robot  : Ya hemos llegado a la cafetería")
     assert going < out.index("tool   : navigate_to -> ok") < arrived
     assert "robot   [es]: Ya hemos llegado" in out
+    # Nobody spoke any more: released, and the summary says what it streamed and cost.
+    assert re.search(r"conversation released after \d+ s without speech", out), out[-2000:]
+    m = re.search(r"cost: 1 conversation\(s\), ([\d.]+) s streamed, (\d+) input", out)
+    assert m and float(m[1]) > 5 and int(m[2]) > 0, out[-2000:]
     assert "demo completed" in out
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 

@@ -61,7 +61,12 @@ def keys(monkeypatch: pytest.MonkeyPatch) -> None:
 def _session(graph: Any, emu: EmulatorThread, **extra: Any) -> Any:
     from sonic_voice.nodes.sonic_session import SonicSessionNode
 
-    params = {"endpoint_uri": emu.endpoint_uri, "ca_bundle": emu.ca_file, **extra}
+    params = {
+        "endpoint_uri": emu.endpoint_uri,
+        "ca_bundle": emu.ca_file,
+        "always_on": True,
+        **extra,
+    }
     return graph.add(
         SonicSessionNode(
             context=graph.context,

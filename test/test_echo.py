@@ -264,6 +264,7 @@ def _robot_answers(pulse, graph, emu, echo_cancel: bool, tag: str):
         parameter_overrides=[
             Parameter("endpoint_uri", value=emu.endpoint_uri),
             Parameter("ca_bundle", value=emu.ca_file),
+            Parameter("always_on", value=True),
         ],
     )
     graph.add(session)

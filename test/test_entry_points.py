@@ -338,6 +338,8 @@ def test_node_executable_signal_cancels_running_goal(tmp: Path, sig: int) -> Non
                     f"region:={emu.emulator.region}",
                     "-p",
                     f"tools_file:={tools}",
+                    "-p",
+                    "always_on:=true",
                 ],
                 env=env(tmp, domain=graph.domain_id, aws=True),
                 cwd=ROOT,

@@ -236,7 +236,14 @@ class Probe:
 
 
 def session_node(graph: Any, emu: EmulatorThread, **params: Any) -> SonicSessionNode:
-    values = {"endpoint_uri": emu.endpoint_uri, "ca_bundle": emu.ca_file, **params}
+    # always_on: these tests are about the stream itself (the lifecycle that opens and
+    # closes it is test_engagement_node.py's).
+    values = {
+        "endpoint_uri": emu.endpoint_uri,
+        "ca_bundle": emu.ca_file,
+        "always_on": True,
+        **params,
+    }
     node = SonicSessionNode(
         context=graph.context,
         parameter_overrides=[Parameter(k, value=v) for k, v in values.items()],
@@ -308,7 +315,13 @@ def test_turn_audio_both_ways_exact_and_topics(rig: Any) -> None:
     ), probe.state_names()
     with probe.lock:
         last = probe.states[-1]
-    assert last == {"state": "listening", "source": "local", "viewers": 0, "error": ""}
+    assert last == {
+        "state": "listening",
+        "source": "local",
+        "viewers": 0,
+        "error": "",
+        "engagement": "off",  # always_on
+    }
 
     # usage: the stand-in's counts (25 speech + 2 text input tokens for "hello robot").
     assert wait_for(lambda: len(probe.usage) >= 2, TIMEOUT)

@@ -40,6 +40,7 @@ from sonic_voice.paths import config_dir
 log = logging.getLogger("sonic_voice")
 
 DEMO_LIMIT_S = 180.0
+DEMO_IDLE_TIMEOUT_S = 6.0  # the demo's conversation is released this long after its end
 MIC_RATE = 16000
 NAV_ACTION = "navigate_to_pose"
 
@@ -278,7 +279,13 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
                 aws_profile="",
                 tools_file=args.tools_file or str(cfg / "tools.yaml"),
                 locations_file=args.locations_file or str(cfg / "locations.yaml"),
+                # A viewer joining (--kvs-channel) is greeted; a visitor who speaks first
+                # is answered (docs/conversation-lifecycle.md).
                 greeting="A visitor has just walked up to you. Greet them.",
+                # The demo starts idle (no Bedrock stream), engages when the visitor speaks
+                # and shows the release: a short idle timeout.
+                always_on=False,
+                idle_timeout_s=DEMO_IDLE_TIMEOUT_S,
             )
             # The session's settings are checked first: a mistake there is said at once,
             # before the audio server and the visitor's voice are prepared.
@@ -312,14 +319,14 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
             stack.start()
             if kvs is not None:
                 print_invite(kvs)
-            ok = _converse(run, off, stack, base, lines, args)
+            ok = _converse(run, off, stack, base, lines, args, session)
             if ok and args.stay:
                 log.info("%s  scripted conversation done; still running (Ctrl-C)", run.t())
                 while not stack.runtime.wait(0.5) and not session.fatal_error:
                     pass
             if not ok and not stack.runtime.stop_requested.is_set():
                 _stand_in_report(off)
-            _summary(run, base, ok)
+            _summary(run, base, ok, session)
         finally:
             took = stack.close()
             log.debug("nodes stopped in %.2f s", took)
@@ -386,7 +393,13 @@ def _settled(run: RunLog, quiet_s: float = 0.8) -> Any:
 
 
 def _converse(
-    run: RunLog, off: Offline, stack: Stack, base: Any, lines: list, args: argparse.Namespace
+    run: RunLog,
+    off: Offline,
+    stack: Stack,
+    base: Any,
+    lines: list,
+    args: argparse.Namespace,
+    session: Any = None,
 ) -> bool:
     global _tick
     limit = args.duration or DEMO_LIMIT_S
@@ -404,11 +417,10 @@ def _converse(
     def left() -> float:
         return max(0.0, end - time.monotonic())
 
-    # The robot speaks first (the greeting turn), then the visitor, turn by turn.
-    if not _wait(lambda: run.finals("ASSISTANT"), left(), stack):
-        return _fail(run, stack, "the robot never greeted")
-    if not _wait(_settled(run), left(), stack):
-        return _fail(run, stack, "the greeting did not finish")
+    # The robot waits, idle, with no Bedrock stream; the visitor's first words engage it.
+    if not _wait(lambda: run.last_state() == "idle", left(), stack):
+        return _fail(run, stack, "the robot never became ready")
+    log.info("%s  (robot idle: no Bedrock stream until someone speaks to it)", run.t())
     for i, (text, audio) in enumerate(lines):
         answered = len(run.finals("ASSISTANT"))
         log.info("%s  (visitor speaks into the microphone: %s)", run.t(), text)
@@ -422,6 +434,15 @@ def _converse(
         if not _wait(_settled(run), left(), stack):
             return _fail(run, stack, "the robot did not finish speaking")
     log_base(run, base, pos)
+    if lines and session is not None and not session.params.always_on:
+        # Nobody speaks any more: the conversation is released after idle_timeout_s.
+        released = _wait(lambda: run.last_state() == "idle", left(), stack)
+        if released:
+            log.info(
+                "%s  (conversation released after %.0f s without speech: stream closed)",
+                run.t(),
+                session.params.idle_timeout_s,
+            )
     with run.lock:
         failed = [
             e for e in run.tool_events if e.get("event") == "result" and e.get("status") != "ok"
@@ -482,7 +503,7 @@ def _stand_in_report(off: Offline) -> None:
         )  # fmt: skip
 
 
-def _summary(run: RunLog, base: Any, ok: bool) -> None:
+def _summary(run: RunLog, base: Any, ok: bool, session: Any = None) -> None:
     users, robot = run.finals("USER"), run.finals("ASSISTANT")
     with run.lock:
         results = [e for e in run.tool_events if e.get("event") == "result"]
@@ -501,7 +522,21 @@ def _summary(run: RunLog, base: Any, ok: bool) -> None:
         getattr(base, "y", 0.0),
         getattr(base, "odometer", 0.0),
     )
+    if session is not None:
+        log.info("  %s", cost_line(session))
     log.info("demo %s", "completed" if ok else "FAILED")
+
+
+def cost_line(session: Any) -> str:
+    """Streamed seconds, tokens and the estimated cost of the run (the session's ledger,
+    prices from its price_* parameters)."""
+    total = session.ledger.overall()
+    return (
+        f"cost: {total['conversations']} conversation(s), {total['streamed_s']:.1f} s "
+        f"streamed, {total['input_tokens']} input + {total['output_tokens']} output tokens "
+        f"(speech {total['speech_input']}/{total['speech_output']}), "
+        f"estimated ${total['cost_usd']:.4f} at the configured prices"
+    )
 
 
 def _short(value: Any) -> str:

@@ -10,8 +10,12 @@ file's ``LifecycleNode`` transitions):
 
 - configure: check the settings (voice, model, tools file, credentials) and load the
   tools; any problem fails the transition with one line naming what to fix;
-- activate: open the conversation in the background (``state`` says ``connecting``, then
-  ``listening``; ``error`` with the cause when it cannot, e.g. no model access);
+- activate: with ``always_on``, open the conversation in the background (``state`` says
+  ``connecting``, then ``listening``; ``error`` with the cause when it cannot, e.g. no model
+  access); otherwise wait, idle, with no Bedrock stream, until someone engages (the
+  conversation lifecycle, ``sonic_voice.sonic.engagement`` and
+  docs/conversation-lifecycle.md: local speech, a presence topic, the ``~/engage``
+  service, a viewer joining, a typed line), and release after ``idle_timeout_s``;
 - deactivate / cleanup / shutdown / SIGINT: running goals are cancelled first, then the
   stream is closed politely (within the process's shutdown budget).
 
@@ -20,14 +24,19 @@ Topics (names, types and JSON shapes in ``sonic_voice.contracts``):
 - in: ``audio/mic`` and ``audio/remote`` (the active one is ``input_source``: ``auto`` =
   remote while ``kvs/viewers`` > 0, else local), ``kvs/viewers``, ``text_input`` and
   ``kvs/viewer_text`` (Nova 2 cross-modal text);
-- out: ``audio/out``, ``audio/flush`` (on barge-in), ``transcript``, ``state`` (latched),
-  ``usage``, ``tool_events``, ``/diagnostics``.
+- out: ``audio/out``, ``audio/flush`` (on barge-in), ``transcript``, ``state`` (latched;
+  ``engagement`` says idle/engaging/conversing/closing), ``usage``, ``usage/hourly``
+  (latched: streamed seconds, tokens, estimated cost of the hour), ``conversation``
+  (engaged / released with its figures), ``tool_events``, ``/diagnostics``;
+- services: ``~/engage``, ``~/release`` (std_srvs/Trigger).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import importlib
 import re
 import time
 from dataclasses import dataclass
@@ -35,14 +44,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Empty, Int32, String, UInt8MultiArray
+from std_srvs.srv import Trigger
 
 from sonic_voice import contracts as c
+from sonic_voice.audio.vad import VadConfig, VoiceActivity
 from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStatus
 from sonic_voice.paths import resolve_config_path
 from sonic_voice.ros.node import ConfigError, VoiceNode, param
 from sonic_voice.ros.runtime import run_node
-from sonic_voice.ros.topics import json_msg, msg_pcm, out_msg, publisher, subscription
+from sonic_voice.ros.topics import json_msg, msg_bytes, out_msg, publisher, subscription
+from sonic_voice.sonic import engagement as eng
 from sonic_voice.sonic import events as ev
 from sonic_voice.sonic.session import (
     DEFAULT_SYSTEM_PROMPT,
@@ -60,6 +73,8 @@ KNOWN_REGIONS = {
     ev.NOVA_2_SONIC: ("us-east-1", "us-west-2", "ap-northeast-1"),
     "amazon.nova-sonic-v1:0": ("us-east-1", "ap-northeast-1"),
 }
+GOODBYE_MAX_S = 10.0  # a goodbye that does not end by then is cut (the stream closes)
+HOURLY_EVERY_S = 10.0  # usage/hourly while a stream is open
 
 
 @dataclass
@@ -87,7 +102,11 @@ class SessionParams:
         range=(1.0, 470.0),
     )
     rotate_deadline_s: float = param(450.0, "Renew by this age even mid-turn.", range=(1.0, 475.0))
-    greeting: str = param("", "Nova 2: text sent at start so the robot speaks first.")
+    greeting: str = param(
+        "",
+        "Nova 2: text sent when a conversation starts so the robot speaks first (always_on: "
+        "at start; else after a trigger listed in greet_on).",
+    )
     tool_timeout_s: float = param(120.0, "Upper bound for any tool call.", range=(1.0, 3600.0))
     cancel_tools_on_barge_in: bool = param(
         True, "Cancel running goals when the person interrupts the robot."
@@ -111,6 +130,57 @@ class SessionParams:
     retry_cap_s: float = param(10.0, "Longest wait between two retries, s.", range=(0.5, 300.0))
     tools_file: str = param("", "YAML tool declarations; '' = no tools.")
     locations_file: str = param("", "YAML named locations for navigation tools.")
+    # ---- conversation lifecycle (docs/conversation-lifecycle.md)
+    always_on: bool = param(
+        False,
+        "Keep a Bedrock stream open while active (the old behaviour); false = idle with no "
+        "stream until someone engages, released after idle_timeout_s.",
+    )
+    check_on_start: bool = param(
+        True,
+        "Without always_on: open and close one stream at activation, so no model access or "
+        "bad credentials fail at start rather than at the first visitor.",
+    )
+    engage_on_speech: bool = param(True, "Engage when the local VAD hears someone speak.")
+    engage_on_viewer: bool = param(True, "Engage when a remote viewer joins (kvs/viewers > 0).")
+    engage_on_text: bool = param(True, "Engage on a text_input or viewer chat line.")
+    engage_services: bool = param(True, "Offer ~/engage and ~/release (std_srvs/Trigger).")
+    presence_topic: str = param("", "Topic that engages (e.g. a person detector); '' = none.")
+    presence_type: str = param("std_msgs/msg/Bool", "Message type of presence_topic.")
+    presence_field: str = param(
+        "data", "Field of it (dotted path) that is true or non-zero while someone is there."
+    )
+    release_on_absence: bool = param(False, "Release when presence_field turns false.")
+    greet_on: list = param(  # noqa: RUF009 - param() is a dataclasses.field
+        ["topic", "service", "viewer"],
+        "Triggers after which the robot greets (with greeting): speech, topic, service, "
+        "viewer, text. Someone who speaks first is answered, not greeted.",
+    )
+    goodbye: str = param("", "Nova 2: text sent before a release ('' = close at once).")
+    idle_timeout_s: float = param(
+        20.0, "Release after this long without speech (either side) and no running tool.",
+        range=(1.0, 3600.0),
+    )  # fmt: skip
+    memory_s: float = param(
+        60.0, "Keep a released conversation's history this long (0 = forget at once).",
+        range=(0.0, 86400.0),
+    )  # fmt: skip
+    preroll_s: float = param(2.0, "Microphone audio kept while idle, s.", range=(0.5, 10.0))
+    preroll_lead_s: float = param(
+        0.3, "Audio sent from this long before the speech onset, s.", range=(0.0, 2.0)
+    )
+    vad_aggressiveness: int = param(3, "webrtcvad mode (3 = strictest).", range=(0, 3))
+    vad_min_dbfs: float = param(-50.0, "Quieter audio is never speech.", range=(-90.0, 0.0))
+    vad_snr_db: float = param(10.0, "Speech is this far above the noise floor.", range=(0.0, 40.0))
+    vad_voiced_ms: int = param(180, "Voiced ms in vad_window_ms to engage.", range=(30, 2000))
+    vad_window_ms: int = param(300, "VAD decision window, ms.", range=(30, 3000))
+    echo_tail_s: float = param(
+        0.5, "After the robot's own speech, the VAD stays deaf this long.", range=(0.0, 5.0)
+    )
+    price_speech_input: float = param(0.0034, "USD per 1000 speech input tokens.")
+    price_speech_output: float = param(0.0136, "USD per 1000 speech output tokens.")
+    price_text_input: float = param(0.00006, "USD per 1000 text input tokens.")
+    price_text_output: float = param(0.00024, "USD per 1000 text output tokens.")
 
 
 class _RosListener(SessionListener):
@@ -128,6 +198,7 @@ class _RosListener(SessionListener):
             n._user_final_t = None
         n.out_pub.publish(out_msg(pcm, n.out_epoch))
         n.out_chunks += 1
+        n.eng.robot_audio(len(pcm) / 2 / c.OUT_RATE)
 
     def on_interrupted(self) -> None:
         # A new epoch, announced in order on audio/out (chunks still in flight are dropped
@@ -136,6 +207,7 @@ class _RosListener(SessionListener):
         n.out_epoch += 1
         n.out_pub.publish(out_msg(b"", n.out_epoch))
         n.flush_pub.publish(Empty())
+        n.eng.robot_interrupted()
         n.get_logger().info("barge-in: output flushed")
 
     def on_transcript(self, entry: dict[str, Any]) -> None:
@@ -143,6 +215,9 @@ class _RosListener(SessionListener):
         n.transcript_pub.publish(json_msg(c.TRANSCRIPT, {"t": time.time(), **entry}))
         if entry.get("role") == "USER" and entry.get("stage") == "FINAL":
             n._user_final_t = time.monotonic()
+        n.eng.activity()
+        if entry.get("role") == "ASSISTANT" and entry.get("stage") == "FINAL":
+            n.assistant_finals += 1
         if entry.get("stage") == "FINAL":
             n.get_logger().info(f"{entry.get('role', '?')}: {entry.get('text', '')}")
 
@@ -151,9 +226,17 @@ class _RosListener(SessionListener):
 
     def on_usage(self, usage: dict[str, Any]) -> None:
         self.node.usage_pub.publish(json_msg(c.USAGE, usage))
+        self.node.ledger.usage(usage)
 
     def on_tool_event(self, event: dict[str, Any]) -> None:
-        self.node.tool_pub.publish(json_msg(c.TOOL_EVENTS, {"t": time.time(), **event}))
+        n = self.node
+        n.tool_pub.publish(json_msg(c.TOOL_EVENTS, {"t": time.time(), **event}))
+        if event.get("event") == "start":
+            n.eng.tool_started()
+        elif event.get("event") == "result":
+            n.eng.tool_finished()
+        else:
+            n.eng.activity()
 
     def on_error(self, message: str, fatal: bool) -> None:
         n = self.node
@@ -178,22 +261,38 @@ class SonicSessionNode(VoiceNode):
         self._tool_factory = tool_provider_factory
         self.tools: Any = None
         self.session: SonicSession | None = None
-        self._session_task: asyncio.Future | None = None
+        self._session_task: Any = None
         self._viewers = 0
         self._state = "inactive"
         self.last_error = ""
         self.out_chunks = 0
         self.out_epoch = 0
+        self.assistant_finals = 0
         self.last_response_ms: float | None = None
         self._user_final_t: float | None = None
         self.mic_frames = 0
         self._last_push = 0.0
         self._ros: list[Any] = []
+        self._active = False
+        self._present = False
+        self._pending_texts: list[str] = []
+        self._watch: asyncio.Future | None = None
+        self._tasks: set[asyncio.Future] = set()
+        self._check: SonicSession | None = None
+        self.preroll_frames_sent = 0  # of the last engagement
+        self._last_conversation: dict[str, Any] = {}
+        # The lifecycle machine and the cost ledger exist from the start (the listener and
+        # diagnostics use them); configure() applies the parameters.
+        self.eng = eng.Engagement(on_phase=self._on_phase)
+        self.ledger = eng.Ledger()
+        self.vad: VoiceActivity | None = None
+        self.preroll = eng.PreRoll(2.0)
         self.state_pub = publisher(self, c.STATE)
         # Diagnostics from the start: an unconfigured node (bad file, no credentials) still
         # says why on /diagnostics.
         self.diag = Diagnostics(self, hardware_id="bedrock")
         self.diag.add("bedrock stream", self._diag_stream)
+        self.diag.add("conversation", self._diag_conversation)
         self.publish_state("inactive")
 
     # ------------------------------------------------------------------ settings
@@ -228,7 +327,69 @@ class SonicSessionNode(VoiceNode):
             cfg.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if p.goodbye and not cfg.nova2:
+            raise ConfigError("goodbye (the robot says goodbye) needs Nova 2 cross-modal text")
         return cfg
+
+    def _lifecycle_config(self) -> None:
+        """The conversation lifecycle's settings (docs/conversation-lifecycle.md)."""
+        p = self.params
+        bad = [t for t in p.greet_on if t not in eng.TRIGGERS]
+        if bad:
+            raise ConfigError(
+                f"greet_on: unknown trigger(s) {bad}; choose from {', '.join(eng.TRIGGERS)}"
+            )
+        cfg = eng.EngagementConfig(
+            idle_timeout_s=p.idle_timeout_s,
+            memory_s=p.memory_s,
+            preroll_s=p.preroll_s,
+            lead_s=p.preroll_lead_s,
+        )
+        vad = VadConfig(
+            aggressiveness=p.vad_aggressiveness,
+            min_dbfs=p.vad_min_dbfs,
+            snr_db=p.vad_snr_db,
+            voiced_ms=p.vad_voiced_ms,
+            window_ms=p.vad_window_ms,
+        )
+        try:
+            cfg.validate()
+            vad.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.eng.config = cfg
+        self.vad_config = vad
+        self.ledger.prices = eng.Prices(
+            speech_input=p.price_speech_input,
+            speech_output=p.price_speech_output,
+            text_input=p.price_text_input,
+            text_output=p.price_text_output,
+        )
+
+    def _presence(self) -> list[Any]:
+        """The presence topic's subscription (a person detector), checked: the type must
+        import and the field must exist, else one line says which."""
+        p = self.params
+        if not p.presence_topic:
+            return []
+        try:
+            pkg, kind, name = p.presence_type.split("/")
+            msg_type = getattr(importlib.import_module(f"{pkg}.{kind}"), name)
+        except (ValueError, ImportError, AttributeError):
+            raise ConfigError(
+                f"presence_type {p.presence_type!r}: not an importable message type "
+                "(write it as package/msg/Name, e.g. std_msgs/msg/Bool)"
+            ) from None
+        try:
+            _field_value(msg_type(), p.presence_field)
+        except AttributeError:
+            raise ConfigError(
+                f"presence_field {p.presence_field!r}: {p.presence_type} has no such field"
+            ) from None
+        # Best effort takes both reliable and best-effort publishers (detectors often
+        # publish as sensor data).
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
+        return [self.bridge.subscribe(self, msg_type, p.presence_topic, qos, self._on_presence)]
 
     def _bedrock_settings(self) -> BedrockSettings:
         p = self.params
@@ -254,6 +415,7 @@ class SonicSessionNode(VoiceNode):
     def configure(self) -> None:
         """Validate settings and credentials, load tools, create topics."""
         self.config = self._session_config()
+        self._lifecycle_config()
         self.bedrock = self._bedrock_settings()
         if not have_credentials(self.params.aws_profile or None):
             raise ConfigError(
@@ -261,12 +423,15 @@ class SonicSessionNode(VoiceNode):
                 "credential_process); see docs/aws-setup.md, or run `sonic-voice` without "
                 "credentials for the offline demo"
             )
+        presence = self._presence()
         self.tools = self._make_tools()
         self.out_pub = publisher(self, c.OUT)
         self.flush_pub = publisher(self, c.FLUSH)
         self.transcript_pub = publisher(self, c.TRANSCRIPT)
         self.usage_pub = publisher(self, c.USAGE)
         self.tool_pub = publisher(self, c.TOOL_EVENTS)
+        self.hourly_pub = publisher(self, c.USAGE_HOURLY)
+        self.conversation_pub = publisher(self, c.CONVERSATION)
         b = self.bridge
         self._ros = [
             self.out_pub,
@@ -274,12 +439,20 @@ class SonicSessionNode(VoiceNode):
             self.transcript_pub,
             self.usage_pub,
             self.tool_pub,
+            self.hourly_pub,
+            self.conversation_pub,
             b.subscribe(self, UInt8MultiArray, c.MIC.name, _qos(c.MIC), self._audio_local),
             b.subscribe(self, UInt8MultiArray, c.REMOTE.name, _qos(c.REMOTE), self._audio_remote),
             subscription(self, c.VIEWERS, self._on_viewers),
             b.subscribe(self, String, c.TEXT_INPUT.name, _qos(c.TEXT_INPUT), self._on_text),
             b.subscribe(self, String, c.VIEWER_TEXT.name, _qos(c.VIEWER_TEXT), self._on_text),
+            *presence,
         ]
+        if self.params.engage_services:
+            self._ros += [
+                self.create_service(Trigger, c.ENGAGE_SERVICE, self._srv_engage),
+                self.create_service(Trigger, c.RELEASE_SERVICE, self._srv_release),
+            ]
         self.publish_state("idle")
 
     def on_config_failed(self) -> None:
@@ -302,10 +475,61 @@ class SonicSessionNode(VoiceNode):
             raise ConfigError(str(e)) from None
 
     def activate(self) -> None:
-        """Open the conversation on the loop (without blocking)."""
+        """always_on: open the conversation on the loop; else wait for someone, idle."""
         self.last_error = ""
-        self.session = SonicSession(self.bedrock, self.config, self.tools, _RosListener(self))
-        self._session_task = self.bridge.submit(self._run_session(self.session))
+        self._active = True
+        self._pending_texts.clear()
+        self.vad = VoiceActivity(self.vad_config, c.MIC_RATE)
+        self.preroll = eng.PreRoll(self.params.preroll_s, c.MIC_RATE)
+        self.eng.failed()  # idle, nothing pending
+        if self.params.always_on:
+            self.session = SonicSession(self.bedrock, self.config, self.tools, _RosListener(self))
+            self._session_task = self.bridge.submit(self._run_session(self.session))
+        else:
+            self.publish_state("idle")
+            if self.params.check_on_start:
+                self._session_task = self.bridge.submit(self._check_access())
+        self._watch = None
+        self.bridge.loop.call_soon_threadsafe(self._start_watch)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _start_watch(self) -> None:
+        if self._active and self._watch is None:
+            self._watch = asyncio.ensure_future(self._lifecycle_watch())
+
+    async def _check_access(self) -> None:
+        """One stream opened and closed at once (no audio): credentials, model access,
+        region and endpoint are checked at start, as with always_on."""
+        node = self
+
+        class _Quiet(SessionListener):
+            def on_error(self, message: str, fatal: bool) -> None:
+                if fatal:
+                    _RosListener(node).on_error(message, fatal)
+
+        cfg = dataclasses.replace(self.config, greeting="")
+        # The tools' specs go in the check's promptStart too (the service checks them); the
+        # check never runs or cancels a tool (a conversation may already be running one).
+        specs = _SpecsOnly(self.tools) if self.tools is not None else None
+        check = self._check = SonicSession(self.bedrock, cfg, specs, _Quiet())
+        try:
+            await check.start()
+        except Exception as e:  # noqa: BLE001 - reported on state, log and diagnostics
+            if not self.fatal_error:
+                self.last_error = str(e)
+                self.fail(f"Nova Sonic session could not start: {e}")
+            self.publish_state("error")
+            return
+        finally:
+            if self._check is check:
+                self._check = None
+            with contextlib.suppress(Exception):
+                await check.stop()
+        self.get_logger().info("model access checked; idle until someone engages")
 
     async def _run_session(self, session: SonicSession) -> None:
         try:
@@ -314,19 +538,43 @@ class SonicSessionNode(VoiceNode):
             if not self.fatal_error:  # the listener has not said it already
                 self.last_error = str(e)
                 self.fail(f"Nova Sonic session could not start: {e}")
+            if self.session is session:
+                self.session = None
+            self.eng.failed()
             self.publish_state("error")
             return
+        if self.session is not session:
+            return  # stopped while opening
+        self.ledger.stream_opened()
+        self.eng.opened()
+        self._publish_hourly()
+        texts, self._pending_texts = self._pending_texts, []
+        for text in texts:
+            await self._send_text(session, text)
         if self.params.fill_silence:
             await self._silence_filler(session)
 
     async def stop(self) -> None:
         """Running goals cancelled first, then the stream closed politely."""
+        self._active = False
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        check, self._check = self._check, None
+        if check is not None:  # the start-up check still opening: closed politely too
+            with contextlib.suppress(Exception):
+                await check.stop()
         session, self.session = self.session, None
         if session is None:
+            self.eng.failed()
+            self.publish_state("error" if self.fatal_error else "inactive")
             return
         with contextlib.suppress(Exception):
             await asyncio.wait_for(session.cancel_tools("shutting down"), STOP_TOOLS_S)
         await session.stop()
+        if self.ledger.streaming:
+            self._conversation_ended(session, "shutdown")
+        self.eng.failed()
         self.publish_state("error" if self.fatal_error else "inactive")
 
     def release(self) -> None:
@@ -342,8 +590,129 @@ class SonicSessionNode(VoiceNode):
         frame = np.zeros(512, dtype=np.int16)
         while self.session is session:
             await asyncio.sleep(0.032)
-            if time.monotonic() - self._last_push > 0.25:
+            if time.monotonic() - self._last_push > 0.25 and self.session is session:
                 session.push_audio(frame)
+
+    # ------------------------------------------------------------------ lifecycle of a conversation
+    def _engage(self, trigger: str) -> None:
+        """On the loop: a trigger fired; open a stream if nobody is engaged (idle)."""
+        if not self._active or self.params.always_on or self.fatal_error:
+            return
+        if not self.eng.engage(trigger):
+            return
+        memory = self.eng.recall()
+        greeting = self.params.greeting if trigger in self.params.greet_on else ""
+        cfg = dataclasses.replace(self.config, greeting=greeting)
+        session = SonicSession(self.bedrock, cfg, self.tools, _RosListener(self))
+        # The last conversation, if it ended within memory_s: replayed on the new stream
+        # as its history (SonicSession.history is what each new stream replays).
+        session.history = list(memory)
+        # What was said from just before the onset, then live audio (the session queues
+        # both, in order, until the stream is open).
+        vad = self.vad
+        onset = None
+        if vad is not None:
+            # Another trigger while someone is already speaking: from their onset too.
+            onset = vad.onset_sample if trigger == "speech" or vad.speaking else None
+        start = (self.preroll.end if onset is None else onset) - int(
+            self.eng.config.lead_s * c.MIC_RATE
+        )
+        chunks = self.preroll.take_from(start)
+        for chunk in chunks:
+            session.push_audio(chunk)
+        self.preroll_frames_sent = len(chunks)
+        self.session = session
+        self.get_logger().info(
+            f"engaged by {trigger}: opening a stream ({len(chunks)} pre-roll chunks"
+            f"{f', {len(memory)} remembered messages' if memory else ''})"
+        )
+        self.conversation_pub.publish(
+            json_msg(
+                c.CONVERSATION,
+                {"t": time.time(), "event": "engaged", "trigger": trigger, "memory": len(memory)},
+            )
+        )
+        self._session_task = asyncio.ensure_future(self._run_session(session))
+
+    def _release(self, reason: str) -> None:
+        """On the loop: close the conversation (polite goodbye if configured)."""
+        if self.params.always_on or not self.eng.release():
+            return
+        self.get_logger().info(f"releasing the conversation ({reason})")
+        self._spawn(self._close(reason))
+
+    async def _close(self, reason: str) -> None:
+        session = self.session
+        if session is None:
+            self.eng.closed(None)
+            return
+        self.publish_state(self._state)
+        if self._session_task is not None and not self._session_task.done():
+            with contextlib.suppress(Exception):  # still opening: let it open, then close
+                await asyncio.wait_for(asyncio.shield(session_started(session)), 10)
+        if self.params.goodbye and session.state not in ("error", "idle"):
+            finals = self.assistant_finals
+            with contextlib.suppress(Exception):
+                await session.send_text(self.params.goodbye, record=False)
+                deadline = time.monotonic() + GOODBYE_MAX_S
+                # Until the goodbye is in (its final text follows its audio); it goes on
+                # playing from audio_io's queue after the stream is closed.
+                while time.monotonic() < deadline and self.assistant_finals == finals:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(session.cancel_tools("conversation released"), STOP_TOOLS_S)
+        await session.stop()
+        if self.session is session:
+            self.session = None
+        if self.ledger.streaming:
+            self._conversation_ended(session, reason)
+        pending = self.eng.closed(session.history)
+        self.publish_state("idle" if not self.fatal_error else "error")
+        if pending:
+            self._engage(pending)
+
+    def _conversation_ended(self, session: SonicSession, reason: str) -> None:
+        figures = self.ledger.stream_closed()
+        self._last_conversation = {"reason": reason, **figures}
+        self.conversation_pub.publish(
+            json_msg(
+                c.CONVERSATION,
+                {
+                    "t": time.time(),
+                    "event": "released",
+                    "trigger": self.eng.trigger,
+                    "reason": reason,
+                    "memory": len(session.history),
+                    **figures,
+                },
+            )
+        )
+        self.get_logger().info(
+            f"conversation released ({reason}): {figures['streamed_s']:.1f} s streamed, "
+            f"{figures['input_tokens']} input + {figures['output_tokens']} output tokens, "
+            f"~${figures['cost_usd']:.4f}"
+        )
+        self._publish_hourly()
+
+    async def _lifecycle_watch(self) -> None:
+        """Idle timer (release), hourly usage publishing."""
+        next_hourly = 0.0
+        while self._active:
+            await asyncio.sleep(0.1)
+            if self.eng.timed_out():
+                self._release("timeout")
+            now = time.monotonic()
+            if self.session is not None and now >= next_hourly:
+                next_hourly = now + HOURLY_EVERY_S
+                self._publish_hourly()
+
+    def _publish_hourly(self) -> None:
+        if hasattr(self, "hourly_pub"):
+            self.hourly_pub.publish(json_msg(c.USAGE_HOURLY, self.ledger.hour_report()))
+
+    def _on_phase(self, phase: str) -> None:
+        if hasattr(self, "state_pub") and phase != eng.IDLE:
+            self.publish_state(self._state)
 
     # ------------------------------------------------------------------ ROS -> loop
     def _active_source(self) -> str:
@@ -359,19 +728,73 @@ class SonicSessionNode(VoiceNode):
         self._on_audio(msg, "remote")
 
     def _on_audio(self, msg: UInt8MultiArray, source: str) -> None:
-        """On the loop: one frame from the active source into the session."""
-        session = self.session
-        if session is None or source != self._active_source():
+        """On the loop: one frame from the active source into the session (conversing) or
+        the pre-roll and the VAD (idle)."""
+        if source != self._active_source() or not self._active:
             return
+        pcm = msg_bytes(msg)
         self._last_push = time.monotonic()
         self.mic_frames += 1
-        session.push_audio(msg_pcm(msg))
+        if self.params.always_on:
+            if self.session is not None:
+                self.session.push_audio(pcm)
+            return
+        vad = self.vad
+        start = vad.samples
+        speaking = vad.process(pcm, gated=self.eng.robot_speaking(self.params.echo_tail_s))
+        phase = self.eng.phase
+        if phase in (eng.ENGAGING, eng.CONVERSING) and self.session is not None:
+            self.session.push_audio(pcm)
+            if speaking:
+                self.eng.activity()
+            return
+        self.preroll.push(pcm, start)
+        if speaking and self.params.engage_on_speech:
+            self._engage("speech")
 
     def _on_viewers(self, msg: Int32) -> None:
         if msg.data != self._viewers:
             self.get_logger().info(f"viewers connected: {msg.data}")
+            joined = msg.data > self._viewers
             self._viewers = msg.data
             self.publish_state(self._state)  # the state carries source and viewer count
+            if joined and self.params.engage_on_viewer:
+                self.bridge.loop.call_soon_threadsafe(self._engage, "viewer")
+
+    def _on_presence(self, msg: Any) -> None:
+        """On the loop: the presence topic (engages on its rising edge)."""
+        try:
+            present = bool(_field_value(msg, self.params.presence_field))
+        except AttributeError:
+            return
+        was, self._present = self._present, present
+        if present and not was:
+            self._engage("topic")
+        elif was and not present and self.params.release_on_absence:
+            self._release("absence")
+
+    def _srv_engage(self, request: Any, response: Any) -> Any:
+        """``~/engage`` (executor thread): ask the loop; answer with the phase it was in."""
+        response.success = self._active and not self.params.always_on
+        response.message = (
+            f"engage requested (was {self.eng.phase})"
+            if response.success
+            else ("always_on: the conversation is always open" if self._active else "inactive")
+        )
+        if response.success:
+            self.bridge.loop.call_soon_threadsafe(self._engage, "service")
+        return response
+
+    def _srv_release(self, request: Any, response: Any) -> Any:
+        response.success = self._active and not self.params.always_on
+        response.message = (
+            f"release requested (was {self.eng.phase})"
+            if response.success
+            else ("always_on: the conversation is always open" if self._active else "inactive")
+        )
+        if response.success:
+            self.bridge.loop.call_soon_threadsafe(self._release, "service")
+        return response
 
     def _on_text(self, msg: String) -> None:
         """On the loop: a text line for the model (``text_input``, a viewer's chat)."""
@@ -380,13 +803,27 @@ class SonicSessionNode(VoiceNode):
         except c.ContractError as e:
             self.get_logger().warning(f"text input ignored: {e}")
             return
-        session = self.session
-        if session is None or not text:
+        if not text or not self._active:
             return
         if not self.config.nova2:
             self.get_logger().warning(f"{self.config.model_id} takes no text input; ignored")
             return
-        self.bridge.submit(session.send_text(text))
+        session = self.session
+        if self.params.always_on:
+            if session is not None:
+                self.bridge.submit(self._send_text(session, text))
+            return
+        if self.eng.phase == eng.CONVERSING and session is not None:
+            self.eng.activity()
+            self._spawn(self._send_text(session, text))
+        elif self.params.engage_on_text or self.eng.phase != eng.IDLE:
+            # Sent once the stream is open (or the next one, after a closing one).
+            self._pending_texts.append(text)
+            self._engage("text")
+
+    async def _send_text(self, session: SonicSession, text: str) -> None:
+        with contextlib.suppress(RuntimeError):
+            await session.send_text(text)
 
     # ------------------------------------------------------------------ status
     def _diag_stream(self) -> DiagStatus:
@@ -394,6 +831,7 @@ class SonicSessionNode(VoiceNode):
         s = self.session
         values: dict[str, Any] = {
             "state": self._state,
+            "engagement": self._engagement(),
             "model": self.params.model_id,
             "source": self._active_source(),
             "viewers": self._viewers,
@@ -415,6 +853,8 @@ class SonicSessionNode(VoiceNode):
         if self.config_error:
             return DiagStatus(ERROR, self.config_error, values)
         if s is None:
+            if self._active and not self.params.always_on:
+                return DiagStatus(OK, "idle: no stream until someone engages", values)
             return DiagStatus(WARN, "no conversation (inactive)", values)
         if self._state == "connecting":
             return DiagStatus(
@@ -422,22 +862,73 @@ class SonicSessionNode(VoiceNode):
             )
         return DiagStatus(OK, self._state, values)
 
+    def _diag_conversation(self) -> DiagStatus:
+        """The conversation lifecycle and this hour's usage for /diagnostics."""
+        hour = self.ledger.hour_report()
+        values: dict[str, Any] = {
+            "engagement": self._engagement(),
+            "trigger": self.eng.trigger if self.eng.phase != eng.IDLE else "",
+            "idle_s": round(self.eng.idle_for(), 1) if self.eng.phase == eng.CONVERSING else 0,
+            "tools_running": self.eng.tools_running,
+            "memory_messages": len(self.eng.memory.history) if self.eng.memory else 0,
+            "preroll_chunks_sent": self.preroll_frames_sent,
+            **{f"hour_{k}": v for k, v in hour.items()},
+        }
+        if self._last_conversation:
+            values.update({f"last_{k}": v for k, v in self._last_conversation.items()})
+        return DiagStatus(OK, f"{self._engagement()}; ~${hour['cost_usd']:.4f} this hour", values)
+
+    def _engagement(self) -> str:
+        if self.params.always_on or not self._active:
+            return "off"
+        return self.eng.phase
+
     def publish_state(self, state: str) -> None:
         self._state = state
         error = (
             (self.fatal_error or self.last_error or self.config_error) if state == "error" else ""
         )
-        self.state_pub.publish(
-            json_msg(
-                c.STATE,
-                {
-                    "state": state,
-                    "source": self._active_source(),
-                    "viewers": self._viewers,
-                    "error": error,
-                },
-            )
-        )
+        payload = {
+            "state": state,
+            "source": self._active_source(),
+            "viewers": self._viewers,
+            "error": error,
+            "engagement": self._engagement(),
+        }
+        if payload["engagement"] not in ("off", eng.IDLE):
+            payload["trigger"] = self.eng.trigger
+        self.state_pub.publish(json_msg(c.STATE, payload))
+
+
+class _SpecsOnly:
+    """A ToolProvider that declares the real tools and never runs or cancels one."""
+
+    def __init__(self, tools: Any) -> None:
+        self._tools = tools
+
+    def tool_specs(self) -> list[dict[str, Any]]:
+        return self._tools.tool_specs()
+
+    async def run(self, use: Any, progress: Any) -> Any:
+        from sonic_voice.sonic.tools_seam import ToolResult
+
+        return ToolResult(use.tool_use_id, "error", {"error": "not in a conversation"})
+
+    async def cancel_all(self, reason: str) -> int:
+        return 0
+
+
+async def session_started(session: SonicSession) -> None:
+    """Wait until ``session`` has an open stream (or has given up)."""
+    while session.state == "connecting" and not session.done.is_set():  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+
+
+def _field_value(msg: Any, path: str) -> Any:
+    value = msg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _qos(topic: c.Topic) -> Any:
