@@ -216,4 +216,7 @@ def run(
     legs: int = 100, fault_every: int = 7, speed: float = 1.0, warmup: int = 10
 ) -> dict[str, float]:
     """Soak ``legs`` streams; returns end figures, growth since leg ``warmup`` and losses."""
-    return asyncio.run(_soak(legs, fault_every, speed, min(warmup, max(1, legs // 2))))
+    threads = threading.active_count()
+    out = asyncio.run(_soak(legs, fault_every, speed, min(warmup, max(1, legs // 2))))
+    out["threads_left_after_run"] = float(threading.active_count() - threads)
+    return out
