@@ -160,7 +160,8 @@ async def _soak(legs: int, fault_every: int, speed: float, warmup: int) -> dict[
                     await session.rotate()
                 if session.fatal_error:
                     raise RuntimeError(session.fatal_error)
-                emu.call(trim)
+                if not os.environ.get("SOAK_DEBUG"):
+                    emu.call(trim)
             await asyncio.sleep(0.5)  # the last closes finish, CRT callbacks land
             end = sample()  # like the warm-up sample: running, one live leg
             elapsed = time.monotonic() - t_base
