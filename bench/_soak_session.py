@@ -160,7 +160,8 @@ async def _soak(legs: int, fault_every: int, speed: float, warmup: int) -> dict[
                     await session.rotate()
                 if session.fatal_error:
                     raise RuntimeError(session.fatal_error)
-                emu.call(trim)
+                if not os.environ.get("SOAK_DEBUG"):
+                    emu.call(trim)
             await asyncio.sleep(0.5)  # the last closes finish, CRT callbacks land
             end = sample()  # like the warm-up sample: running, one live leg
             elapsed = time.monotonic() - t_base
@@ -216,4 +217,7 @@ def run(
     legs: int = 100, fault_every: int = 7, speed: float = 1.0, warmup: int = 10
 ) -> dict[str, float]:
     """Soak ``legs`` streams; returns end figures, growth since leg ``warmup`` and losses."""
-    return asyncio.run(_soak(legs, fault_every, speed, min(warmup, max(1, legs // 2))))
+    threads = threading.active_count()
+    out = asyncio.run(_soak(legs, fault_every, speed, min(warmup, max(1, legs // 2))))
+    out["threads_left_after_run"] = float(threading.active_count() - threads)
+    return out

@@ -3,11 +3,13 @@ Bedrock stand-in, each ended by rotate() or (every 7th) a recoverable fault, aud
 the whole time as tagged frames. Bounds, stated: from leg 10 to leg 100 RSS grows by at
 most 25 MB (measured 4-7 MB: ~50 KB a leg, i.e. ~0.5 MB a day at one rotation per 6 min);
 after stop() against before start() (the SDK's one-time start-up included): at most 8 fds
-more (measured 4), no task left, at most 3 threads more (measured 0-2); 0 frames lost.
+more (measured 4), no task left, threads within asyncio's default executor pool
+(measured 0-5 more; none left once the loop closes); 0 frames lost.
 bench/soak.py runs the same for longer and prints growth per hour."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -34,4 +36,8 @@ def test_session_soak_100_legs_flat_and_lossless() -> None:
     assert r["fds_growth"] <= 20, r  # mid-run: closes of old legs still in flight
     assert r["tasks_leaked"] == 0, r
     assert r["tasks_growth"] <= 3, r
-    assert r["threads_leaked"] <= 3, r
+    # asyncio's default executor (a bounded pool, shut down with the loop; run() leaves only
+    # the main thread) fills up to min(32, cpus + 4) workers: measured 0-5 more.
+    assert r["threads_leaked"] <= min(32, (os.cpu_count() or 1) + 4), r
+    assert r["threads_growth"] <= min(32, (os.cpu_count() or 1) + 4), r
+    assert r["threads_left_after_run"] == 0, r

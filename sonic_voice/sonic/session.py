@@ -223,8 +223,9 @@ class _Leg:
     opened_at: float = field(default_factory=time.monotonic)
     frames_sent: int = 0
     tool_use_ids: set[str] = field(default_factory=set)
-    # The last replay_s of audio actually written to this stream (set by the session).
-    sent: deque[bytes] = field(default_factory=deque)
+    # (time written, frame) of the audio written to this stream in the last replay_s
+    # seconds, and at least replay_s of audio (see SonicSession._note_sent).
+    sent: deque[tuple[float, bytes]] = field(default_factory=deque)
     sending: bytes | None = None  # the frame being written now
 
 
@@ -431,7 +432,7 @@ class SonicSession:
     async def _open_leg(self, drop_trailing_user: bool) -> _Leg:
         stream = await asyncio.wait_for(self._open(self.settings), self.config.open_timeout_s)
         self._legs += 1
-        leg = _Leg(stream=stream, number=self._legs, sent=deque(maxlen=self._recent.maxlen))
+        leg = _Leg(stream=stream, number=self._legs, sent=deque(maxlen=self._pending.maxlen))
         cfg = self.config
         tools = self.tools.tool_specs() if self.tools else None
         preamble = [
@@ -557,7 +558,7 @@ class SonicSession:
                     await stream.send(ev.audio_input(prompt, audio, payload))
                     leg.sending = None
                     leg.frames_sent += 1
-                    leg.sent.append(payload)
+                    self._note_sent(leg, payload)
                 else:
                     for event in payload:
                         await stream.send(event)
@@ -566,6 +567,20 @@ class SonicSession:
         except Exception as exc:  # noqa: BLE001 - a dead stream; the receiver reports it
             if not leg.retired:
                 await self._on_leg_error(leg, exc)
+
+    def _note_sent(self, leg: _Leg, frame: bytes) -> None:
+        """Remember a written frame while it may still be unheard: written in the last
+        ``replay_s`` seconds, or among the last ``replay_s`` of audio. By wall time too,
+        because after a stall the sender writes a burst, and a stream that already failed
+        accepts writes until the failure is reported (the soak lost frames under load
+        when only the last replay_s of audio was kept)."""
+        now = time.monotonic()
+        sent = leg.sent
+        sent.append((now, frame))
+        floor = self._recent.maxlen or 1
+        cutoff = now - self.config.replay_s
+        while len(sent) > floor and sent[0][0] < cutoff:
+            sent.popleft()
 
     async def _recv_loop(self, leg: _Leg) -> None:
         stream = leg.stream
@@ -625,7 +640,8 @@ class SonicSession:
                 unsent.append(item[1])
         in_flight = [leg.sending] if leg.sending is not None else []
         leg.sending = None
-        self._pending.extendleft(reversed([*leg.sent, *in_flight, *unsent]))
+        sent = [frame for _, frame in leg.sent]
+        self._pending.extendleft(reversed([*sent, *in_flight, *unsent]))
         self._recent.clear()
         self._set_state("connecting")
         self._spawn(self._recover(leg, err))
