@@ -69,3 +69,13 @@ def ros_graph() -> Iterator:
         yield graph
     finally:
         graph.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _process_bridge() -> Iterator[None]:
+    """The process's one asyncio loop (sonic_voice.ros.bridge) is stopped when the session
+    ends, with its worker threads, as the entry points do."""
+    yield
+    from sonic_voice.ros.bridge import Bridge
+
+    Bridge.close_process_bridge(timeout=2.0)

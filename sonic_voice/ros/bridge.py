@@ -145,6 +145,10 @@ class Bridge:
             raise RuntimeError("Bridge.close() called from its own loop")
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(_cancel_all(), self.loop).result(timeout)
+        with contextlib.suppress(Exception):  # to_thread's workers would hold the exit
+            asyncio.run_coroutine_threadsafe(
+                self.loop.shutdown_default_executor(timeout), self.loop
+            ).result(timeout)
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout)
@@ -155,7 +159,9 @@ class Bridge:
         if isinstance(exc, asyncio.CancelledError):
             return
         msg = context.get("message", "unhandled error on the loop")
-        log.error("%s: %r", msg, exc) if exc is not None else log.error("%s", msg)
+        if exc is not None:
+            msg = f"{msg}: {exc!r}"
+        log.error("%s", msg)
 
 
 class MessageStream:
