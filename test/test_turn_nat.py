@@ -226,7 +226,7 @@ async def test_call_connects_only_through_the_relay_audio_both_ways(world: World
     assert await wait_for(lambda: len(robot_got()) >= 16000 * 2.4, 15)
     need = 0.8 * audible(soxr.resample(to_viewer, 24000, 48000))
     assert await wait_for(lambda: audible(v.heard(t0)) >= need, 30)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.5)  # the rest of it (comparing a cut recording misaligns)
     ncc = robot_to_viewer_ok(to_viewer, v.heard(t0))
     assert ncc >= 0.85, f"robot -> viewer through TURN: ncc {ncc:.3f}"
     pieces = chunk_correlations(to_robot, robot_got(), 4000, 1600)
@@ -319,7 +319,7 @@ async def test_relay_only_policy(world: World) -> None:
     w.master.play(np.concatenate([silence(0.2, 24000), to_viewer, silence(0.3, 24000)]))
     need = 0.8 * audible(soxr.resample(to_viewer, 24000, 48000))
     assert await wait_for(lambda: audible(v.heard(t0)) >= need, 30)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.5)  # the rest of it (comparing a cut recording misaligns)
     assert robot_to_viewer_ok(to_viewer, v.heard(t0)) >= 0.85
     # Adaptive bitrate on (settings.abr): the viewer's receiver reports reach the controller.
     peer = w.master.peers["visitor-1"]
@@ -374,21 +374,16 @@ async def test_relay_outage_is_reported_and_the_viewer_reconnects(world: World) 
     t0 = time.monotonic()
     to_viewer = speech_like(1.5, 24000, seed=24)
     w.master.play(np.concatenate([silence(0.2, 24000), to_viewer, silence(0.3, 24000)]))
-    # The robot's speech reaches the returning viewer (its shape does not yet: see
-    # test_speech_to_a_second_peer_through_the_relay).
     need = 0.8 * audible(soxr.resample(to_viewer, 24000, 48000))
     assert await wait_for(lambda: audible(v2.heard(t0)) >= need, 30)
+    await asyncio.sleep(1.5)
+    assert robot_to_viewer_ok(to_viewer, v2.heard(t0)) >= 0.85
     await close_viewer(w, v2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect: through the TURN relay, the robot's speech reaches a viewer who "
-    "joins after another peer of this master was closed garbled (chunk NCC ~0.13-0.16, "
-    "same with the same or a new client id; fine on loopback and for the first peer)",
-)
 async def test_speech_to_a_second_peer_through_the_relay(world: World) -> None:
-    """A viewer leaves, another joins (relay only): it must hear the robot's speech intact."""
+    """A viewer leaves, another joins (relay only): the master's next peer works through
+    the relay too, and it hears the robot's speech intact."""
     w = world
     await w.start_robot()
     v = await w.join("visitor-1", policy="relay")
@@ -400,7 +395,7 @@ async def test_speech_to_a_second_peer_through_the_relay(world: World) -> None:
     w.master.play(np.concatenate([silence(0.2, 24000), to_viewer, silence(0.3, 24000)]))
     need = 0.8 * audible(soxr.resample(to_viewer, 24000, 48000))
     assert await wait_for(lambda: audible(v2.heard(t0)) >= need, 30)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.5)  # the rest of it
     ncc = robot_to_viewer_ok(to_viewer, v2.heard(t0))
     await close_viewer(w, v2)
     assert ncc >= 0.85, f"second peer through TURN: chunk ncc {ncc:.2f}"
