@@ -21,9 +21,17 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # coturn is for the NAT tests only (each starts its own, inside private namespaces).
+    # Debian enables and starts its system service on install: a relay on every interface.
+    if [[ " ${missing[*]} " == *" coturn "* ]] && command -v systemctl >/dev/null; then
+      systemctl disable --now coturn.service >/dev/null 2>&1 || true
+    fi
   else
     echo "setup: missing Debian packages; run:" >&2
     echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+    if [[ " ${missing[*]} " == *" coturn "* ]]; then
+      echo "  sudo systemctl disable --now coturn.service   # the tests start their own" >&2
+    fi
     exit 1
   fi
 fi

@@ -277,8 +277,9 @@ class ViewerPeer:
             self.connected.set()
             self._on_state(self)
         elif state in ("failed", "closed") and not self.closed.is_set():
-            # "ICE failed/closed": the path died (consent expired, e.g. the TURN relay
-            # vanished); a viewer's goodbye closes DTLS with ICE still "completed".
+            # The ICE state says a little more in the log: "failed" when the path died
+            # (consent expired, e.g. the TURN relay vanished); "closed" after a goodbye or
+            # when aiortc tore the transport down itself (measured: both happen).
             ice = self.pc.iceConnectionState
             self.spawn(self.close(f"connection {state} (ICE {ice})"), "close")
 
