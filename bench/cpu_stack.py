@@ -349,8 +349,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             f"monitor) in one process; stand-ins, PulseAudio and the viewer in others. Idle window "
             f"{args.idle_window:g} s; conversation window {args.window:g} s with one viewer, "
             f"{heard} exchange(s) (2 s of speech from the {args.visitor}, a 3 s answer). Load "
-            f"average "
-            f"{os.getloadavg()[0]:.2f} (a busy machine inflates CPU time a little)."
+            f"average {os.getloadavg()[0]:.2f} (on a busy machine CPU time grows with cache "
+            "misses and context switches, and varies run to run: rerun at a quiet moment)."
         )
         return {
             "idle": idle["stack"],
