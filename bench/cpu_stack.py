@@ -42,6 +42,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     procs: list[subprocess.Popen] = []
     audio = VirtualAudio()
     graph = viewer = feed = None
+    ok = False
     try:
         sonic = start(
             [sys.executable, "-m", "sonic_voice.emulators.sonic",
@@ -355,6 +357,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             f"average {os.getloadavg()[0]:.2f} (on a busy machine CPU time grows with cache "
             "misses and context switches, and varies run to run: rerun at a quiet moment)."
         )
+        ok = True
         return {
             "idle": idle["stack"],
             "idle_pulse": idle["pulseaudio"],
@@ -381,6 +384,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         audio.close()
         if len(procs) == 3 and procs[-1].returncode not in (0, None):
             print(f"robot exited {procs[-1].returncode}; log in {tmp}/robot.log", file=sys.stderr)
+        elif ok:
+            shutil.rmtree(tmp, ignore_errors=True)  # kept (logs) when the run failed
 
 
 def main() -> None:
