@@ -32,11 +32,17 @@ PHASES = {"off": [QUIET], "on": [LOADED], "both": [QUIET, LOADED]}
 
 # The busy loop of one load process: dies with its parent (PR_SET_PDEATHSIG = 1, SIGKILL
 # = 9), also when the parent is gone before prctl took effect.
+# Normal priority even when the benchmark itself runs with another (chrt, nice).
 _BUSY = """
 import ctypes, os, sys
 ctypes.CDLL(None).prctl(1, 9)
 if os.getppid() != int(sys.argv[1]):
     raise SystemExit
+os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+try:
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
+except OSError:
+    pass
 while True:
     pass
 """
@@ -89,6 +95,32 @@ def add_load_option(parser: argparse.ArgumentParser, default: str = "both") -> N
         help=f"background load: {os.cpu_count()} busy processes (one per core, normal "
         "priority); 'both' measures quiet then loaded, side by side (default: %(default)s)",
     )
+
+
+def add_rt_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rt",
+        type=int,
+        default=0,
+        metavar="PRIO",
+        help="run the robot side at SCHED_RR priority PRIO (1-99; needs root or "
+        "CAP_SYS_NICE), as a robot would give its audio path; stand-ins, far ends and the "
+        "load stay at normal priority (default 0: normal priority)",
+    )
+
+
+def real_time(prio: int) -> None:
+    """This process (and the threads it starts later) at SCHED_RR ``prio``; 0 = as is."""
+    if prio:
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(prio))
+        except PermissionError:
+            raise SystemExit(f"--rt {prio}: not permitted (root or CAP_SYS_NICE)") from None
+
+
+def normal_priority() -> None:
+    """A child that stands for something else (a stand-in, a far end): not real-time."""
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 def phases(choice: str) -> list[str]:

@@ -6,7 +6,9 @@ The robot is the stack the runner builds online (``sonic_voice.app.cli.run_onlin
 with the tools of config/tools.yaml; one process, one bridge, config/<node>.yaml defaults),
 in a process of its own (``cpu_stack.py --robot``), pointed by parameter overrides at
 stand-ins that run in processes of their own, so their work is not counted. (Not the
-runner itself: its params-file type check refuses ``ice_servers: "[]"``, see the report.)
+runner itself: the stand-ins' settings would reach it through a params file, and its type
+check, which reads params files with rclpy's reader, takes the string ``"[]"`` of
+``ice_servers`` for an empty list and refuses it.)
 
 - the Nova Sonic stand-in (``python -m sonic_voice.emulators.sonic``, real HTTP/2 + TLS +
   SigV4 + event stream) with a looping scenario: each utterance it hears is answered with
@@ -40,6 +42,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,8 +157,9 @@ def robot(overrides: dict[str, dict[str, Any]]) -> int:
 class MicFeed:
     """The visitor at the robot's microphone: one ``pacat`` into the virtual microphone for
     the whole run, fed 20 ms at a time in real time (speech when queued, else silence). One
-    stream that never ends: a ``pacat`` per line busy-loops once its input ends
-    (docs/findings), which would disturb the measurement."""
+    stream that never ends: a ``pacat`` per line busy-loops once its input ends (~2 CPU-s
+    per line, measured on this project's 2-core machine), which would disturb the
+    measurement."""
 
     RATE = 16000
     BLOCK = 320  # 20 ms
@@ -271,6 +275,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     procs: list[subprocess.Popen] = []
     audio = VirtualAudio()
     graph = viewer = feed = None
+    ok = False
     try:
         sonic = start(
             [sys.executable, "-m", "sonic_voice.emulators.sonic",
@@ -352,9 +357,10 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             f"monitor) in one process; stand-ins, PulseAudio and the viewer in others. Idle window "
             f"{args.idle_window:g} s; conversation window {args.window:g} s with one viewer, "
             f"{heard} exchange(s) (2 s of speech from the {args.visitor}, a 3 s answer). Load "
-            f"average "
-            f"{os.getloadavg()[0]:.2f} (a busy machine inflates CPU time a little)."
+            f"average {os.getloadavg()[0]:.2f} (on a busy machine CPU time grows with cache "
+            "misses and context switches, and varies run to run: rerun at a quiet moment)."
         )
+        ok = True
         return {
             "idle": idle["stack"],
             "idle_pulse": idle["pulseaudio"],
@@ -381,6 +387,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         audio.close()
         if len(procs) == 3 and procs[-1].returncode not in (0, None):
             print(f"robot exited {procs[-1].returncode}; log in {tmp}/robot.log", file=sys.stderr)
+        elif ok:
+            shutil.rmtree(tmp, ignore_errors=True)  # kept (logs) when the run failed
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ this process instead (a harsher figure: the stand-in's work lands on the robot's
 
 Run: ``.venv/bin/python bench/sonic_latency.py [N] [--stand-in-here] [--load both|off|on]``
 (N samples per direction and phase, default 400; both phases by default, ~1 min).
+``--rt PRIO`` runs this process (the robot's side) at SCHED_RR, the stand-in and the load
+at normal priority: what a robot that gives its audio path priority gets.
 """
 
 from __future__ import annotations
@@ -53,10 +55,13 @@ from _common import (
     QUIET,
     Figures,
     add_load_option,
+    add_rt_option,
     isolate,
+    normal_priority,
     pct,
     phase,
     phases,
+    real_time,
     setup_path,
 )
 
@@ -118,6 +123,7 @@ class StandIn:
 
 def _stand_in_process(conn: Any) -> None:
     """Child process: a StandIn driven over a pipe (push, end, stamps, stop)."""
+    normal_priority()  # the service is far away: never the robot's real-time share
     stand_in = StandIn()
     conn.send((stand_in.endpoint_uri, stand_in.ca_file))
     while True:
@@ -228,6 +234,9 @@ def measure_uplink(
         "uplink_hop_executor_to_loop": ms([(stages["cb"][i], stages["loop"][i]) for i in keep]),
         "uplink_hop_loop_to_sdk_send": ms([(stages["loop"][i], stages["send"][i]) for i in keep]),
         "uplink_hop_sdk_send_to_stand_in": ms([(stages["send"][i], arrived[i]) for i in keep]),
+        # The robot's side alone: until the frame is handed to the SDK (then awscrt's
+        # thread writes it and the stand-in, standing for a service far away, reads it).
+        "uplink_mic_to_sdk_send": ms([(sent[i], stages["send"][i]) for i in keep]),
         "uplink_mic_to_stand_in": ms([(sent[i], arrived[i]) for i in keep]),
     }
 
@@ -267,9 +276,11 @@ def main() -> None:
         "--stand-in-here", action="store_true", help="the stand-in in this process (harsher)"
     )
     add_load_option(ap)
+    add_rt_option(ap)
     args = ap.parse_args()
     isolate()
     setup_path()
+    real_time(args.rt)
     home = tempfile.mkdtemp(prefix="sv-bench-")
     os.environ.setdefault("ROS_HOME", home)
     os.environ.setdefault("ROS_LOG_DIR", os.path.join(home, "log"))
@@ -389,6 +400,8 @@ def main() -> None:
     print(f"sonic_latency: {n} frames each way and phase (+{WARMUP} warm-up), real-time pacing;")
     print(f"  ROS graph, node and publisher/listener in one process, stand-in {where}")
     print(f"tcp_nodelay_client_sockets: {nodelay} (1 = Nagle off)")
+    if args.rt:
+        print(f"robot side at SCHED_RR {args.rt}; stand-in and load at normal priority")
     figs.print()
 
 

@@ -65,7 +65,19 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LOADED, QUIET, Figures, add_load_option, isolate, pct, phase, phases, setup_path
+from _common import (
+    LOADED,
+    QUIET,
+    Figures,
+    add_load_option,
+    add_rt_option,
+    isolate,
+    pct,
+    phase,
+    phases,
+    real_time,
+    setup_path,
+)
 
 TOOLS = """
 tools:
@@ -161,6 +173,9 @@ def thread_cpu() -> dict[str, float]:
 
 def far_end_process(domain_id: int, audio: bool, goal_s: float, conn: Any) -> None:
     """Child process: the far end on its own context and executor until told to stop."""
+    from _common import normal_priority
+
+    normal_priority()  # the robot's other software (Nav2): never the bench's --rt share
 
     import rclpy
     from rclpy.context import Context
@@ -205,9 +220,11 @@ def main() -> None:
         "the runner do, or a MultiThreadedExecutor (the old way, for comparison)",
     )
     add_load_option(ap)
+    add_rt_option(ap)
     args = ap.parse_args()
     isolate()
     setup_path()
+    real_time(args.rt)
     home = tempfile.mkdtemp(prefix="sv-bench-")
     os.environ.setdefault("ROS_HOME", home)
     os.environ.setdefault("ROS_LOG_DIR", os.path.join(home, "log"))
