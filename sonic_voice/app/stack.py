@@ -73,25 +73,31 @@ class Stack:
 
     def _check_types(self, name: str, node: Any) -> None:
         """A value of the wrong type in the user's params file: rcl keeps the value of the
-        same name from an earlier file (config/<node>.yaml) and says nothing, so look with
-        rclpy's own params-file reader and say it."""
+        same name from an earlier file (config/<node>.yaml) and says nothing, so say it.
+        The values are read as YAML wrote them (a quoted "[]" is a string): rclpy's own
+        params-file reader re-parses strings and would call it an array."""
+        import yaml
         from rclpy.parameter import Parameter as P
-        from rclpy.parameter import parameter_dict_from_yaml_file
 
+        kinds = {bool: P.Type.BOOL, int: P.Type.INTEGER, float: P.Type.DOUBLE, str: P.Type.STRING}
+        fq = node.get_fully_qualified_name()
+        keys = ("/**", "**", f"/**/{node.get_name()}", node.get_name(), fq, fq.lstrip("/"))
         for f in self.params_files:
             try:
-                found = parameter_dict_from_yaml_file(
-                    str(f), use_wildcard=True, target_nodes=[node.get_fully_qualified_name()]
+                doc = yaml.safe_load(Path(f).read_text()) or {}
+            except (OSError, yaml.YAMLError):
+                continue  # rcl itself reports a broken file
+            for key in keys:
+                section = doc.get(key) if isinstance(doc, dict) else None
+                values = (
+                    (section or {}).get("ros__parameters") if isinstance(section, dict) else None
                 )
-            except (RuntimeError, OSError, AttributeError):
-                continue  # no section for this node (rcl itself reports a broken file)
-            for pname, msg in found.items():
-                if not node.has_parameter(pname):
-                    continue
-                want = node.get_parameter(pname).type_
-                got = P.Type(msg.value.type)
-                if want != got and want != P.Type.NOT_SET:
-                    value = P.from_parameter_msg(msg).value
+                for pname, value in (values or {}).items():
+                    if not node.has_parameter(pname) or type(value) not in kinds:
+                        continue
+                    want, got = node.get_parameter(pname).type_, kinds[type(value)]
+                    if want in (got, P.Type.NOT_SET):
+                        continue
                     raise StartupError(
                         f"{name}: parameter {pname} in {f} is {got.name.lower()} {value!r}; "
                         f"it must be {want.name.lower()}"

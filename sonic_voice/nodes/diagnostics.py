@@ -40,6 +40,8 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from sonic_voice.ros.topics import quiet_publisher_events
+
 DIAGNOSTICS_TOPIC = "/diagnostics"
 
 OK: int = int.from_bytes(DiagnosticStatus.OK, "little")
@@ -120,7 +122,9 @@ class Diagnostics:
         self.hardware_id = hardware_id
         self._tasks: dict[str, StatusTask] = {}
         self._lock = threading.Lock()
-        self._pub = node.create_publisher(DiagnosticArray, topic, DIAGNOSTICS_QOS)
+        self._pub = node.create_publisher(
+            DiagnosticArray, topic, DIAGNOSTICS_QOS, event_callbacks=quiet_publisher_events()
+        )
         self._timer = node.create_timer(
             period_s, self.publish_now, callback_group=MutuallyExclusiveCallbackGroup()
         )

@@ -49,6 +49,7 @@ from sonic_voice.ros.topics import (
     follow_output,
     msg_bytes,
     publisher,
+    quiet_publisher_events,
     subscription,
 )
 
@@ -175,7 +176,9 @@ class KvsWebrtcNode(VoiceNode):
         self._remote_pub = publisher(self, c.REMOTE, lifecycle=True)
         self._text_pub = publisher(self, c.VIEWER_TEXT)
         self._settings_ = settings
-        self._qr_pub = self.create_publisher(Image, "~/invite_qr", LATCHED_QOS)
+        self._qr_pub = self.create_publisher(
+            Image, "~/invite_qr", LATCHED_QOS, event_callbacks=quiet_publisher_events()
+        )
         self._ros = [
             self._remote_pub,
             self._text_pub,

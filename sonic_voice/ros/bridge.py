@@ -117,6 +117,10 @@ class Bridge:
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
                 loop.call_soon_threadsafe(handler, msg)
 
+        if "event_callbacks" not in kwargs:  # see ros/topics.py quiet_publisher_events
+            from rclpy.event_handler import SubscriptionEventCallbacks
+
+            kwargs["event_callbacks"] = SubscriptionEventCallbacks(use_default_callbacks=False)
         return node.create_subscription(msg_type, topic, on_msg, qos, **kwargs)
 
     def stream(

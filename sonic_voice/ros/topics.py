@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Empty, Int32, MultiArrayDimension, String, UInt8MultiArray
 
@@ -39,13 +40,29 @@ def msg_type(topic: c.Topic) -> Any:
     return _TYPES[topic.type]
 
 
+def quiet_publisher_events() -> PublisherEventCallbacks:
+    """No QoS event handlers on our own publishers: rclpy adds an incompatible-QoS handler
+    to each by default, one more waitable every executor pass rebuilds its wait set over
+    (68 of the 125 entities of the all-in-one runner; each wake-up walks them all). Our
+    topics' QoS are fixed by the contracts, on both ends."""
+    return PublisherEventCallbacks(use_default_callbacks=False)
+
+
+def quiet_subscription_events() -> SubscriptionEventCallbacks:
+    """See :func:`quiet_publisher_events`."""
+    return SubscriptionEventCallbacks(use_default_callbacks=False)
+
+
 def publisher(node: Any, topic: c.Topic, lifecycle: bool = False) -> Any:
     """A publisher for ``topic`` with its contract's type and QoS."""
     make = node.create_lifecycle_publisher if lifecycle else node.create_publisher
-    return make(msg_type(topic), topic.name, qos(topic.qos))
+    return make(
+        msg_type(topic), topic.name, qos(topic.qos), event_callbacks=quiet_publisher_events()
+    )
 
 
 def subscription(node: Any, topic: c.Topic, callback: Callable[[Any], None], **kw: Any) -> Any:
+    kw.setdefault("event_callbacks", quiet_subscription_events())
     return node.create_subscription(msg_type(topic), topic.name, callback, qos(topic.qos), **kw)
 
 
