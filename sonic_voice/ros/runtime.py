@@ -62,30 +62,50 @@ class Runtime:
                 domain_id=domain_id,
                 signal_handler_options=rclpy.SignalHandlerOptions.NO,
             )
-        self.executor = make_executor(self.context)
         self.bridge = Bridge.get()
         self.nodes: list[Any] = []
         self.stop_requested = threading.Event()
         self.signal_name = ""
-        self._thread = threading.Thread(target=self._spin, name="ros-executor", daemon=True)
+        self._spinners: list[tuple[Any, threading.Thread]] = []
+        self._started = False
         self._closed = False
 
     # ------------------------------------------------------------------ nodes
     def add(self, node: Any) -> Any:
+        """Spin ``node`` on an executor of its own (a SingleThreadedExecutor in a thread).
+
+        One per node, not one for the process: rclpy rebuilds an executor's wait set over
+        every entity of every node it spins at each wake-up, in Python; with the four
+        nodes of the runner on one executor (125 entities, ~150 wake-ups a second in a
+        conversation) that walk was the largest CPU cost of the robot (bench/cpu_stack.py).
+        """
+        executor = make_executor(self.context)
+        executor.add_node(node)
+        thread = threading.Thread(
+            target=self._spin, args=(executor,), name=f"ros-{node.get_name()}", daemon=True
+        )
         self.nodes.append(node)
-        self.executor.add_node(node)
+        self._spinners.append((executor, thread))
+        if self._started:
+            thread.start()
         return node
 
-    def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
+    @property
+    def spinning(self) -> bool:
+        return any(t.is_alive() for _, t in self._spinners)
 
-    def _spin(self) -> None:
+    def start(self) -> None:
+        self._started = True
+        for _, thread in self._spinners:
+            if not thread.is_alive():
+                thread.start()
+
+    def _spin(self, executor: Any) -> None:
         from rclpy.executors import ExternalShutdownException
 
         while self.context.ok() and not self._closed:
             try:
-                self.executor.spin()
+                executor.spin()
             except (ExternalShutdownException, KeyboardInterrupt):
                 return
             except Exception as e:  # noqa: BLE001 - a callback's bug must not stop the process
@@ -125,10 +145,12 @@ class Runtime:
                     "shutdown: %d node(s) still stopping after %.1f s", len(pending), budget_s
                 )
         self._closed = True
-        with contextlib.suppress(Exception):
-            self.executor.shutdown(timeout_sec=0.2)
-        if self._thread.is_alive():
-            self._thread.join(0.5)
+        for executor, _ in self._spinners:
+            with contextlib.suppress(Exception):
+                executor.shutdown(timeout_sec=0.2)
+        for _, thread in self._spinners:
+            if thread.is_alive():
+                thread.join(0.5)
         for n in reversed(self.nodes):
             with contextlib.suppress(Exception):
                 if isinstance(n, VoiceNode):
