@@ -51,6 +51,10 @@ setup(
         "awscrt",
         "livekit",  # WebRTC AudioProcessingModule (echo cancellation)
         "opuslib",  # libopus with in-band FEC decode + PLC (loss-resilient receive path)
+        "mcp",  # tools: MCP servers (stdio, streamable HTTP)
+        "strands-agents",  # tools: the agent kind
+        "bm25s",  # tools: knowledge, BM25 over sparse numpy matrices
+        "PyStemmer",  # tools: knowledge, Snowball stemmers (es, en, ...)
     ],
     extras_require={
         "test": ["pytest", "pytest-asyncio", "pytest-timeout", "hypothesis", "ruff"],

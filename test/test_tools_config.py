@@ -165,3 +165,21 @@ def test_allow_list_must_name_declared_tools(tmp_path: Path) -> None:
     p = write(tmp_path, "allow: [fib, fly]\n" + FIB)
     with pytest.raises(ToolConfigError, match="'fly'"):
         load_tool_config(p)
+
+
+@pytest.mark.parametrize(
+    ("yaw_deg", "z", "w"),
+    [(0.0, 0.0, 1.0), (180.0, 1.0, 0.0), (30.0, 0.25881904510252074, 0.9659258262890683)],
+)
+def test_goal_orientation_quaternion_from_yaw(yaw_deg: float, z: float, w: float) -> None:
+    """yaw -> (z, w) = (sin(yaw/2), cos(yaw/2)). At ±90° both are 0.7071, so a swap of z
+    and w hides there; at 0°, 180° and 30° it does not (findings: issue 16 survivor)."""
+    table = load_locations({"locations": {"spot": {"x": 1.0, "y": 2.0, "yaw_deg": yaw_deg}}})
+    row = table.row("spot")
+    q = row["pose"]["orientation"]
+    assert (q["x"], q["y"]) == (0.0, 0.0)
+    assert q["z"] == pytest.approx(z, abs=1e-12) and q["w"] == pytest.approx(w, abs=1e-12)
+    assert row["pose_stamped"]["pose"]["orientation"] == q
+    assert math.atan2(2 * q["w"] * q["z"], 1 - 2 * q["z"] ** 2) == pytest.approx(
+        math.radians(yaw_deg) if yaw_deg <= 180 else math.radians(yaw_deg - 360), abs=1e-9
+    )

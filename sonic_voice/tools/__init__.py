@@ -1,9 +1,12 @@
-"""YAML-declared tools bound to ROS 2 actions, services and topics.
+"""YAML-declared tools: ROS 2 actions, services, topics and robot state, documents
+(knowledge), MCP servers and Strands agents, each kind a plug-in (``tools/bindings``).
 
-- :func:`load_tool_config` reads and checks a tools YAML against the installed interface
-  types (no node needed; used by tests and for validating a config before a run).
-- :func:`load_provider` builds the :class:`RosToolProvider` the session node hands tool
-  calls to (the ToolProvider protocol of ``sonic_voice.sonic.tools_seam`` + ``shutdown()``).
+- :func:`load_tool_config` reads and checks a tools YAML (no node needed; used by tests and
+  for validating a config before a run).
+- :func:`load_provider` builds the :class:`ToolsProvider` the session node hands tool calls
+  to (the ToolProvider protocol of ``sonic_voice.sonic.tools_seam`` + ``shutdown()``,
+  ``running_tools()`` and ``cancel(use_id | predicate, reason)``).
+- :func:`load_tools` builds one without a node (tools of kinds that need no ROS).
 """
 
 from __future__ import annotations
@@ -25,20 +28,23 @@ __all__ = [
     "ToolConfig",
     "ToolConfigError",
     "ToolDef",
+    "ToolsProvider",
     "load_locations",
     "load_provider",
     "load_tool_config",
+    "load_tools",
 ]
 
 ALLOWLIST_PARAM = "tools_allowlist"
 
 
 def load_provider(node: Any, tools_file: str, locations_file: str | None = None) -> Any:
-    """Load ``tools_file`` (+ named locations) and make the ROS clients.
+    """Load ``tools_file`` (+ named locations), make the ROS clients and start the rest
+    (MCP servers, documents indexes, agents).
 
-    The clients live on a node of their own, ``<node>_tools``, with its own executor thread
-    (see :class:`sonic_voice.tools.provider.ToolsExecutor`); call ``shutdown()`` on the
-    provider before the context goes (it joins that thread).
+    The ROS clients live behind one port (``sonic_voice.tools.bindings._ros.RosPort``,
+    built by ``make_ros_port``); call ``shutdown()`` on the provider before the context
+    goes (it stops the port and the servers).
 
     Declares the node parameter ``tools_allowlist`` (string array; empty = every tool the
     file allows). Raises :class:`ToolConfigError` naming file, tool and field on any
@@ -48,7 +54,7 @@ def load_provider(node: Any, tools_file: str, locations_file: str | None = None)
     from rclpy.exceptions import ParameterUninitializedException
     from rclpy.parameter import Parameter
 
-    from sonic_voice.tools.provider import RosToolProvider
+    from sonic_voice.tools.provider import ToolsProvider
 
     config = load_tool_config(tools_file, locations_file)
     if not node.has_parameter(ALLOWLIST_PARAM):
@@ -67,7 +73,7 @@ def load_provider(node: Any, tools_file: str, locations_file: str | None = None)
     unknown = [a for a in allow if a not in config.tools]
     if unknown:
         raise ToolConfigError(f"{ALLOWLIST_PARAM} names undeclared tool(s): {unknown}")
-    provider = RosToolProvider(node, config, list(allow))
+    provider = ToolsProvider(config, list(allow), node)
     names = ", ".join(provider.tools) or "none"
     node.get_logger().info(f"tools from {tools_file}: {names}")
     if provider.blocked:
@@ -75,9 +81,19 @@ def load_provider(node: Any, tools_file: str, locations_file: str | None = None)
     return provider
 
 
-def __getattr__(name: str) -> Any:
-    if name == "RosToolProvider":
-        from sonic_voice.tools.provider import RosToolProvider
+def load_tools(
+    tools_file: str, locations_file: str | None = None, allowlist: list[str] | None = None
+) -> Any:
+    """A provider without a node: for tools of kinds that need no ROS (knowledge, mcp,
+    agent); a ROS tool in the file is a ToolConfigError."""
+    from sonic_voice.tools.provider import ToolsProvider
 
-        return RosToolProvider
+    return ToolsProvider(load_tool_config(tools_file, locations_file), allowlist, None)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("RosToolProvider", "ToolsProvider"):
+        from sonic_voice.tools import provider
+
+        return getattr(provider, name)
     raise AttributeError(name)

@@ -6,6 +6,10 @@ line), an invalid JSON Schema, an unknown interface type, a goal/request/message
 type does not have, a constant that does not fit the field, an input argument or table
 column that does not exist. A robot that starts has tools that can be called.
 
+This module keeps only what every tool has (name, description, input schema, timeout,
+confirmation, cancellation flags, allowlist); each kind's section is read and checked by
+its plug-in (``sonic_voice.tools.bindings.<kind>``), imported only when a tool uses it.
+
 File shape (see docs/adding-a-tool.md for the full reference)::
 
     allow: [navigate_to, stop]        # optional global allowlist
@@ -15,15 +19,15 @@ File shape (see docs/adding-a-tool.md for the full reference)::
       - name: navigate_to
         description: ...
         requires_confirmation: false
+        cancel_on_barge_in: false      # also stopped when the visitor talks over the robot
         input: {type: object, properties: {...}, required: [...]}   # JSON Schema
         action: {type: nav2_msgs/action/NavigateToPose, server: navigate_to_pose, goal: {...}}
-        # or service: {...} / topic: {...} / cancel: {}
+        # or one of: service, topic, cancel, read, knowledge, mcp, agent
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -33,20 +37,13 @@ from typing import Any
 import jsonschema
 import yaml
 
-from sonic_voice.tools.mapping import (
-    ValueSpec,
-    field_class,
-    parse_value_spec,
-    resolve_field,
-    set_path,
-)
+from sonic_voice.tools.bindings import KINDS, binding_class
+from sonic_voice.tools.bindings.base import Binding, LoadContext, ToolConfigError
+
+__all__ = ["KINDS", "LocationTable", "ToolConfig", "ToolConfigError", "ToolDef",
+           "load_locations", "load_tool_config", "read_yaml"]  # fmt: skip
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-KINDS = ("action", "service", "topic", "cancel")
-
-
-class ToolConfigError(ValueError):
-    """A tool configuration cannot be used; the message names file, tool and field."""
 
 
 # ------------------------------------------------------------------------------ YAML
@@ -220,62 +217,11 @@ def load_locations(source: str | Path | dict[str, Any] | LocationTable | None) -
     return table
 
 
-# ------------------------------------------------------------------------------ types
-def load_interface(type_name: str, kind: str) -> Any:
-    """``pkg/action/Name`` -> the generated class, with its type support checked."""
-    parts = type_name.split("/")
-    if len(parts) == 2:
-        parts = [parts[0], {"action": "action", "service": "srv", "topic": "msg"}[kind], parts[1]]
-    if len(parts) != 3 or not all(parts):
-        raise ValueError(f"type {type_name!r} is not of the form package/{kind_dir(kind)}/Name")
-    pkg, sub, name = parts
-    if sub != kind_dir(kind):
-        raise ValueError(f"type {type_name!r} is not a {kind} type (expected {pkg}/"
-                         f"{kind_dir(kind)}/{name})")  # fmt: skip
-    try:
-        module = importlib.import_module(f"{pkg}.{sub}")
-    except ImportError as e:
-        raise ValueError(f"type {type_name!r}: package {pkg!r} is not installed ({e})") from e
-    cls = getattr(module, name, None)
-    if cls is None:
-        raise ValueError(f"type {type_name!r}: {pkg}.{sub} has no {name!r}")
-    from rclpy.type_support import check_for_type_support
-
-    check_for_type_support(cls)
-    return cls
-
-
-def kind_dir(kind: str) -> str:
-    return {"action": "action", "service": "srv", "topic": "msg"}[kind]
-
-
 # ------------------------------------------------------------------------------ tools
 @dataclass
-class FeedbackSpec:
-    fields: list[str] | None  # None = all
-    every_s: float = 2.0
-    speak: str = ""  # template with {field} placeholders; '' = never spoken
-    speak_every_s: float = 10.0
-
-
-@dataclass
-class Binding:
-    kind: str  # action | service | topic | cancel
-    type_name: str = ""
-    cls: Any = None
-    name: str = ""  # server / service / topic name
-    mapping: dict[str, ValueSpec] = field(default_factory=dict)
-    returns: list[str] | None = None  # result/response fields; None = all
-    ok_field: str = ""  # service: a bool response field that must be true
-    feedback: FeedbackSpec | None = None
-    rate_hz: float = 0.0  # topic: repeat at this rate ...
-    duration: ValueSpec | None = None  # ... for this long (seconds)
-    then: dict[str, ValueSpec] | None = None  # topic: message sent when done / cancelled
-    qos_depth: int = 10
-
-
-@dataclass
 class ToolDef:
+    """One tool the model may call: the common settings plus its kind's binding."""
+
     name: str
     description: str
     schema: dict[str, Any]  # what the model sees (confirmed added, enums filled)
@@ -285,8 +231,14 @@ class ToolDef:
     requires_confirmation: bool = False
     moves_robot: bool = True
     cancels_running: bool = False
+    cancel_on_barge_in: bool = False
     lookup_args: dict[str, str] = field(default_factory=dict)  # input arg -> table name
     validator: Any = None
+    source: str = ""  # file:line of its declaration (for start-up errors)
+
+    @property
+    def kind(self) -> str:
+        return self.binding.kind
 
     def spec(self) -> dict[str, Any]:
         from sonic_voice.sonic.events import tool_spec
@@ -301,27 +253,35 @@ class ToolConfig:
     allow: list[str] | None
     tables: dict[str, Any]
 
+    def kinds(self) -> set[str]:
+        return {t.kind for t in self.tools.values()}
 
-_TOOL_KEYS = {
-    "name",
-    "description",
-    "input",
-    "requires_confirmation",
-    "moves_robot",
-    "cancels_running",
-    "timeout_s",
-    "server_wait_s",
-    *KINDS,
-}
+
+COMMON_KEYS = frozenset(
+    {
+        "name",
+        "description",
+        "input",
+        "requires_confirmation",
+        "moves_robot",
+        "cancels_running",
+        "cancel_on_barge_in",
+        "timeout_s",
+        "server_wait_s",
+    }
+)
 
 
 def load_tool_config(
     path: str | Path,
     locations: str | Path | dict[str, Any] | LocationTable | None = None,
 ) -> ToolConfig:
-    """Read and check a tools YAML against the installed interface types (no node needed).
+    """Read and check a tools YAML (no node, no server started).
 
-    Raises :class:`ToolConfigError` naming file, line, tool and field for any problem.
+    Each kind's section is checked by its plug-in (interface types against the installed
+    packages, documents folders, server commands on PATH...). What needs a running server
+    (an MCP server's tool list) is checked when the provider starts. Raises
+    :class:`ToolConfigError` naming file, line, tool and field for any problem.
     """
     path = Path(path)
     doc = read_yaml(path)
@@ -358,64 +318,104 @@ def _load_tool(path: Path, raw: Any, tables: dict[str, Any], defaults: dict[str,
     where = f"{_where(path, raw)}: tool {name!r}"
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ToolConfigError(f"{where}: name must be snake_case (a-z, 0-9, _; 1-64 chars)")
-    unknown = set(raw) - _TOOL_KEYS - {"__line__"}
+    unknown = set(raw) - COMMON_KEYS - set(KINDS) - {"__line__"}
     if unknown:
         raise ToolConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
-    desc = raw.get("description")
-    if not isinstance(desc, str) or not desc.strip():
-        raise ToolConfigError(f"{where}: 'description' (what the model reads) is required")
     kinds = [k for k in KINDS if k in raw]
     if len(kinds) != 1:
         raise ToolConfigError(
-            f"{where}: needs exactly one binding of action, service, topic or cancel "
-            f"(found {kinds or 'none'})"
+            f"{where}: needs exactly one binding of {', '.join(KINDS)} (found {kinds or 'none'})"
         )
     kind = kinds[0]
-    schema, lookup_args = _input_schema(where, _strip_lines(raw.get("input")), tables)
+    cls = binding_class(kind)
+    desc = raw.get("description")
+    if not isinstance(desc, str) or not desc.strip():
+        if cls.takes_input:
+            raise ToolConfigError(f"{where}: 'description' (what the model reads) is required")
+        desc = ""
+    if not cls.takes_input and raw.get("input") is not None:
+        raise ToolConfigError(f"{where}: input: a {kind} tool's input schema comes from "
+                              "its server; remove 'input'")  # fmt: skip
+    raw_input = _strip_lines(raw.get("input"))
+    if raw_input is None and cls.default_input is not None:
+        raw_input = cls.default_input
+    schema, lookup_args = _input_schema(where, raw_input, tables)
     requires_conf = bool(raw.get("requires_confirmation", False))
-    if requires_conf:
-        schema["properties"]["confirmed"] = {
-            "type": "boolean",
-            "const": True,
-            "description": "true only after the person said yes to doing this now.",
-        }
-        if "confirmed" not in schema["required"]:
-            schema["required"].append("confirmed")
-        desc = (
-            desc.rstrip()
-            + " Ask the person to confirm before calling this, then pass confirmed: true."
-        )
+    if cls.takes_input:
+        desc = _with_lookups(desc, lookup_args, tables)
+    ctx = LoadContext(
+        path=path, line=raw.get("__line__"), tool=name, kind=kind,
+        props=schema.get("properties", {}), tables=tables, defaults=defaults,
+    )  # fmt: skip
+    try:
+        binding = cls.load(ctx, _strip_lines(raw[kind]) or {})
+    except ToolConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise ToolConfigError(f"{where}: {kind}: {e}") from e
+    timeout = raw.get("timeout_s", binding.timeout_s)
+    if timeout is None:
+        timeout = defaults.get("timeout_s", 60.0)
+    return make_tool(
+        name=name,
+        description=desc,
+        schema=schema,
+        binding=binding,
+        where=where,
+        timeout_s=float(timeout),
+        server_wait_s=float(raw.get("server_wait_s", defaults.get("server_wait_s", 2.0))),
+        requires_confirmation=requires_conf,
+        moves_robot=bool(raw.get("moves_robot", binding.moves_robot_default())),
+        cancels_running=bool(raw.get("cancels_running", kind == "cancel")),
+        cancel_on_barge_in=bool(raw.get("cancel_on_barge_in", False)),
+        lookup_args=lookup_args,
+        source=_where(path, raw),
+    )
+
+
+def _with_lookups(desc: str, lookup_args: dict[str, str], tables: dict[str, Any]) -> str:
     for arg, tname in lookup_args.items():
         t = tables[tname]
         if isinstance(t, LocationTable) and t.rows:
             desc = desc.rstrip() + f" Known {tname} for '{arg}': {t.describe()}."
+    return desc
+
+
+def make_tool(
+    *, name: str, description: str, schema: dict[str, Any], binding: Binding, where: str,
+    requires_confirmation: bool = False, **common: Any,
+) -> ToolDef:  # fmt: skip
+    """A ToolDef with its confirmation argument and compiled validator (also used by
+    kinds that learn their tools at start-up, e.g. an MCP server's)."""
+    schema = copy.deepcopy(schema)
+    desc = description
+    if requires_confirmation:
+        schema.setdefault("properties", {})["confirmed"] = {
+            "type": "boolean",
+            "const": True,
+            "description": "true only after the person said yes to doing this now.",
+        }
+        req = schema.setdefault("required", [])
+        if "confirmed" not in req:
+            req.append("confirmed")
+        desc = (
+            desc.rstrip()
+            + " Ask the person to confirm before calling this, then pass confirmed: true."
+        )
     try:
         validator_cls = jsonschema.validators.validator_for(schema)
         validator_cls.check_schema(schema)
         validator = validator_cls(schema)
     except jsonschema.SchemaError as e:
         raise ToolConfigError(f"{where}: input is not a valid JSON Schema: {e.message}") from e
-    props = schema.get("properties", {})
-    try:
-        binding = _load_binding(kind, _strip_lines(raw[kind]) or {}, props, tables)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ToolConfigError(f"{where}: {kind}: {e}") from e
-    moves_default = kind == "action" or (kind == "topic" and binding.duration is not None)
-    timeout = raw.get("timeout_s", (raw.get(kind) or {}).get("timeout_s"))
-    if timeout is None:
-        timeout = defaults.get("timeout_s", 60.0)
     return ToolDef(
         name=name,
         description=desc,
         schema=schema,
         binding=binding,
-        timeout_s=float(timeout),
-        server_wait_s=float(raw.get("server_wait_s", defaults.get("server_wait_s", 2.0))),
-        requires_confirmation=requires_conf,
-        moves_robot=bool(raw.get("moves_robot", moves_default)),
-        cancels_running=bool(raw.get("cancels_running", kind == "cancel")),
-        lookup_args=lookup_args,
+        requires_confirmation=requires_confirmation,
         validator=validator,
+        **common,
     )
 
 
@@ -454,126 +454,3 @@ def _input_schema(
         prop["enum"] = choices
         lookup_args[arg] = tname
     return schema, lookup_args
-
-
-def _load_binding(
-    kind: str, raw: dict[str, Any], props: dict[str, Any], tables: dict[str, Any]
-) -> Binding:
-    if kind == "cancel":
-        if raw:
-            raise ValueError(f"takes no settings (got {sorted(raw)})")
-        return Binding(kind="cancel")
-    allowed = {
-        "action": {"type", "server", "goal", "result", "feedback", "timeout_s"},
-        "service": {"type", "name", "request", "response", "ok_field", "timeout_s"},
-        "topic": {"type", "name", "message", "rate_hz", "duration_s", "then", "qos_depth",
-                  "timeout_s"},
-    }[kind]  # fmt: skip
-    unknown = set(raw) - allowed
-    if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} (allowed: {sorted(allowed)})")
-    type_name = raw.get("type")
-    if not isinstance(type_name, str):
-        raise ValueError("'type' (e.g. pkg/action/Name) is required")
-    cls = load_interface(type_name, kind)
-    name_key = "server" if kind == "action" else "name"
-    ros_name = raw.get(name_key)
-    if not isinstance(ros_name, str) or not ros_name:
-        raise ValueError(f"'{name_key}' is required")
-    b = Binding(kind=kind, type_name=type_name, cls=cls, name=ros_name)
-    if kind == "action":
-        b.mapping = _mapping("goal", raw.get("goal"), cls.Goal, props, tables)
-        b.returns = _field_list("result", raw.get("result"), cls.Result)
-        fb = raw.get("feedback")
-        if fb is not None:
-            if isinstance(fb, list):
-                fb = {"fields": fb}
-            if not isinstance(fb, dict):
-                raise ValueError("feedback must be a list of fields or a mapping")
-            bad = set(fb) - {"fields", "every_s", "speak", "speak_every_s"}
-            if bad:
-                raise ValueError(f"feedback: unknown key(s) {sorted(bad)}")
-            fields = _field_list("feedback.fields", fb.get("fields"), cls.Feedback)
-            speak = str(fb.get("speak", ""))
-            if speak:
-                _check_template("feedback.speak", speak, cls.Feedback)
-            b.feedback = FeedbackSpec(
-                fields=fields,
-                every_s=float(fb.get("every_s", 2.0)),
-                speak=speak,
-                speak_every_s=float(fb.get("speak_every_s", 10.0)),
-            )
-    elif kind == "service":
-        b.mapping = _mapping("request", raw.get("request"), cls.Request, props, tables)
-        b.returns = _field_list("response", raw.get("response"), cls.Response)
-        ok = raw.get("ok_field", "")
-        if ok:
-            ftype = resolve_field(cls.Response, ok)
-            if ftype != "boolean":
-                raise ValueError(f"ok_field {ok!r} must be a boolean field (it is {ftype})")
-            b.ok_field = ok
-    else:
-        b.mapping = _mapping("message", raw.get("message"), cls, props, tables)
-        b.rate_hz = float(raw.get("rate_hz", 0.0))
-        if "duration_s" in raw:
-            b.duration = parse_value_spec("duration_s", raw["duration_s"], props, tables)
-            if b.rate_hz <= 0:
-                b.rate_hz = 10.0
-        if "then" in raw:
-            b.then = _mapping("then", raw.get("then"), cls, props, tables)
-        b.qos_depth = int(raw.get("qos_depth", 10))
-    return b
-
-
-def _mapping(
-    what: str, raw: Any, cls: Any, props: dict[str, Any], tables: dict[str, Any]
-) -> dict[str, ValueSpec]:
-    """Check every ``field.path: value`` against the type; constants are test-assigned."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{what} must map field paths to values")
-    out: dict[str, ValueSpec] = {}
-    probe = cls()
-    for fpath, spec in raw.items():
-        try:
-            ftype = resolve_field(cls, fpath)
-        except KeyError as e:
-            raise ValueError(f"{what}.{fpath}: {e.args[0]}") from e
-        vs = parse_value_spec(f"{what}.{fpath}", spec, props, tables)
-        vs.check_fits(f"{what}.{fpath}", ftype, field_class(cls, fpath), probe, fpath, tables)
-        if vs.is_constant():
-            try:
-                set_path(probe, fpath, vs.constant_value())
-            except (TypeError, ValueError, AssertionError, AttributeError) as e:
-                raise ValueError(
-                    f"{what}.{fpath}: {vs.constant_value()!r} does not fit {ftype} ({e})"
-                ) from e
-        out[fpath] = vs
-    return out
-
-
-def _field_list(what: str, raw: Any, cls: Any) -> list[str] | None:
-    if raw is None or raw == "all":
-        return None
-    if isinstance(raw, str):
-        raw = [raw]
-    if not isinstance(raw, list):
-        raise ValueError(f"{what} must be a list of field names or 'all'")
-    for f in raw:
-        try:
-            resolve_field(cls, f)
-        except KeyError as e:
-            raise ValueError(f"{what}: {e.args[0]}") from e
-    return [str(f) for f in raw]
-
-
-def _check_template(what: str, template: str, cls: Any) -> None:
-    import string
-
-    for _, fname, _, _ in string.Formatter().parse(template):
-        if fname:
-            try:
-                resolve_field(cls, fname)
-            except KeyError as e:
-                raise ValueError(f"{what}: {e.args[0]}") from e
