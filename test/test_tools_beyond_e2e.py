@@ -134,7 +134,7 @@ def kind_rig(kind: str, mode: str, tmp_path: Path, graph: Any) -> Iterator[dict[
         elif kind == "read":
             from sensor_msgs.msg import BatteryState
 
-            from sonic_voice.nodes.common import LATCHED_QOS
+            from sonic_voice.ros.topics import LATCHED_QOS
 
             pub = graph.node("battery_pub").create_publisher(
                 BatteryState, "battery_state", LATCHED_QOS

@@ -439,32 +439,32 @@ def test_concurrent_goals_all_answered(ros_graph: Any, tools: Any) -> None:
     assert tools.running == 0
 
 
-def test_clients_on_their_own_node_and_thread(ros_graph: Any, tmp_path: Path) -> None:
+def test_clients_on_the_node_itself_no_hidden_node_or_thread(
+    ros_graph: Any, tmp_path: Path
+) -> None:
+    """The tools' clients live on the session node, spun by the process's one executor:
+    no helper node, no executor thread of their own (docs/architecture.md)."""
     import threading
 
     p = tmp_path / "tools.yaml"
     p.write_text(textwrap.dedent(TOOLS))
-    node = ros_graph.node("own_thread")
+    before = {t.name for t in threading.enumerate()}
+    node = ros_graph.node("voice")
     provider = load_provider(node, str(p), LOCATIONS)
-
-    def threads() -> list[str]:
-        return [t.name for t in threading.enumerate()]
-
     try:
-        assert "own_thread_tools-executor" in threads()
-        assert wait_for(lambda: "own_thread_tools" in node.get_node_names(), 10)
+        assert {t.name for t in threading.enumerate()} - before == set()
         n = sum(t.binding.kind == "topic" for t in provider.tools.values())  # all on cmd_vel
         assert n == 3 and wait_for(lambda: node.count_publishers("/cmd_vel") == n, 10)
-        pubs = node.get_publisher_names_and_types_by_node("own_thread_tools", "/")
+        pubs = node.get_publisher_names_and_types_by_node("voice", "/")
         assert ("/cmd_vel", ["geometry_msgs/msg/Twist"]) in pubs
+        assert not any(name.endswith("_tools") for name in node.get_node_names())
     finally:
         provider.shutdown()
-    assert "own_thread_tools-executor" not in threads()
 
 
 def test_tool_node_keeps_its_name_under_a_launch_rename(tmp_path: Path) -> None:
-    """`ros2 launch` passes `__node:=sonic_session` to the whole process; the tools' node
-    must not take that name too (two nodes with one name), while remappings still apply."""
+    """`ros2 launch` passes `__node:=sonic_session` and remappings to the whole process: the
+    tools' clients are the node's own, so they go with its name and the remappings."""
     import rclpy
     from rclpy.node import Node
 
@@ -479,7 +479,7 @@ def test_tool_node_keeps_its_name_under_a_launch_rename(tmp_path: Path) -> None:
     provider = load_provider(node, str(p), LOCATIONS)
     try:
         assert node.get_name() == "sonic_session"
-        assert provider._ros.node.get_name() == "sonic_session_tools"
+        assert provider._ros.node is node
         assert node.count_publishers("/base/cmd_vel") == 3
     finally:
         provider.shutdown()

@@ -5,12 +5,12 @@ port (``relay`` / ``wait``); nothing else of theirs knows how rclpy and the asyn
 meet. :func:`make_ros_port` is the one place that builds it, so the process-wide
 rclpy<->asyncio bridge can replace the implementation without touching a binding.
 
-Today's implementation: the clients live on a node of their own (``<node>_tools``) spun by
-a SingleThreadedExecutor in a thread of its own (:class:`ToolsExecutor`), not on the
-session node's executor, where a response waits behind audio callbacks. An rclpy
-done-callback runs inline on that thread and hands the outcome to the loop with one
-``call_soon_threadsafe`` that both completes the asyncio future and wakes the waiting
-call (see :meth:`RosPort.relay`).
+The clients live on the session node itself, spun by the process's one executor
+(docs/architecture.md): no hidden helper node, no thread of its own. An rclpy done-callback
+runs inline on the executor thread (the action client's futures are not stamped with the
+executor: ``ros/compat.py``) and hands the outcome to the loop with one
+``call_soon_threadsafe`` that both completes the asyncio future and wakes the waiting call
+(see :meth:`RosPort.relay`).
 
 Also here: interface loading and the ``{field.path: value}`` message mappings the action,
 service, topic and read kinds share.
@@ -22,15 +22,12 @@ import asyncio
 import importlib
 import logging
 import string
-import threading
 from collections.abc import Callable
 from typing import Any
 
-from rclpy.action import ActionClient
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
-from rclpy.parameter import Parameter
 
+from sonic_voice.ros.compat import LoopActionClient
 from sonic_voice.tools.mapping import (
     MappingError,
     ValueSpec,
@@ -57,19 +54,25 @@ class RosPort:
 
     def __init__(self, parent: Node) -> None:
         self.parent = parent
-        self._exec = ToolsExecutor(parent)
-        self.node: Node = self._exec.node
+        self.node: Node = parent
+        self._made: list[Any] = []  # action clients made for the tools, destroyed on close
 
     def now_msg(self) -> Any:
-        """builtin_interfaces/Time from the parent node's clock (sim time if it uses it)."""
+        """builtin_interfaces/Time from the node's clock (sim time if it uses it)."""
         return self.parent.get_clock().now().to_msg()
 
     def start(self) -> None:
-        """Start spinning, after every client exists (see :class:`_ActionClient`)."""
-        self._exec.start()
+        """Nothing to start: the process's executor spins the node."""
 
     def close(self) -> None:
-        self._exec.close()
+        """Destroy the action clients the tools made (a node's own destroy leaves them)."""
+        for w in self._made:
+            try:
+                self.node.remove_waitable(w)
+                w.destroy()
+            except Exception as e:  # noqa: BLE001 - the node may be gone already
+                log.debug("destroying %s: %s", w, e)
+        self._made.clear()
 
     @staticmethod
     def settle(
@@ -159,119 +162,11 @@ async def wait_ready(call: Any, ready: Callable[[], bool]) -> bool:
     return False
 
 
-class _ActionClient(ActionClient):
-    """ActionClient whose goals are sent from the loop thread and answered inline.
-
-    - rclpy 9.1.2 (Kilted) ``send_goal_async`` registers a future under the client's lock
-      and then, in a leftover duplicate block outside it, a second one that replaces it.
-      Called from a thread other than the executor's, a response taken in between completes
-      the first future and the returned one never completes (the race of ros2/rclpy#1123).
-      Here the lock is reentrant and held across the whole send, so the executor cannot
-      take the answer before both registrations (and the feedback callback's) are done.
-    - The client's futures are not handed to the executor (``add_future`` keeps nothing).
-      rclpy's executor stamps itself on every future a waitable holds before each response
-      it handles, and a stamped future runs each done-callback as one more executor task:
-      one more trip round the executor's wait loop, holding the GIL, before the loop thread
-      can even be woken. Unstamped, the done-callbacks (rclpy's bookkeeping and ours) run
-      inline on the tools thread as the answer is handled. It also ends the leak of 9.1.2's
-      orphaned first future, which that list kept (and walked) for the whole session.
-
-    Must be made before its node is spun (rclpy creates the lock after announcing the
-    waitable: ros2/rclpy#1589).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._lock = threading.RLock()  # type: ignore[assignment]
-
-    def add_future(self, future: Any) -> None:
-        pass  # see the class docstring
-
-    def remove_future(self, future: Any) -> None:
-        pass
-
-    def send_goal_async(
-        self, goal: Any, feedback_callback: Any = None, goal_uuid: Any = None
-    ) -> Any:
-        with self._lock:
-            return super().send_goal_async(goal, feedback_callback, goal_uuid)
-
-
-def action_client(port: RosPort, cls: Any, name: str) -> _ActionClient:
-    return _ActionClient(port.node, cls, name)
-
-
-class ToolsExecutor:
-    """The tools' own node and a SingleThreadedExecutor spinning it in a dedicated thread.
-
-    Why not the session node's executor (``run_node``'s MultiThreadedExecutor): there each
-    response waits for the spin thread's wake-up, its rebuild of a wait set over all the
-    node's entities, a hand-off to a pool thread, then one more task and hand-off for each
-    rclpy done-callback, every thread having to win the GIL in turn. And rclpy 9.1.2's
-    MultiThreadedExecutor re-submits a task that has not started yet instead of waiting
-    (ros2/rclpy#1452): with 50 Hz of audio it keeps about half a core busy and the GIL with
-    it. Here a response is taken and handled on one thread whose wait set holds only the
-    tools' clients.
-
-    The node is named ``<parent>_tools`` in the parent's namespace, so relative server
-    names resolve as before; process-wide remappings apply, node-specific ones must name
-    this node. It runs on wall time (``use_sim_time`` off: no /clock subscription waking
-    this thread); goal stamps are taken from the parent node's clock.
-    """
-
-    def __init__(self, parent: Node) -> None:
-        name = f"{parent.get_name()}_tools"
-        self.node = Node(
-            name,
-            context=parent.context,
-            namespace=parent.get_namespace(),
-            # A launch file's `__node:=sonic_session` is a process-wide argument: without a
-            # local rename it would name this node `sonic_session` too (two nodes, one name).
-            # Local arguments win over global ones; global remappings still apply.
-            cli_args=["--ros-args", "-r", f"__node:={name}"],
-            start_parameter_services=False,
-            parameter_overrides=[
-                Parameter("use_sim_time", Parameter.Type.BOOL, False),
-                Parameter("start_type_description_service", Parameter.Type.BOOL, False),
-            ],
-        )
-        self.executor = SingleThreadedExecutor(context=parent.context)
-        self.executor.add_node(self.node)
-        self._stopping = False
-        self._thread = threading.Thread(target=self._spin, name=f"{name}-executor", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _spin(self) -> None:
-        while not self._stopping and self.node.context.ok():
-            try:
-                self.executor.spin_once()
-            except ExternalShutdownException:
-                break
-            except Exception:  # a callback's bug must not stop the tools' thread
-                if self._stopping:
-                    break
-                log.exception("tools executor callback failed")
-
-    def close(self) -> None:
-        """Stop the thread (joined, so no spinning thread outlives the context), free the node."""
-        self._stopping = True
-        try:
-            self.executor.shutdown(timeout_sec=JOIN_S)
-        except Exception as e:  # noqa: BLE001 - e.g. the context is already shut down
-            log.warning("tools executor shutdown: %s", e)
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(JOIN_S)
-        for w in list(self.node.waitables):  # action clients: destroy_node leaves them
-            try:
-                w.destroy()
-            except Exception as e:  # noqa: BLE001
-                log.warning("destroying %s: %s", w, e)
-        try:
-            self.node.destroy_node()
-        except Exception as e:  # noqa: BLE001
-            log.warning("destroying the tools node: %s", e)
+def action_client(port: RosPort, cls: Any, name: str) -> LoopActionClient:
+    """An action client goals can be sent to from the loop (``ros/compat.py`` item 2)."""
+    client = LoopActionClient(port.node, cls, name)
+    port._made.append(client)
+    return client
 
 
 # ------------------------------------------------------------------------------ types
