@@ -53,6 +53,7 @@ from sonic_voice.sonic.session import (
 from sonic_voice.sonic.transport import BedrockSettings, have_credentials
 
 STOP_TOOLS_S = 0.5  # of the shutdown budget: cancelling goals comes first
+SAFETY_REASON = "by the safety stop"  # the model reads "navigate_to was stopped (by the ...)"
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 # Where each model is known to run (shared reference, from pipecat; AWS adds regions, so an
 # unknown one is a warning, not an error).
@@ -90,7 +91,9 @@ class SessionParams:
     greeting: str = param("", "Nova 2: text sent at start so the robot speaks first.")
     tool_timeout_s: float = param(120.0, "Upper bound for any tool call.", range=(1.0, 3600.0))
     cancel_tools_on_barge_in: bool = param(
-        True, "Cancel running goals when the person interrupts the robot."
+        False,
+        "A barge-in flushes speech only; true also cancels running tools whose "
+        "cancel_on_barge_in is unset (a tool's own cancel_on_barge_in always wins).",
     )
     speak_progress: bool = param(True, "Nova 2: speak rate-limited tool progress.")
     input_source: str = param(
@@ -109,6 +112,17 @@ class SessionParams:
         range=(0, 100),
     )
     retry_cap_s: float = param(10.0, "Longest wait between two retries, s.", range=(0.5, 300.0))
+    safety_stop_topic: str = param(
+        "", "Topic of a local safety stop (e-stop, stop button); '' = none."
+    )
+    safety_stop_type: str = param(
+        "std_msgs/msg/Empty",
+        "Its type: std_msgs/msg/Empty (every message stops) or std_msgs/msg/Bool (true stops).",
+        choices=("std_msgs/msg/Empty", "std_msgs/msg/Bool"),
+    )
+    safety_stop_service: str = param(
+        "~/safety_stop", "std_srvs/srv/Trigger service of the local safety stop; '' = none."
+    )
     tools_file: str = param("", "YAML tool declarations; '' = no tools.")
     locations_file: str = param("", "YAML named locations for navigation tools.")
 
@@ -280,7 +294,68 @@ class SonicSessionNode(VoiceNode):
             b.subscribe(self, String, c.TEXT_INPUT.name, _qos(c.TEXT_INPUT), self._on_text),
             b.subscribe(self, String, c.VIEWER_TEXT.name, _qos(c.VIEWER_TEXT), self._on_text),
         ]
+        self.safety_stops = 0
+        self._ros += self._safety_stop_entities()
         self.publish_state("idle")
+
+    # ------------------------------------------------------------------ safety stop
+    def _safety_stop_entities(self) -> list[Any]:
+        """The local safety stop: a topic and/or a Trigger service that cancel every
+        running tool that moves the robot, with no model involved (issue 15)."""
+        p, out = self.params, []
+        if p.safety_stop_topic:
+            from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+            if p.safety_stop_type.endswith("/Bool"):
+                from std_msgs.msg import Bool as msg_cls
+            else:
+                msg_cls = Empty
+            qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+            out.append(
+                self.bridge.subscribe(
+                    self, msg_cls, p.safety_stop_topic, qos, self._on_safety_stop_msg
+                )
+            )
+        if p.safety_stop_service:
+            from std_srvs.srv import Trigger
+
+            out.append(
+                self.create_service(Trigger, p.safety_stop_service, self._on_safety_stop_srv)
+            )
+        return out
+
+    def _on_safety_stop_msg(self, msg: Any) -> None:
+        """On the loop: a safety stop message (a Bool false releases nothing: ignored)."""
+        if getattr(msg, "data", True) is False:
+            return
+        self.safety_stop("topic")
+
+    def _on_safety_stop_srv(self, _req: Any, resp: Any) -> Any:
+        """Executor thread: answer at once (never wait on the loop), stop on the loop."""
+        tools = self.tools
+        try:
+            n = sum(t["moves_robot"] for t in list(tools.running_tools())) if tools else 0
+        except Exception:  # noqa: BLE001 - a count for the answer only
+            n = 0
+        self.bridge.call(self.safety_stop, "service")
+        resp.success = tools is not None
+        resp.message = (
+            f"safety stop: cancelling {n} running motion(s)" if tools else "no tools configured"
+        )
+        return resp
+
+    def safety_stop(self, source: str) -> None:
+        """On the loop: cancel every running call that moves the robot, at once. Each
+        one's toolResult tells the model it was stopped by the safety stop."""
+        self.safety_stops += 1
+        tools = self.tools
+        if tools is None or not hasattr(tools, "cancel"):
+            return
+        self.get_logger().warning(f"safety stop ({source}): cancelling all motion")
+        task = asyncio.ensure_future(
+            tools.cancel(lambda call: call.tool.moves_robot, SAFETY_REASON, wait=False)
+        )
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def on_config_failed(self) -> None:
         self.publish_state("error")
