@@ -349,13 +349,10 @@ class SonicSessionNode(VoiceNode):
         one's toolResult tells the model it was stopped by the safety stop."""
         self.safety_stops += 1
         tools = self.tools
-        if tools is None or not hasattr(tools, "cancel"):
+        if tools is None or not hasattr(tools, "stop_motion"):
             return
-        self.get_logger().warning(f"safety stop ({source}): cancelling all motion")
-        task = asyncio.ensure_future(
-            tools.cancel(lambda call: call.tool.moves_robot, SAFETY_REASON, wait=False)
-        )
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        n = tools.stop_motion(SAFETY_REASON)
+        self.get_logger().warning(f"safety stop ({source}): cancelled {n} running motion(s)")
 
     def on_config_failed(self) -> None:
         self.publish_state("error")

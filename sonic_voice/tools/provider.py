@@ -197,6 +197,15 @@ class ToolsProvider:
             )
         return len(calls)
 
+    def stop_motion(self, reason: str) -> int:
+        """Loop thread, at once: interrupt every running call that moves the robot (the
+        local safety stop: no await between the stop message and the cancel requests;
+        bench/tool_latency.py measures it). Returns how many; their results say ``reason``."""
+        calls = [c for c in self._active.values() if c.tool.moves_robot]
+        for c in calls:
+            c.cancel(reason)
+        return len(calls)
+
     async def cancel_all(self, reason: str) -> int:
         """Cancel every running call that moves the robot or is marked
         ``cancel_on_barge_in``; waits for the servers' answers."""

@@ -221,7 +221,10 @@ class ActionBinding(Binding):
             return None
         try:
             fut: asyncio.Future = call.loop.create_future()
-            gh.cancel_goal_async().add_done_callback(self.port.relay(call.loop, fut))
+            gh.cancel_goal_async().add_done_callback(
+                self.port.relay(call.loop, fut, mark=lambda: env.mark(call.use_id, "cancel_ack"))
+            )
+            env.mark(call.use_id, "cancel_sent")
             resp = await asyncio.wait_for(fut, CANCEL_ACK_S)
         except TimeoutError:
             return False
