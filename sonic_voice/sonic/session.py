@@ -821,7 +821,7 @@ class SonicSession:
             # Not on top of the visitor, nor into a stream about to be replaced; in order.
             self._held.append((leg, use, result, time.monotonic()))
             self.results_held += 1
-            log.info("result of %s held until the visitor's turn ends", use.name)
+            log.debug("result of %s held until the visitor's turn ends", use.name)
             if self._held_task is None or self._held_task.done():
                 self._held_task = asyncio.create_task(self._release_held(), name="sonic-held")
                 self._background.add(self._held_task)
