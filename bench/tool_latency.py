@@ -40,9 +40,9 @@ NavigateToPose on its way), waits until it is accepted, then stops it:
   thread). Goal p99 <= 20 ms. (``..._server_sees_cancel``: t1 is the far end's cancel
   callback.)
 - ``safety_stop_to_cancel_ack``: t0 when the far end (another process, as an e-stop node
-  would be) publishes ``std_msgs/Empty`` on ``safety_stop``; this process hands it to the
-  loop as ``sonic_session`` does (one ``call_soon_threadsafe``) and calls
-  ``provider.stop_motion`` as its safety stop does; t1 as above. Goal p99 <= 10 ms.
+  would be) publishes ``std_msgs/Empty`` on ``safety_stop``; this process's subscription
+  callback calls ``provider.stop_motion`` on the executor thread, as ``sonic_session``'s
+  safety stop does (the cancel request leaves from there); t1 as above. Goal p99 <= 10 ms.
 
 Options: ``--same-process`` puts the server in this process on the graph's executor (it
 then competes for this process's GIL; the harder, less realistic case), ``--no-audio``,
@@ -350,8 +350,7 @@ def main() -> None:
         from std_msgs.msg import Empty
 
         def on_estop(_msg: Any) -> None:  # executor thread, as sonic_session's safety stop
-            if loop_box:
-                loop_box[0].call_soon_threadsafe(provider.stop_motion, "by the safety stop")
+            provider.stop_motion("by the safety stop")
 
         session.create_subscription(Empty, "safety_stop", on_estop, 10)
         if child is not None:

@@ -311,11 +311,9 @@ class SonicSessionNode(VoiceNode):
             else:
                 msg_cls = Empty
             qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-            out.append(
-                self.bridge.subscribe(
-                    self, msg_cls, p.safety_stop_topic, qos, self._on_safety_stop_msg
-                )
-            )
+            # On the executor thread, not the loop: the cancel requests go out from there.
+            on_msg = self._on_safety_stop_msg
+            out.append(self.create_subscription(msg_cls, p.safety_stop_topic, on_msg, qos))
         if p.safety_stop_service:
             from std_srvs.srv import Trigger
 
@@ -325,34 +323,33 @@ class SonicSessionNode(VoiceNode):
         return out
 
     def _on_safety_stop_msg(self, msg: Any) -> None:
-        """On the loop: a safety stop message (a Bool false releases nothing: ignored)."""
+        """Executor thread: a safety stop message (a Bool false releases nothing: ignored)."""
         if getattr(msg, "data", True) is False:
             return
         self.safety_stop("topic")
 
     def _on_safety_stop_srv(self, _req: Any, resp: Any) -> Any:
-        """Executor thread: answer at once (never wait on the loop), stop on the loop."""
-        tools = self.tools
-        try:
-            n = sum(t["moves_robot"] for t in list(tools.running_tools())) if tools else 0
-        except Exception:  # noqa: BLE001 - a count for the answer only
-            n = 0
-        self.bridge.call(self.safety_stop, "service")
-        resp.success = tools is not None
+        """Executor thread: stop, then answer at once (never waits on the loop)."""
+        n = self.safety_stop("service")
+        resp.success = self.tools is not None
         resp.message = (
-            f"safety stop: cancelling {n} running motion(s)" if tools else "no tools configured"
+            f"safety stop: cancelling {n} running motion(s)"
+            if self.tools is not None
+            else "no tools configured"
         )
         return resp
 
-    def safety_stop(self, source: str) -> None:
-        """On the loop: cancel every running call that moves the robot, at once. Each
-        one's toolResult tells the model it was stopped by the safety stop."""
+    def safety_stop(self, source: str) -> int:
+        """Any thread: cancel every running call that moves the robot, at once (the cancel
+        requests leave from this thread). Each one's toolResult tells the model it was
+        stopped by the safety stop. Returns how many."""
         self.safety_stops += 1
         tools = self.tools
         if tools is None or not hasattr(tools, "stop_motion"):
-            return
+            return 0
         n = tools.stop_motion(SAFETY_REASON)
-        self.get_logger().warning(f"safety stop ({source}): cancelled {n} running motion(s)")
+        self.get_logger().warning(f"safety stop ({source}): cancelling {n} running motion(s)")
+        return n
 
     def on_config_failed(self) -> None:
         self.publish_state("error")

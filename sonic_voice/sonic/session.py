@@ -58,6 +58,8 @@ DEFAULT_SYSTEM_PROMPT = (
     "results; if a tool fails, say so simply and offer an alternative."
 )
 
+UNANSWERED_MAX_S = 10.0  # a renewal waits this long at most for a tool result's answer
+
 STATES = ("idle", "connecting", "listening", "thinking", "speaking", "acting", "error")
 
 
@@ -302,6 +304,7 @@ class SonicSession:
         self._last_voice = -1e9  # monotonic time of the last loud input frame
         self._talk_level = (10 ** (self.config.talk_dbfs / 20) * 32768) ** 2
         self.results_held = 0
+        self._unanswered_t: float | None = None  # a toolResult sent, no answer seen yet
         self._closing: set[asyncio.Task] = set()  # polite closes of old legs, awaited by stop()
         self.frames_pushed = 0
         self.frames_dropped = 0
@@ -658,6 +661,7 @@ class SonicSession:
             self._content[e.content_id] = e
             if e.role == "ASSISTANT" and e.type == "AUDIO":
                 self._barge_armed = True  # new speech: the next interruption is news
+                self._unanswered_t = None
                 self._turn_recognized()
             if e.type == "AUDIO":
                 self._audio_open = e.content_id
@@ -869,6 +873,7 @@ class SonicSession:
                     ],
                 )
             )
+            self._unanswered_t = time.monotonic()  # no renewal before the model answers it
         elif current is not None and self.config.nova2 and not self._stopping:
             # The stream that asked was renewed meanwhile; its toolUseId means nothing to the
             # new one, so the outcome goes in as text the model can act on.
@@ -946,9 +951,14 @@ class SonicSession:
             self.listener.on_state(state)
 
     def _at_boundary(self) -> bool:
-        quiet = time.monotonic() - self._last_output >= self.config.boundary_quiet_s
+        now = time.monotonic()
+        quiet = now - self._last_output >= self.config.boundary_quiet_s
+        # A toolResult the model has not answered yet would be answered on the old stream,
+        # whose output is dropped once it is replaced: wait for the answer (bounded).
+        answered = self._unanswered_t is None or now - self._unanswered_t > UNANSWERED_MAX_S
         return (
             quiet
+            and answered
             and self._audio_open is None
             and not self._awaiting_reply
             and asyncio.get_running_loop().time() >= self._speaking_until

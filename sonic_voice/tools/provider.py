@@ -15,6 +15,7 @@ Threads: ``run``/``cancel``/``cancel_all`` are awaited on the session's asyncio 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -198,12 +199,33 @@ class ToolsProvider:
         return len(calls)
 
     def stop_motion(self, reason: str) -> int:
-        """Loop thread, at once: interrupt every running call that moves the robot (the
-        local safety stop: no await between the stop message and the cancel requests;
-        bench/tool_latency.py measures it). Returns how many; their results say ``reason``."""
-        calls = [c for c in self._active.values() if c.tool.moves_robot]
+        """Any thread, at once: stop every running call that moves the robot (the local
+        safety stop). Each binding sends what stops the robot from the calling thread (an
+        action's cancel request: no thread hop, no await; bench/tool_latency.py measures
+        it), then the call is cancelled on its loop as usual, so its result says
+        ``reason``. Returns how many."""
+        for _ in range(3):
+            try:
+                calls = [c for c in list(self._active.values()) if c.tool.moves_robot]
+                break
+            except RuntimeError:  # the loop changed the dict meanwhile: look again
+                continue
+        else:
+            calls = []
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
         for c in calls:
-            c.cancel(reason)
+            try:
+                c.tool.binding.stop_now(c)
+            except Exception as e:  # noqa: BLE001 - the loop-side cancel still follows
+                log.warning("safety stop of %s: %s", c.tool.name, e)
+            if c.loop is here:
+                c.cancel(reason)
+            else:
+                with contextlib.suppress(RuntimeError):  # loop closed: nothing runs
+                    c.loop.call_soon_threadsafe(c.cancel, reason)
         return len(calls)
 
     async def cancel_all(self, reason: str) -> int:
