@@ -43,6 +43,9 @@ NavigateToPose on its way), waits until it is accepted, then stops it:
   would be) publishes ``std_msgs/Empty`` on ``safety_stop``; this process's subscription
   callback calls ``provider.stop_motion`` on the executor thread, as ``sonic_session``'s
   safety stop does (the cancel request leaves from there); t1 as above. Goal p99 <= 10 ms.
+- ``..._to_cancel_sent``: t1 when the cancel request left this process (the binding's
+  ``cancel_sent`` mark): this process's share; the rest is the far end's rclpy action
+  server (~2-3 ms per answer here; µs for a C++ server such as Nav2's) and the way back.
 
 Options: ``--same-process`` puts the server in this process on the graph's executor (it
 then competes for this process's GIL; the harder, less realistic case), ``--no-audio``,
@@ -445,25 +448,31 @@ def main() -> None:
 
 
 def stop_figures(
-    stops: list[tuple[str, int | None, dict[str, float]]], cancel_ns: list[int], estop_ns: list[int]
+    stops: list[tuple[str, int | None, dict[str, float]]],
+    cancel_ns: list[int],
+    estop_ns: list[int],
 ) -> None:
     """Stop tool and safety stop -> the goal's cancel acknowledged (issue 15)."""
     skip = 2 * STOP_WARMUP  # cancels and e-stops of the warm-up rounds
     cancels, estops = cancel_ns[skip:], estop_ns[STOP_WARMUP:]
     assert len(cancels) == len(stops) and len(estops) == len(stops) // 2
     tool_ack, tool_srv, safe_ack, safe_srv = [], [], [], []
+    sent: dict[str, list[float]] = {"tool": [], "safety": []}
     e = iter(estops)
     for (kind, t0, marks), srv in zip(stops, cancels, strict=True):
         t0 = t0 if t0 is not None else next(e)
         ack = marks["cancel_ack"] * 1e9
+        sent[kind].append((marks["cancel_sent"] * 1e9 - t0) / 1e6)
         (tool_ack if kind == "tool" else safe_ack).append((ack - t0) / 1e6)
         (tool_srv if kind == "tool" else safe_srv).append((srv - t0) / 1e6)
     print(f"stops: {len(tool_ack)} stop-tool and {len(safe_ack)} safety-stop rounds")
     for name, v, goal in (
         ("stop_tool_to_cancel_ack", tool_ack, "<= 20 ms p99"),
         ("stop_tool_to_server_sees_cancel", tool_srv, ""),
+        ("stop_tool_to_cancel_sent", sent["tool"], ""),
         ("safety_stop_to_cancel_ack", safe_ack, "<= 10 ms p99"),
         ("safety_stop_to_server_sees_cancel", safe_srv, ""),
+        ("safety_stop_to_cancel_sent", sent["safety"], ""),
     ):
         figure(f"{name}_p50", pct(v, 50), "ms", goal)
         figure(f"{name}_p99", pct(v, 99), "ms", goal)
