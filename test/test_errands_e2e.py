@@ -155,6 +155,12 @@ def test_talk_and_a_second_tool_while_the_base_drives_then_it_arrives(rig: Any) 
     assert rec.tool_results.index(_results(rec, "knowledge")[0]) < rec.tool_results.index(nav)
 
 
+def spoken_after(probe: Probe, t_ns: int) -> int:
+    """Bytes of audio/out that reached the probe after ``t_ns`` (perf_counter_ns)."""
+    with probe.lock:
+        return sum(len(d) for d, t in probe.out if t > t_ns)
+
+
 def wait_and_finals(probe: Probe, text: str) -> list[str]:
     wait_for(lambda: text in probe.finals("ASSISTANT"), TIMEOUT)
     return probe.finals("ASSISTANT")
@@ -283,6 +289,8 @@ def test_a_result_during_a_barge_in_waits_for_the_turn_then_is_answered(
     assert rec.turns_fired == [0, 1, 2], rec.turns_fired
     finals = probe.finals("ASSISTANT")
     assert finals.index("Almost done.") < finals.index("The count is done.")
+    # ... and spoken: the answer's audio (0.4 s) reached audio/out after the result.
+    assert wait_for(lambda: spoken_after(probe, result.t_ns) >= 0.4 * OUT_RATE * 2, TIMEOUT)
 
 
 @pytest.mark.scenario(
@@ -329,6 +337,10 @@ def test_a_result_after_a_rotation_is_heard_on_the_new_stream(rig: Any, tmp_path
     assert heard and '"status": "ok"' in heard[0]
     assert "[0, 1, 1, 2, 3, 5, 8, 13, 21, 34]" in heard[0]
     assert new.turns_fired == [1], new.turns_fired  # the new stream answered it
+    sent = next(
+        e.t_ns for e in new.events if e.name == "textInput" and e.body.get("content") == heard[0]
+    )
+    assert wait_for(lambda: spoken_after(probe, sent) >= 0.3 * OUT_RATE * 2, TIMEOUT)  # spoken
 
 
 @pytest.mark.parametrize("how", ["topic", "service"])
