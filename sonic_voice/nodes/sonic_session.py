@@ -201,6 +201,7 @@ class SonicSessionNode(VoiceNode):
         self.last_response_ms: float | None = None
         self._user_final_t: float | None = None
         self.mic_frames = 0
+        self.safety_stops = 0
         self._last_push = 0.0
         self._ros: list[Any] = []
         self.state_pub = publisher(self, c.STATE)
@@ -294,7 +295,6 @@ class SonicSessionNode(VoiceNode):
             b.subscribe(self, String, c.TEXT_INPUT.name, _qos(c.TEXT_INPUT), self._on_text),
             b.subscribe(self, String, c.VIEWER_TEXT.name, _qos(c.VIEWER_TEXT), self._on_text),
         ]
-        self.safety_stops = 0
         self._ros += self._safety_stop_entities()
         self.publish_state("idle")
 
@@ -476,6 +476,8 @@ class SonicSessionNode(VoiceNode):
                 rotations=s.rotations,
                 recoveries=s.recoveries,
                 barge_ins=s.barge_ins,
+                results_held=s.results_held,
+                safety_stops=self.safety_stops,
                 frames_sent=s.frames_pushed,
                 frames_dropped=s.frames_dropped,
             )

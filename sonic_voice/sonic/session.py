@@ -423,6 +423,7 @@ class SonicSession:
             t.cancel()
         if self._tool_tasks:
             await asyncio.wait(list(self._tool_tasks.values()), timeout=5)
+        self._flush_held()  # the last results go out before the stream closes
         leg = self._leg
         if leg is not None:
             await self._retire(leg, wait=True)
@@ -852,11 +853,14 @@ class SonicSession:
             if not (self._rotating or self._recovering or self._leg is None) and (
                 not self._visitor_talking() or waited >= bound
             ):
-                held, self._held = self._held, []
-                for leg, use, result, _t in held:
-                    self._send_result(leg, use, result)
+                self._flush_held()
                 return
             await asyncio.sleep(0.05)
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, []
+        for leg, use, result, _t in held:
+            self._send_result(leg, use, result)
 
     def _send_result(self, leg: _Leg, use: ToolUse, result: ToolResult) -> None:
         content = {"status": result.status, **result.content}
