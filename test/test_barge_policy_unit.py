@@ -84,6 +84,10 @@ async def until(pred: Any, limit: float = 5.0) -> None:
         await asyncio.sleep(0.002)
 
 
+def texts_of(stream: Any) -> list[str]:
+    return [e.body.get("content", "") for e in stream.rec.events if e.name == "textInput"]
+
+
 def barge_in(s: Any) -> None:
     """The robot speaks, the visitor talks over it (the service's marker)."""
     s.start_completion()
@@ -198,3 +202,40 @@ async def test_no_renewal_before_the_model_answers_a_result() -> None:
         assert session._at_boundary()
     finally:
         await session.stop()
+
+
+async def test_a_result_during_a_renewal_goes_to_the_new_stream() -> None:
+    """The result lands while the new stream is being opened: it is held (the old stream,
+    about to be replaced, would answer it into the void) and sent to the new one as text."""
+    svc = FakeService()
+    tools = FlaggedTools({"navigate": None})
+    gate = asyncio.Event()
+
+    async def opener(settings: Any) -> Any:
+        if svc.opens >= 1:
+            await gate.wait()  # the renewal's open takes a while
+        return await svc.open(settings)
+
+    session = SonicSession(BedrockSettings(), SessionConfig(), tools, Recorder(), opener=opener)
+    await session.start()
+    try:
+        old = svc.current
+        old.start_completion()
+        old.tool_use("navigate", {})
+        old.end_completion("TOOL_USE")
+        await until(lambda: tools.running)
+        renewal = asyncio.ensure_future(session.rotate())
+        await until(lambda: session._rotating)
+        tools.release.set()  # the result lands mid-renewal
+        await asyncio.sleep(0.2)
+        assert session.results_held == 1
+        gate.set()
+        await renewal
+        new = await svc.wait_streams(2)
+        await until(lambda: any("Result of the earlier navigate" in t for t in texts_of(new)))
+    finally:
+        gate.set()
+        await session.stop()
+    assert not old.rec.tool_results, "the result went to the stream being replaced"
+    texts = texts_of(new)
+    assert any('"status": "ok"' in t and '"done": "navigate"' in t for t in texts), texts
