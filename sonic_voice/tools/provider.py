@@ -190,6 +190,10 @@ class ToolsProvider:
         else:
             calls = [c for c in self._active.values() if which(c)]
         for c in calls:
+            try:
+                c.tool.binding.stop_now(c)  # an action's cancel request leaves now
+            except Exception as e:  # noqa: BLE001 - the binding's own cancel follows
+                log.warning("cancel of %s: %s", c.tool.name, e)
             c.cancel(reason)
         if calls and wait:
             await asyncio.wait(
