@@ -215,7 +215,7 @@ class ActionBinding(Binding):
                 goal_fut.set_exception(e)
 
     async def _cancel_goal(self, call: Call, env: Any) -> bool | None:
-        """Ask the server to cancel (or take the answer to the safety stop's request);
+        """Ask the server to cancel (or take the answer to the request ``stop_now`` sent);
         True if it accepted, None if there was no goal."""
         gh = call.goal_handle
         if gh is None or env.closed:  # at shutdown the cancel was already sent
@@ -237,7 +237,7 @@ class ActionBinding(Binding):
         return bool(resp.goals_canceling)
 
     def stop_now(self, call: Call) -> None:
-        """Any thread: send the goal's cancel request now (the safety stop)."""
+        """Any thread: send the goal's cancel request now (no wait for the loop)."""
         gh = call.goal_handle
         if gh is None or call.stop_future is not None or call.env.closed:
             return  # not accepted yet: the loop side cancels it when it is
