@@ -35,6 +35,23 @@ Figures, t0 -> t1 (``time.perf_counter_ns``: CLOCK_MONOTONIC, comparable across 
   work the path costs, less sensitive than wall time to other load on the machine
   (it includes whatever audio this process handled meanwhile).
 
+Stopping (issue 15), ``--stops N`` rounds (default 100; 0 skips) after the calls above. Each
+round starts a goal the far end holds until cancelled (a ``hold`` action tool, as a
+NavigateToPose on its way), waits until it is accepted, then stops it:
+
+- ``stop_tool_to_cancel_ack``: t0 just before the loop calls ``provider.run`` with the
+  ``stop`` tool's toolUse (the ``cancel`` kind); t1 when the server's answer to the goal's
+  cancel request is back at the client (the action binding's ``cancel_ack`` mark, ROS
+  thread). Goal p99 <= 20 ms. (``..._server_sees_cancel``: t1 is the far end's cancel
+  callback.)
+- ``safety_stop_to_cancel_ack``: t0 when the far end (another process, as an e-stop node
+  would be) publishes ``std_msgs/Empty`` on ``safety_stop``; this process's subscription
+  callback calls ``provider.stop_motion`` on the executor thread, as ``sonic_session``'s
+  safety stop does (the cancel request leaves from there); t1 as above. Goal p99 <= 10 ms.
+- ``..._to_cancel_sent``: t1 when the cancel request left this process (the binding's
+  ``cancel_sent`` mark): this process's share; the rest is the far end's rclpy action
+  server (~2-3 ms per answer here; µs for a C++ server such as Nav2's) and the way back.
+
 Options: ``--same-process`` puts the server in this process on the graph's executor (it
 then competes for this process's GIL; the harder, less realistic case), ``--no-audio``,
 ``--period S``, ``--goal-ms MS``, ``--session-executor multi`` (the session-like node on a
@@ -71,6 +88,7 @@ from _common import (
     Figures,
     add_load_option,
     add_rt_option,
+    figure,
     isolate,
     pct,
     phase,
@@ -89,8 +107,17 @@ tools:
       server: fibonacci
       goal: {order: {input: order}}
       result: [sequence]
+  - name: hold
+    description: A goal the far end holds until it is cancelled.
+    input: {properties: {}}
+    action: {type: test_msgs/action/Fibonacci, server: hold, goal: {order: 1}}
+  - name: stop
+    description: Stop.
+    input: {properties: {}}
+    cancel: {}
 """
 WARMUP = 20
+STOP_WARMUP = 5
 MIC_BLOCK = 640  # 20 ms of PCM16 mono at 16 kHz
 # Quiet: the tools layer's own goals; loaded: issue 10 (p99 <= 25 ms under the standard load).
 GOALS = {
@@ -137,10 +164,53 @@ class FarEnd:
             self.result_sent_ns.append(time.perf_counter_ns())
 
         self.server._send_result_response = send_and_stamp
+        self.cancel_ns: list[int] = []
+        self.estop_ns: list[int] = []
+        self._held: list[Any] = []
+        self.hold = ActionServer(
+            node,
+            Fibonacci,
+            "hold",
+            execute_callback=self._hold,
+            goal_callback=lambda goal: GoalResponse.ACCEPT,
+            cancel_callback=self._on_cancel,
+            result_timeout=RESULT_KEEP_S,
+        )
+        from std_msgs.msg import Empty
+
+        self._empty = Empty()
+        self.estop = node.create_publisher(Empty, "safety_stop", 10)
         if audio:
             pub = node.create_publisher(UInt8MultiArray, MIC_TOPIC, AUDIO_QOS)
             block = UInt8MultiArray(data=bytes(MIC_BLOCK))
             node.create_timer(0.02, lambda: pub.publish(block))
+
+    def _on_cancel(self, goal_handle: Any) -> Any:
+        from rclpy.action import CancelResponse
+
+        self.cancel_ns.append(time.perf_counter_ns())
+        for fut in self._held:
+            if not fut.done():
+                fut.set_result(None)
+        return CancelResponse.ACCEPT
+
+    async def _hold(self, goal_handle: Any) -> Any:
+        """Until cancelled (awaits an rclpy future the cancel callback completes, so the
+        executor stays free to take the cancel request)."""
+        from rclpy.task import Future
+
+        fut = Future()
+        self._held = [fut]
+        await fut  # resumed after the server marked the goal canceling
+        if goal_handle.is_cancel_requested:
+            goal_handle.canceled()
+        else:
+            goal_handle.abort()
+        return self._fib.Result()
+
+    def publish_estop(self) -> None:
+        self.estop_ns.append(time.perf_counter_ns())
+        self.estop.publish(self._empty)
 
     def _execute(self, goal_handle: Any) -> Any:
         if self._goal_s:
@@ -171,6 +241,38 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+async def stop_rounds(
+    provider: Any, n: int, estop: Any, period: float
+) -> list[tuple[str, int | None, dict[str, float]]]:
+    """Rounds of (hold goal accepted -> stop tool) and (hold goal accepted -> safety stop):
+    ``(kind, t0 or None for the far end's stamp, marks of the held goal)``."""
+    from sonic_voice.sonic.tools_seam import ToolUse
+
+    out = []
+    for i in range(STOP_WARMUP + n):
+        for kind in ("tool", "safety"):
+            uid = f"hold-{kind}-{i}"
+            task = asyncio.ensure_future(provider.run(ToolUse(uid, "hold", {}), lambda t, d: None))
+            await asyncio.sleep(0)  # the call is registered when the task first runs
+            await asyncio.wait_for(provider._active[uid].accepted.wait(), 10)
+            await asyncio.sleep(period / 2)  # the goal runs a while, as a trip does
+            t0 = None
+            if kind == "tool":
+                t0 = time.perf_counter_ns()
+                r = await provider.run(ToolUse(f"stop-{i}", "stop", {}), lambda t, d: None)
+                assert r.content.get("cancelled_calls") == 1, r.content
+                provider.marks.pop(f"stop-{i}", None)
+            else:
+                estop()
+            res = await asyncio.wait_for(task, 10)
+            assert res.status == "cancelled", res.content
+            marks = provider.marks.pop(uid)
+            if i >= STOP_WARMUP:
+                out.append((kind, t0, marks))
+            await asyncio.sleep(period / 2)
+    return out
+
+
 def far_end_process(domain_id: int, audio: bool, goal_s: float, conn: Any) -> None:
     """Child process: the far end on its own context and executor until told to stop."""
     from _common import normal_priority
@@ -191,10 +293,11 @@ def far_end_process(domain_id: int, audio: bool, goal_s: float, conn: Any) -> No
     t = threading.Thread(target=ex.spin, daemon=True)
     t.start()
     conn.send("ready")
-    conn.recv()  # stop
+    while conn.recv() == "estop":
+        far.publish_estop()
     ex.shutdown(timeout_sec=5)
     t.join(10)
-    conn.send((far.accepted_ns, far.result_ns, far.result_sent_ns))
+    conn.send((far.accepted_ns, far.result_ns, far.result_sent_ns, far.cancel_ns, far.estop_ns))
     node.destroy_node()
     ctx.try_shutdown()
 
@@ -206,6 +309,9 @@ def main() -> None:
     ap.add_argument("--same-process", action="store_true", help="the server in this process")
     ap.add_argument("--no-audio", action="store_true", help="no microphone traffic")
     ap.add_argument("--stages", action="store_true", help="per-stage offsets from t0")
+    ap.add_argument(
+        "--stops", type=int, default=100, help="rounds of stop tool / safety stop (0: none)"
+    )
     ap.add_argument(
         "--goal-ms",
         type=float,
@@ -272,6 +378,18 @@ def main() -> None:
         provider = load_provider(session, str(cfg), None)
         provider.keep_marks = True
         assert provider._clients["fib"].wait_for_server(30), "server not discovered"
+        assert provider._clients["hold"].wait_for_server(30), "server not discovered"
+        from std_msgs.msg import Empty
+
+        def on_estop(_msg: Any) -> None:  # executor thread, as sonic_session's safety stop
+            provider.stop_motion("by the safety stop")
+
+        session.create_subscription(Empty, "safety_stop", on_estop, 10)
+        if child is not None:
+            estop = lambda: conn.send("estop")  # noqa: E731
+        else:
+            estop = far.publish_estop
+        stops: list[Any] = []
 
         async def run_calls(first: int, count: int) -> list[dict[str, float]]:
             rows = []
@@ -308,16 +426,24 @@ def main() -> None:
             figs.phases.append(info)
             results[name] = (rows, per_thread)
             first += WARMUP + args.n
+        if args.stops:  # stop tool and safety stop -> cancel acknowledged (issue 15)
+            stops.extend(
+                bridge.submit(stop_rounds(provider, args.stops, estop, args.period)).result(
+                    args.stops * (args.period + 30) + 60
+                )
+            )
         provider.shutdown()
         if child is not None:
             conn.send("stop")
-            accepted_ns, result_ns, result_sent_ns = conn.recv()
+            accepted_ns, result_ns, result_sent_ns, cancel_ns, estop_ns = conn.recv()
             child.join(10)
         else:
-            accepted_ns, result_ns, result_sent_ns = (
+            accepted_ns, result_ns, result_sent_ns, cancel_ns, estop_ns = (
                 far.accepted_ns,
                 far.result_ns,
                 far.result_sent_ns,
+                far.cancel_ns,
+                far.estop_ns,
             )
     finally:
         if child is not None and child.is_alive():
@@ -365,6 +491,39 @@ def main() -> None:
             figs.add(name, f"{key}_p99", pct(v, 99), "ms", goal[name] if goal else "")
         figs.add(name, "cpu_per_call_p50", pct([row["cpu"] * 1000 for row in rows], 50), "ms")
     figs.print()
+    if args.stops:
+        stop_figures(stops, cancel_ns, estop_ns)
+
+
+def stop_figures(
+    stops: list[tuple[str, int | None, dict[str, float]]],
+    cancel_ns: list[int],
+    estop_ns: list[int],
+) -> None:
+    """Stop tool and safety stop -> the goal's cancel acknowledged (issue 15)."""
+    skip = 2 * STOP_WARMUP  # cancels and e-stops of the warm-up rounds
+    cancels, estops = cancel_ns[skip:], estop_ns[STOP_WARMUP:]
+    assert len(cancels) == len(stops) and len(estops) == len(stops) // 2
+    tool_ack, tool_srv, safe_ack, safe_srv = [], [], [], []
+    sent: dict[str, list[float]] = {"tool": [], "safety": []}
+    e = iter(estops)
+    for (kind, t0, marks), srv in zip(stops, cancels, strict=True):
+        t0 = t0 if t0 is not None else next(e)
+        ack = marks["cancel_ack"] * 1e9
+        sent[kind].append((marks["cancel_sent"] * 1e9 - t0) / 1e6)
+        (tool_ack if kind == "tool" else safe_ack).append((ack - t0) / 1e6)
+        (tool_srv if kind == "tool" else safe_srv).append((srv - t0) / 1e6)
+    print(f"stops: {len(tool_ack)} stop-tool and {len(safe_ack)} safety-stop rounds")
+    for name, v, goal in (
+        ("stop_tool_to_cancel_ack", tool_ack, "<= 20 ms p99"),
+        ("stop_tool_to_server_sees_cancel", tool_srv, ""),
+        ("stop_tool_to_cancel_sent", sent["tool"], ""),
+        ("safety_stop_to_cancel_ack", safe_ack, "<= 10 ms p99"),
+        ("safety_stop_to_server_sees_cancel", safe_srv, ""),
+        ("safety_stop_to_cancel_sent", sent["safety"], ""),
+    ):
+        figure(f"{name}_p50", pct(v, 50), "ms", goal)
+        figure(f"{name}_p99", pct(v, 99), "ms", goal)
 
 
 if __name__ == "__main__":

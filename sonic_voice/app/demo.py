@@ -43,11 +43,14 @@ DEMO_LIMIT_S = 180.0
 DEMO_IDLE_TIMEOUT_S = 6.0  # the demo's conversation is released this long after its end
 MIC_RATE = 16000
 NAV_ACTION = "navigate_to_pose"
+# A slow walk (m/s), so the visitor has time to talk on the way (and to say "¡para!").
+DEMO_BASE_SPEED = 0.2
 
 # A few very common words per language: enough to say which language a demo line is in.
 _WORDS = {
     "es": {"el", "la", "los", "las", "de", "que", "me", "te", "por", "favor", "hola", "sí",
-           "claro", "hemos", "llegado", "puedes", "llevar", "a", "es", "una", "gracias"},
+           "claro", "hemos", "llegado", "puedes", "llevar", "a", "es", "una", "gracias",
+           "para", "lejos", "vale", "aquí"},
     "en": {"the", "a", "to", "you", "is", "are", "i", "am", "can", "how", "help", "hello",
            "we", "here", "please", "me", "take"},
     "fr": {"le", "la", "les", "de", "je", "vous", "est", "bonjour", "merci", "nous", "à"},
@@ -166,7 +169,7 @@ def visitor_lines(scenario_path: Path, wavs: list[Path]) -> list[tuple[str, Any]
     from sonic_voice.emulators.sonic.scenario import Scenario
 
     lines = []
-    turns = [t for t in Scenario.load(scenario_path).turns if t.on != "text"]
+    turns = [t for t in Scenario.load(scenario_path).turns if t.on in ("speech", "any")]
     for i, turn in enumerate(turns):
         if i < len(wavs):
             text, audio = f"(your recording {wavs[i].name})", read_wav_16k(wavs[i])
@@ -299,7 +302,13 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
                 # One process holds every node here (one GIL): a little more device latency
                 # keeps the virtual devices from underrunning on a busy machine.
                 stack.node("audio_io", {"latency": "0.05", "output_block_ms": 20.0})
-            base = stack.node("sim_base", {"locations_file": session_params["locations_file"]})
+            base = stack.node(
+                "sim_base",
+                {
+                    "locations_file": session_params["locations_file"],
+                    "linear_speed": DEMO_BASE_SPEED,
+                },
+            )
             kvs = None
             if off.kvs is not None:
                 kvs = stack.node(
@@ -378,11 +387,12 @@ def _wait(pred: Any, limit: float, stack: Stack, step: float = 0.05) -> bool:
 
 
 def _settled(run: RunLog, quiet_s: float = 0.8) -> Any:
-    """True once the robot is back to listening and has been for ``quiet_s``."""
+    """True once the robot is back to listening (or to an errand, e.g. driving) and has
+    been for ``quiet_s``."""
     since: list[float] = []
 
     def pred() -> bool:
-        if run.last_state() != "listening":
+        if run.last_state() not in ("listening", "acting"):
             since.clear()
             return False
         if not since:
@@ -423,16 +433,22 @@ def _converse(
     log.info("%s  (robot idle: no Bedrock stream until someone speaks to it)", run.t())
     for i, (text, audio) in enumerate(lines):
         answered = len(run.finals("ASSISTANT"))
+        before = _tool_ids(run, "start")
         log.info("%s  (visitor speaks into the microphone: %s)", run.t(), text)
         if not _play(off, audio, stack):
             return _fail(run, stack, "the visitor's audio could not be played")
         if not _wait(lambda n=answered: len(run.finals("ASSISTANT")) > n, left(), stack):
             return _fail(run, stack, f"no answer to visitor line {i + 1}")
-        while not _wait(_tools_done(run), 1.0, stack):
+        # Tools this line started end before the next line, except an errand still on its
+        # way (navigation): the conversation goes on while it runs.
+        while not _wait(_tools_done(run, before), 1.0, stack):
             if left() <= 0 or stack.runtime.stop_requested.is_set() or stack.fatal_errors():
                 return _fail(run, stack, "a tool call did not finish")
         if not _wait(_settled(run), left(), stack):
             return _fail(run, stack, "the robot did not finish speaking")
+    while not _wait(_tools_done(run, set(), errands_go_on=False), 1.0, stack):  # all ended
+        if left() <= 0 or stack.runtime.stop_requested.is_set() or stack.fatal_errors():
+            return _fail(run, stack, "a tool call did not finish")
     log_base(run, base, pos)
     if lines and session is not None and not session.params.always_on:
         # Nobody speaks any more: the conversation is released after idle_timeout_s.
@@ -443,9 +459,11 @@ def _converse(
                 run.t(),
                 session.params.idle_timeout_s,
             )
-    with run.lock:
+    with run.lock:  # a call the visitor stopped ("cancelled") is not a failure
         failed = [
-            e for e in run.tool_events if e.get("event") == "result" and e.get("status") != "ok"
+            e
+            for e in run.tool_events
+            if e.get("event") == "result" and e.get("status") not in ("ok", "cancelled")
         ]
     if failed:
         return _fail(run, stack, f"tool call(s) failed: {[_short(e) for e in failed]}")
@@ -470,12 +488,28 @@ def _play(off: Offline, audio: Any, stack: Stack) -> bool:
     return proc.returncode == 0
 
 
-def _tools_done(run: RunLog) -> Any:
+def _tool_ids(run: RunLog, event: str) -> set[str]:
+    with run.lock:
+        return {e.get("tool_use_id", "") for e in run.tool_events if e.get("event") == event}
+
+
+ERRANDS = ("navigate_to",)  # the demo's tools that may go on while the visitor talks
+
+
+def _tools_done(run: RunLog, before: set[str], errands_go_on: bool = True) -> Any:
+    """Every tool started since ``before`` has ended, except errands still on their way
+    (when ``errands_go_on``)."""
+
     def pred() -> bool:
         with run.lock:
-            started = sum(e.get("event") == "start" for e in run.tool_events)
-            ended = sum(e.get("event") == "result" for e in run.tool_events)
-        return ended >= started
+            started = {e.get("tool_use_id", ""): e.get("tool") for e in run.tool_events
+                       if e.get("event") == "start"}  # fmt: skip
+            ended = {e.get("tool_use_id", "") for e in run.tool_events
+                     if e.get("event") == "result"}  # fmt: skip
+        return not [
+            i for i, tool in started.items()
+            if i not in ended and i not in before and not (errands_go_on and tool in ERRANDS)
+        ]  # fmt: skip
 
     return pred
 

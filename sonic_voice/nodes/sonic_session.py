@@ -66,6 +66,7 @@ from sonic_voice.sonic.session import (
 from sonic_voice.sonic.transport import BedrockSettings, have_credentials
 
 STOP_TOOLS_S = 0.5  # of the shutdown budget: cancelling goals comes first
+SAFETY_REASON = "by the safety stop"  # the model reads "navigate_to was stopped (by the ...)"
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 # Where each model is known to run (shared reference, from pipecat; AWS adds regions, so an
 # unknown one is a warning, not an error).
@@ -109,7 +110,9 @@ class SessionParams:
     )
     tool_timeout_s: float = param(120.0, "Upper bound for any tool call.", range=(1.0, 3600.0))
     cancel_tools_on_barge_in: bool = param(
-        True, "Cancel running goals when the person interrupts the robot."
+        False,
+        "A barge-in flushes speech only; true also cancels running tools whose "
+        "cancel_on_barge_in is unset (a tool's own cancel_on_barge_in always wins).",
     )
     speak_progress: bool = param(True, "Nova 2: speak rate-limited tool progress.")
     input_source: str = param(
@@ -128,6 +131,17 @@ class SessionParams:
         range=(0, 100),
     )
     retry_cap_s: float = param(10.0, "Longest wait between two retries, s.", range=(0.5, 300.0))
+    safety_stop_topic: str = param(
+        "", "Topic of a local safety stop (e-stop, stop button); '' = none."
+    )
+    safety_stop_type: str = param(
+        "std_msgs/msg/Empty",
+        "Its type: std_msgs/msg/Empty (every message stops) or std_msgs/msg/Bool (true stops).",
+        choices=("std_msgs/msg/Empty", "std_msgs/msg/Bool"),
+    )
+    safety_stop_service: str = param(
+        "~/safety_stop", "std_srvs/srv/Trigger service of the local safety stop; '' = none."
+    )
     tools_file: str = param("", "YAML tool declarations; '' = no tools.")
     locations_file: str = param("", "YAML named locations for navigation tools.")
     # ---- conversation lifecycle (docs/conversation-lifecycle.md)
@@ -271,6 +285,7 @@ class SonicSessionNode(VoiceNode):
         self.last_response_ms: float | None = None
         self._user_final_t: float | None = None
         self.mic_frames = 0
+        self.safety_stops = 0
         self._last_push = 0.0
         self._ros: list[Any] = []
         self._active = False
@@ -453,7 +468,61 @@ class SonicSessionNode(VoiceNode):
                 self.create_service(Trigger, c.ENGAGE_SERVICE, self._srv_engage),
                 self.create_service(Trigger, c.RELEASE_SERVICE, self._srv_release),
             ]
+        self._ros += self._safety_stop_entities()
         self.publish_state("idle")
+
+    # ------------------------------------------------------------------ safety stop
+    def _safety_stop_entities(self) -> list[Any]:
+        """The local safety stop: a topic and/or a Trigger service that cancel every
+        running tool that moves the robot, with no model involved (issue 15)."""
+        p, out = self.params, []
+        if p.safety_stop_topic:
+            from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+            if p.safety_stop_type.endswith("/Bool"):
+                from std_msgs.msg import Bool as msg_cls
+            else:
+                msg_cls = Empty
+            qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+            # On the executor thread, not the loop: the cancel requests go out from there.
+            on_msg = self._on_safety_stop_msg
+            out.append(self.create_subscription(msg_cls, p.safety_stop_topic, on_msg, qos))
+        if p.safety_stop_service:
+            from std_srvs.srv import Trigger
+
+            out.append(
+                self.create_service(Trigger, p.safety_stop_service, self._on_safety_stop_srv)
+            )
+        return out
+
+    def _on_safety_stop_msg(self, msg: Any) -> None:
+        """Executor thread: a safety stop message (a Bool false releases nothing: ignored)."""
+        if getattr(msg, "data", True) is False:
+            return
+        self.safety_stop("topic")
+
+    def _on_safety_stop_srv(self, _req: Any, resp: Any) -> Any:
+        """Executor thread: stop, then answer at once (never waits on the loop)."""
+        n = self.safety_stop("service")
+        resp.success = self.tools is not None
+        resp.message = (
+            f"safety stop: cancelling {n} running motion(s)"
+            if self.tools is not None
+            else "no tools configured"
+        )
+        return resp
+
+    def safety_stop(self, source: str) -> int:
+        """Any thread: cancel every running call that moves the robot, at once (the cancel
+        requests leave from this thread). Each one's toolResult tells the model it was
+        stopped by the safety stop. Returns how many."""
+        self.safety_stops += 1
+        tools = self.tools
+        if tools is None or not hasattr(tools, "stop_motion"):
+            return 0
+        n = tools.stop_motion(SAFETY_REASON)
+        self.get_logger().warning(f"safety stop ({source}): cancelling {n} running motion(s)")
+        return n
 
     def on_config_failed(self) -> None:
         self.publish_state("error")
@@ -845,6 +914,8 @@ class SonicSessionNode(VoiceNode):
                 rotations=s.rotations,
                 recoveries=s.recoveries,
                 barge_ins=s.barge_ins,
+                results_held=s.results_held,
+                safety_stops=self.safety_stops,
                 frames_sent=s.frames_pushed,
                 frames_dropped=s.frames_dropped,
             )

@@ -63,6 +63,8 @@ DEFAULT_SYSTEM_PROMPT = (
     "results; if a tool fails, say so simply and offer an alternative."
 )
 
+UNANSWERED_MAX_S = 10.0  # a renewal waits this long at most for a tool result's answer
+
 STATES = ("idle", "connecting", "listening", "thinking", "speaking", "acting", "error")
 
 
@@ -90,8 +92,19 @@ class SessionConfig:
     pending_max_s: float = 30.0
     greeting: str = ""  # Nova 2: text sent at start so the robot speaks first
     tool_timeout_s: float = 60.0
-    cancel_tools_on_barge_in: bool = True
+    # A barge-in flushes the robot's speech; it cancels a running tool only when the tool
+    # says so (its ``cancel_on_barge_in``). This is the default for tools that do not say
+    # (issue 15: a visitor's "thanks!" over "follow me" must not stop the robot).
+    cancel_tools_on_barge_in: bool = False
     speak_progress: bool = True
+    # A tool result that lands while the visitor talks (local input above ``talk_dbfs``
+    # within the last ``talk_hold_s``), during a barge-in (until the visitor's turn is
+    # recognized) or while the stream is being renewed waits for the end of that, at most
+    # ``result_hold_max_s`` (rotation: until the new stream is live), so the model answers
+    # it at a natural point and not on top of the visitor.
+    result_hold_max_s: float = 4.0
+    talk_dbfs: float = -40.0
+    talk_hold_s: float = 0.7
     # Consecutive failures (opens that failed, streams that died) tolerated before the
     # session stops; the count clears once a stream stays up healthy_after_s or completes a
     # turn. Delays: at once, then retry_base_s doubling to retry_cap_s (sonic/retry.py).
@@ -292,6 +305,15 @@ class SonicSession:
         self._awaiting_reply = False
         self._last_output = time.monotonic()
         self._background: set[asyncio.Task] = set()
+        # Results waiting for a natural point: (leg that asked, use, result, since).
+        self._held: list[tuple[_Leg, ToolUse, ToolResult, float]] = []
+        self._held_task: asyncio.Task | None = None
+        self._barge_open = False  # a barge-in whose user turn is not recognized yet
+        self._barge_t = 0.0
+        self._last_voice = -1e9  # monotonic time of the last loud input frame
+        self._talk_level = (10 ** (self.config.talk_dbfs / 20) * 32768) ** 2
+        self.results_held = 0
+        self._unanswered_t: float | None = None  # a toolResult sent, no answer seen yet
         self._closing: set[asyncio.Task] = set()  # polite closes of old legs, awaited by stop()
         self.frames_pushed = 0
         self.frames_dropped = 0
@@ -345,6 +367,8 @@ class SonicSession:
         for block in self._chunker.push(as_pcm16(pcm)):
             frame = block.tobytes()
             self.frames_pushed += 1
+            if self._loud(block):
+                self._last_voice = time.monotonic()
             leg = self._leg
             if leg is None or leg.failed or self._recovering:
                 if len(self._pending) == self._pending.maxlen:
@@ -409,6 +433,7 @@ class SonicSession:
                 t.cancel()
             if self._tool_tasks:
                 await asyncio.wait(list(self._tool_tasks.values()), timeout=5)
+            self._flush_held()  # the last results go out before the stream closes
             leg = self._leg
             if leg is not None:
                 await self._retire(leg, wait=True)
@@ -683,6 +708,8 @@ class SonicSession:
             self._content[e.content_id] = e
             if e.role == "ASSISTANT" and e.type == "AUDIO":
                 self._barge_armed = True  # new speech: the next interruption is news
+                self._unanswered_t = None
+                self._turn_recognized()
             if e.type == "AUDIO":
                 self._audio_open = e.content_id
                 self._awaiting_reply = False
@@ -712,6 +739,8 @@ class SonicSession:
         self.listener.on_transcript({"role": role, "text": e.text, "stage": stage or "FINAL"})
         if role == "USER":
             self._awaiting_reply = True
+            if (stage or "FINAL") == "FINAL":
+                self._turn_recognized()
             self._update_state()
 
     def _on_content_end(self, leg: _Leg, e: ev.ContentEnd) -> None:
@@ -739,7 +768,8 @@ class SonicSession:
 
     def _barge_in(self) -> None:
         # The service says it several ways (the marker, then INTERRUPTED content ends);
-        # the playback side flushes once per interrupted answer.
+        # the playback side flushes once per interrupted answer. A barge-in interrupts
+        # speech, not errands (issue 15): only tools that ask for it are cancelled.
         if not self._barge_armed:
             return
         self._barge_armed = False
@@ -747,10 +777,33 @@ class SonicSession:
             self._interrupted_audio.add(self._audio_open)
         self.barge_ins += 1
         self._speaking_until = 0.0
+        self._barge_open, self._barge_t = True, time.monotonic()
         self.listener.on_interrupted()
-        if self.config.cancel_tools_on_barge_in and self._tool_tasks:
-            self._spawn(self.cancel_tools("barge-in"))
+        if self._tool_tasks:
+            self._cancel_on_barge_in()
         self._update_state()
+
+    def _cancel_on_barge_in(self) -> None:
+        """Cancel the running tools whose ``cancel_on_barge_in`` is true (unset: the
+        session's ``cancel_tools_on_barge_in``); the others keep running."""
+        tools, default = self.tools, self.config.cancel_tools_on_barge_in
+        running = getattr(tools, "running_tools", None)
+        if tools is None:
+            return
+        if running is None or not hasattr(tools, "cancel"):
+            if default:  # a provider without per-tool flags: the session-wide choice
+                self._spawn(self.cancel_tools("barge-in"))
+            return
+        for t in running():
+            flag = t.get("cancel_on_barge_in")
+            if flag if flag is not None else default:
+                log.info("barge-in cancels %s (cancel_on_barge_in)", t.get("tool"))
+                self._spawn(tools.cancel(t["tool_use_id"], "barge-in"))
+
+    def _turn_recognized(self) -> None:
+        """The visitor's turn after a barge-in is over (their words were recognized, or
+        the model answers): held results may go."""
+        self._barge_open = False
 
     def _on_usage(self, e: ev.Usage) -> None:
         self.listener.on_usage(
@@ -815,6 +868,47 @@ class SonicSession:
         self._update_state()
 
     def _deliver_result(self, leg: _Leg, use: ToolUse, result: ToolResult) -> None:
+        if self._holding() or self._held:
+            # Not on top of the visitor, nor into a stream about to be replaced; in order.
+            self._held.append((leg, use, result, time.monotonic()))
+            self.results_held += 1
+            log.debug("result of %s held until the visitor's turn ends", use.name)
+            if self._held_task is None or self._held_task.done():
+                self._held_task = asyncio.create_task(self._release_held(), name="sonic-held")
+                self._background.add(self._held_task)
+                self._held_task.add_done_callback(self._background.discard)
+            return
+        self._send_result(leg, use, result)
+
+    def _visitor_talking(self) -> bool:
+        cfg = self.config
+        now = time.monotonic()
+        if self._barge_open and now - self._barge_t >= cfg.result_hold_max_s:
+            self._barge_open = False  # a cough, an echo: no turn follows; stop waiting
+        return self._barge_open or now - self._last_voice < cfg.talk_hold_s
+
+    def _holding(self) -> bool:
+        return self._rotating or self._recovering or self._visitor_talking()
+
+    async def _release_held(self) -> None:
+        """Send held results once the visitor's turn is over (at most result_hold_max_s
+        after each landed) and the stream is live."""
+        bound = self.config.result_hold_max_s
+        while self._held and not self._stopping:
+            waited = time.monotonic() - self._held[0][3]
+            if not (self._rotating or self._recovering or self._leg is None) and (
+                not self._visitor_talking() or waited >= bound
+            ):
+                self._flush_held()
+                return
+            await asyncio.sleep(0.05)
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, []
+        for leg, use, result, _t in held:
+            self._send_result(leg, use, result)
+
+    def _send_result(self, leg: _Leg, use: ToolUse, result: ToolResult) -> None:
         content = {"status": result.status, **result.content}
         current = self._leg
         if current is leg and not leg.failed and not leg.retired:
@@ -829,6 +923,7 @@ class SonicSession:
                     ],
                 )
             )
+            self._unanswered_t = time.monotonic()  # no renewal before the model answers it
         elif current is not None and self.config.nova2 and not self._stopping:
             # The stream that asked was renewed meanwhile; its toolUseId means nothing to the
             # new one, so the outcome goes in as text the model can act on.
@@ -839,6 +934,8 @@ class SonicSession:
 
     async def _say_status(self, text: str) -> None:
         leg = self._leg
+        if self._holding():
+            return  # progress is rate-limited and repeats: never spoken over the visitor
         if leg is not None and not leg.failed:
             self._enqueue_text(
                 leg, "USER", f"(Robot status, tell the visitor briefly: {text})", interactive=True
@@ -855,6 +952,12 @@ class SonicSession:
 
     def _enqueue_text(self, leg: _Leg, role: str, text: str, interactive: bool) -> None:
         leg.queue.put_nowait(("e", self._text_block(leg, role, text, interactive)))
+
+    def _loud(self, block: np.ndarray) -> bool:
+        """The visitor may be talking: this input frame is above ``talk_dbfs`` (~10 µs per
+        32 ms frame)."""
+        x = block.astype(np.float32)
+        return float(np.dot(x, x)) > self._talk_level * len(x)
 
     def _spawn_close(self, leg: _Leg) -> None:
         task = asyncio.create_task(self._retire(leg, wait=False), name=f"sonic-close-{leg.number}")
@@ -898,9 +1001,14 @@ class SonicSession:
             self.listener.on_state(state)
 
     def _at_boundary(self) -> bool:
-        quiet = time.monotonic() - self._last_output >= self.config.boundary_quiet_s
+        now = time.monotonic()
+        quiet = now - self._last_output >= self.config.boundary_quiet_s
+        # A toolResult the model has not answered yet would be answered on the old stream,
+        # whose output is dropped once it is replaced: wait for the answer (bounded).
+        answered = self._unanswered_t is None or now - self._unanswered_t > UNANSWERED_MAX_S
         return (
             quiet
+            and answered
             and self._audio_open is None
             and not self._awaiting_reply
             and asyncio.get_running_loop().time() >= self._speaking_until

@@ -60,5 +60,9 @@ class ToolProvider(Protocol):
         """Cancel every running call that moves the robot; returns how many."""
         ...
 
+    # Optional (the session's barge-in policy uses them when present, issue 15):
+    # ``running_tools() -> [{"tool_use_id", "tool", "cancel_on_barge_in": bool | None, ...}]``
+    # and ``async cancel(tool_use_id, reason, wait=True) -> int``.
+
 
 ToolRunner = Callable[[ToolUse, ProgressFn], Awaitable[ToolResult]]

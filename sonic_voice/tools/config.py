@@ -20,6 +20,7 @@ File shape (see docs/adding-a-tool.md for the full reference)::
         description: ...
         requires_confirmation: false
         cancel_on_barge_in: false      # also stopped when the visitor talks over the robot
+                                       # (unset: sonic_session's cancel_tools_on_barge_in)
         input: {type: object, properties: {...}, required: [...]}   # JSON Schema
         action: {type: nav2_msgs/action/NavigateToPose, server: navigate_to_pose, goal: {...}}
         # or one of: service, topic, cancel, read, knowledge, mcp, agent
@@ -231,7 +232,7 @@ class ToolDef:
     requires_confirmation: bool = False
     moves_robot: bool = True
     cancels_running: bool = False
-    cancel_on_barge_in: bool = False
+    cancel_on_barge_in: bool | None = None  # None: the session's default (false)
     lookup_args: dict[str, str] = field(default_factory=dict)  # input arg -> table name
     validator: Any = None
     source: str = ""  # file:line of its declaration (for start-up errors)
@@ -367,7 +368,9 @@ def _load_tool(path: Path, raw: Any, tables: dict[str, Any], defaults: dict[str,
         requires_confirmation=requires_conf,
         moves_robot=bool(raw.get("moves_robot", binding.moves_robot_default())),
         cancels_running=bool(raw.get("cancels_running", kind == "cancel")),
-        cancel_on_barge_in=bool(raw.get("cancel_on_barge_in", False)),
+        cancel_on_barge_in=(
+            None if raw.get("cancel_on_barge_in") is None else bool(raw["cancel_on_barge_in"])
+        ),
         lookup_args=lookup_args,
         source=_where(path, raw),
     )

@@ -15,6 +15,7 @@ Threads: ``run``/``cancel``/``cancel_all`` are awaited on the session's asyncio 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -189,12 +190,46 @@ class ToolsProvider:
         else:
             calls = [c for c in self._active.values() if which(c)]
         for c in calls:
+            try:
+                c.tool.binding.stop_now(c)  # an action's cancel request leaves now
+            except Exception as e:  # noqa: BLE001 - the binding's own cancel follows
+                log.warning("cancel of %s: %s", c.tool.name, e)
             c.cancel(reason)
         if calls and wait:
             await asyncio.wait(
                 [asyncio.ensure_future(c.finished.wait()) for c in calls],
                 timeout=CANCEL_ACK_S + 1.0,
             )
+        return len(calls)
+
+    def stop_motion(self, reason: str) -> int:
+        """Any thread, at once: stop every running call that moves the robot (the local
+        safety stop). Each binding sends what stops the robot from the calling thread (an
+        action's cancel request: no thread hop, no await; bench/tool_latency.py measures
+        it), then the call is cancelled on its loop as usual, so its result says
+        ``reason``. Returns how many."""
+        for _ in range(3):
+            try:
+                calls = [c for c in list(self._active.values()) if c.tool.moves_robot]
+                break
+            except RuntimeError:  # the loop changed the dict meanwhile: look again
+                continue
+        else:
+            calls = []
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        for c in calls:
+            try:
+                c.tool.binding.stop_now(c)
+            except Exception as e:  # noqa: BLE001 - the loop-side cancel still follows
+                log.warning("safety stop of %s: %s", c.tool.name, e)
+            if c.loop is here:
+                c.cancel(reason)
+            else:
+                with contextlib.suppress(RuntimeError):  # loop closed: nothing runs
+                    c.loop.call_soon_threadsafe(c.cancel, reason)
         return len(calls)
 
     async def cancel_all(self, reason: str) -> int:

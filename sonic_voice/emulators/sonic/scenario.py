@@ -29,6 +29,16 @@ YAML (or the same as a dict)::
         voice: es                 # espeak voice/language when audio is espeak/auto
       - on: speech
         fault: modelTimeoutException  # fire a fault instead of replying
+      - on: speech
+        say_before: Follow me.
+        tool: {name: navigate_to, input: {location: kitchen}, wait: false}  # asynchronous:
+                                  # the turn ends without the result, the talk goes on
+      - on: tool_result           # a result no call waits for (wait: false, or late)
+        match: navigate_to        # only when the result (or text) contains this
+        say: We are there.
+
+``on: text`` also fires on the session's text (e.g. a result sent as text after a
+rotation); ``on: any`` is speech or text, never a tool result.
 """
 
 from __future__ import annotations
@@ -122,7 +132,8 @@ SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "additionalProperties": False,
                 "properties": {
-                    "on": {"enum": ["speech", "text", "any"]},
+                    "on": {"enum": ["speech", "text", "any", "tool_result"]},
+                    "match": {"type": "string", "minLength": 1},
                     "user": {"type": "string"},
                     "tool": {"$ref": "#/$defs/tool"},
                     "tools": {"type": "array", "items": {"$ref": "#/$defs/tool"}},
@@ -146,6 +157,7 @@ SCHEMA: dict[str, Any] = {
                 "name": {"type": "string", "minLength": 1},
                 "input": {"type": "object"},
                 "double_encode": {"type": "boolean"},
+                "wait": {"type": "boolean"},
             },
         }
     },
@@ -157,6 +169,7 @@ class ToolCall:
     name: str
     input: dict[str, Any] = field(default_factory=dict)
     double_encode: bool = False  # send the arguments JSON-encoded twice (seen in the wild)
+    wait: bool = True  # False: do not wait for the result (an asynchronous Nova 2 call)
 
 
 @dataclass
@@ -171,9 +184,12 @@ class Turn:
     voice: str = "en-us"
     fault: Fault | None = None
     usage: bool = True
+    match: str = ""  # text and tool_result turns: only when the trigger's text contains it
 
-    def fires_on(self, trigger: str) -> bool:
-        return self.on == "any" or self.on == trigger
+    def fires_on(self, trigger: str, text: str = "") -> bool:
+        if not (self.on == trigger or (self.on == "any" and trigger in ("speech", "text"))):
+            return False
+        return not self.match or self.match in text
 
 
 @dataclass
@@ -223,6 +239,7 @@ class Scenario:
                     voice=t.get("voice", "en-us"),
                     fault=fault,
                     usage=t.get("usage", True),
+                    match=t.get("match", ""),
                 )
             )
         vad, audio = doc.get("vad", {}), doc.get("audio", {})

@@ -482,8 +482,8 @@ class SonicEmulator:
     def take_turn_fault(self) -> Fault | None:
         return self._take_turn_fault()
 
-    def next_turn(self, trigger: str) -> int | None:
-        return self._next_turn(trigger)
+    def next_turn(self, trigger: str, text: str = "") -> int | None:
+        return self._next_turn(trigger, text)
 
     def audio_in(self, rec: StreamRecord, pcm: bytes, t_ns: int) -> None:
         for cb in self._audio_in_hooks:
@@ -528,7 +528,7 @@ class SonicEmulator:
     def _take_turn_fault(self) -> Fault | None:
         return self._armed_turn_faults.pop(0) if self._armed_turn_faults else None
 
-    def _next_turn(self, trigger: str) -> int | None:
+    def _next_turn(self, trigger: str, text: str = "") -> int | None:
         turns = self.scenario.turns
         if not turns:
             return None
@@ -536,7 +536,7 @@ class SonicEmulator:
             if not self.scenario.loop:
                 return None
             self._turn = 0
-        if not turns[self._turn].fires_on(trigger):
+        if not turns[self._turn].fires_on(trigger, text):
             return None
         i = self._turn
         self._turn += 1

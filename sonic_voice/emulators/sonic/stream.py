@@ -76,7 +76,7 @@ class StreamHost(Protocol):
     def stream_faults(self, index: int) -> list[Fault]: ...
     def arm_turn_fault(self, fault: Fault) -> None: ...
     def take_turn_fault(self) -> Fault | None: ...
-    def next_turn(self, trigger: str) -> int | None: ...
+    def next_turn(self, trigger: str, text: str = "") -> int | None: ...
     def audio_in(self, rec: StreamRecord, pcm: bytes, t_ns: int) -> None: ...
     def audio_out(self, rec: StreamRecord, pcm: bytes, t_ns: int) -> None: ...
     async def synth_cached(self, text: str, voice: str, wpm: int, rate: int) -> bytes: ...
@@ -328,6 +328,9 @@ class StreamSession:
             fut = self._pending_tools.get(action.tool_use_id)
             if fut is not None and not fut.done():
                 fut.set_result(action.text)
+            else:  # nobody waits for it (wait: false, or late): the model answers it
+                name = self.rules.tool_names.get(action.tool_use_id, "")
+                self._triggers.put_nowait(("tool_result", f"{name} {action.text}"))
         elif kind == "session_end":
             # The client closes its input next; end the response then (or after a grace
             # period), so the SDK never writes to a stream that already completed.
@@ -359,12 +362,12 @@ class StreamSession:
     # ------------------------------------------------------------------ scenario
     async def _turn_loop(self) -> None:
         while True:
-            trigger, _text = await self._triggers.get()
+            trigger, text = await self._triggers.get()
             fault = self.host.take_turn_fault()
             if fault is not None:
                 await self.apply_fault(fault)
                 return
-            turn_index = self.host.next_turn(trigger)
+            turn_index = self.host.next_turn(trigger, text)
             if turn_index is None:
                 continue
             turn = self.host.scenario.turns[turn_index]
@@ -433,7 +436,7 @@ class StreamSession:
             stop = await self._say(before)
         if stop != "INTERRUPTED":
             for call in turn.tools:
-                await self._tool_call(call.name, call.input, call.double_encode)
+                await self._tool_call(call.name, call.input, call.double_encode, call.wait)
         if stop != "INTERRUPTED" and (turn.say or turn.audio not in ("none", None)):
             stop = await self._say(turn)
         if turn.usage:
@@ -458,7 +461,9 @@ class StreamSession:
             await self._text_block("ASSISTANT", "FINAL", final, "END_TURN")
         return stop
 
-    async def _tool_call(self, name: str, args: dict[str, Any], double: bool) -> None:
+    async def _tool_call(
+        self, name: str, args: dict[str, Any], double: bool, wait: bool = True
+    ) -> None:
         cid, tid = str(uuid.uuid4()), str(uuid.uuid4())
         content = json.dumps(args)
         if double:
@@ -488,6 +493,9 @@ class StreamSession:
         )
         await self.emit("contentEnd", {"contentId": cid, "type": "TOOL", "stopReason": "TOOL_USE"})
         self.host.notify()
+        if not wait:
+            del self._pending_tools[tid]
+            return
         try:
             await asyncio.wait_for(fut, self.host.scenario.tool_timeout_s)
         except TimeoutError:

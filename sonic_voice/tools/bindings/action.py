@@ -215,13 +215,19 @@ class ActionBinding(Binding):
                 goal_fut.set_exception(e)
 
     async def _cancel_goal(self, call: Call, env: Any) -> bool | None:
-        """Ask the server to cancel; True if it accepted, None if there was no goal."""
+        """Ask the server to cancel (or take the answer to the request ``stop_now`` sent);
+        True if it accepted, None if there was no goal."""
         gh = call.goal_handle
         if gh is None or env.closed:  # at shutdown the cancel was already sent
             return None
         try:
             fut: asyncio.Future = call.loop.create_future()
-            gh.cancel_goal_async().add_done_callback(self.port.relay(call.loop, fut))
+            rfut = call.stop_future
+            if rfut is None:
+                rfut = gh.cancel_goal_async()
+                env.mark(call.use_id, "cancel_sent")
+                rfut.add_done_callback(lambda _f: env.mark(call.use_id, "cancel_ack"))
+            rfut.add_done_callback(self.port.relay(call.loop, fut))
             resp = await asyncio.wait_for(fut, CANCEL_ACK_S)
         except TimeoutError:
             return False
@@ -229,6 +235,16 @@ class ActionBinding(Binding):
             log.warning("cancel of %s failed: %s", call.tool.name, e)
             return False
         return bool(resp.goals_canceling)
+
+    def stop_now(self, call: Call) -> None:
+        """Any thread: send the goal's cancel request now (no wait for the loop)."""
+        gh = call.goal_handle
+        if gh is None or call.stop_future is not None or call.env.closed:
+            return  # not accepted yet: the loop side cancels it when it is
+        env = call.env
+        call.stop_future = gh.cancel_goal_async()
+        env.mark(call.use_id, "cancel_sent")
+        call.stop_future.add_done_callback(lambda _f: env.mark(call.use_id, "cancel_ack"))
 
     def _on_feedback(self, call: Call, fb: Any) -> None:
         """Loop thread: feedback as rate-limited progress (and a spoken sentence)."""

@@ -107,6 +107,12 @@ class Binding:
     def on_shutdown(self, call: Call) -> None:
         """Any thread, at node shutdown, for each running call (send what must go out)."""
 
+    def stop_now(self, call: Call) -> None:
+        """Any thread, when the call is cancelled (stop tool, barge-in, safety stop): send
+        what stops the robot at once, before the call's coroutine even resumes (an action:
+        its cancel request). The call is then cancelled on its loop as usual; ``run``
+        reuses what was sent here."""
+
     def close(self) -> None:
         """Free what ``setup`` made (any thread, once per binding, after the calls ended)."""
 
@@ -137,6 +143,7 @@ class Call:
     reason: str = ""
     goal_handle: Any = None  # action kinds
     stop_msg: Any = None  # topic kinds: sent when a timed publication ends early
+    stop_future: Any = None  # action kinds: the cancel request stop_now sent
     gate: asyncio.Future | None = None
     last_progress: float = -1e9
     last_spoken: float = -1e9
