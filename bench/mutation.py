@@ -412,6 +412,13 @@ def _copy_tree(dest: Path) -> None:
     shutil.copytree(ROOT, dest, ignore=ignore, symlinks=True)
 
 
+def _failed_ids(out: str) -> list[str]:
+    """Node ids of pytest's short summary ("FAILED id - reason"); ids may hold spaces
+    (parametrized ids), so split on the " - " before the reason."""
+    ids = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, re.M)
+    return [i.strip() for i in ids]
+
+
 def _baseline(tree: Path, tests: list[str]) -> tuple[float, list[str]]:
     """Seconds of the unmutated run, and the tests to leave out: those failing on the
     unmutated code twice in a row (a mutant cannot be judged by them)."""
@@ -420,7 +427,7 @@ def _baseline(tree: Path, tests: list[str]) -> tuple[float, list[str]]:
     t0 = time.monotonic()
     out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
     seconds = time.monotonic() - t0
-    failing = re.findall(r"^(?:FAILED|ERROR) (\S+)", out.stdout, re.M)
+    failing = _failed_ids(out.stdout)
     if out.returncode not in (0, 1):
         sys.exit(f"mutation: the unmutated tests do not run ({' '.join(tests)}):\n{out.stdout}")
     still = [t for t in failing if _pytest(tree, [t], 600)[0] != "survived"]
@@ -459,7 +466,7 @@ def _pytest(
     seconds = time.monotonic() - t0
     if proc.returncode == 0:
         return "survived", seconds, ""
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    failed = _failed_ids(out)
     if proc.returncode in (1, 2) and (failed or "error" in out.lower()):
         return "killed", seconds, failed[0] if failed else out.strip().splitlines()[-1][:120]
     return "killed", seconds, f"pytest status {proc.returncode}: {out.strip()[-200:]}"
