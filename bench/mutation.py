@@ -438,8 +438,9 @@ def _copy_tree(dest: Path) -> None:
 
 def _failed_ids(out: str) -> list[str]:
     """Node ids of pytest's short summary ("FAILED id - reason"); ids may hold spaces
-    (parametrized ids), so split on the " - " before the reason."""
-    ids = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, re.M)
+    (parametrized ids), so split on the " - " before the reason. Log lines that start
+    with ERROR (captured logging) are not test ids."""
+    ids = re.findall(r"^(?:FAILED|ERROR) (\S+\.py(?:::.+?)?)(?: - .*)?$", out, re.M)
     return [i.strip() for i in ids]
 
 
