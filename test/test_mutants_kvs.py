@@ -76,6 +76,7 @@ def test_inbound_messages_accepted_and_returned() -> None:
         "type": "text",
         "text": "hello",
     }
+    assert parse_inbound('{"type": "text", "text": "y"}')["text"] == "y"  # one character
     assert parse_inbound(b'{"type": "mute"}') == {"type": "mute"}
     assert parse_inbound('{"type": "unmute"}') == {"type": "unmute"}
 

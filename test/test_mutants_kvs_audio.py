@@ -91,3 +91,11 @@ def test_remote_blocker_block_size_and_rate_change() -> None:
     b.push(_tone(0.2, 16000), in_rate=16000)  # a new source rate: a new resampler
     assert {len(x) for x in out} == {320} and b.blocks == len(out)
     assert sum(len(x) for x in out) == pytest.approx(0.4 * 16000, abs=700)
+
+
+def test_remote_blocker_defaults_to_32_ms_at_16_khz() -> None:
+    """Kills: RemoteBlocker's default block (32 ms, the audio/remote block) changed."""
+    out: list[np.ndarray] = []
+    b = RemoteBlocker(out.append)
+    b.push(_tone(0.3, 48000))
+    assert out and {len(x) for x in out} == {512}

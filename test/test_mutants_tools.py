@@ -3,10 +3,16 @@ untested (integer bounds off by one, bounded strings, alias listing)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from pathlib import Path
+
 import pytest
 
 from sonic_voice.tools.config import load_locations
 from sonic_voice.tools.mapping import check_value
+
+LOCATIONS = str(Path(__file__).resolve().parent.parent / "config" / "locations.yaml")
 
 INT_BOUNDS = {
     "int8": (-128, 127),
@@ -84,3 +90,63 @@ def test_location_aliases_are_listed_once_and_resolve() -> None:
     assert table.resolve("Cocina") == "kitchen" and table.resolve("HALL") == "lobby"
     assert table.resolve("nowhere") is None and table.resolve(3) is None
     assert table.describe().startswith("kitchen (cafe, cocina); lobby (")
+
+
+FIB_TOOL = """
+defaults: {timeout_s: 20, server_wait_s: 5}
+tools:
+  - name: fib
+    description: Fibonacci numbers.
+    input:
+      type: object
+      properties: {order: {type: integer, minimum: 1, maximum: 40}}
+      required: [order]
+    action:
+      type: test_msgs/action/Fibonacci
+      server: fibonacci
+      goal: {order: {input: order}}
+      result: [sequence]
+"""
+
+
+def test_goal_cancelled_on_the_robots_side_is_reported_as_cancelled(
+    ros_graph, tmp_path: Path
+) -> None:
+    """An operator cancels the running goal through the action's own cancel service (not
+    the tool): the model hears "cancelled on the robot's side". Kills: the
+    ``STATUS_CANCELED`` test of the result inverted (reported as an unexpected status)."""
+    from action_msgs.srv import CancelGoal
+    from test_msgs.action import Fibonacci
+
+    from sonic_voice.sonic.tools_seam import ToolUse
+    from sonic_voice.tools import load_provider
+
+    from test.harness.servers import fibonacci_server
+
+    server = fibonacci_server(ros_graph.node("fib_server"), mode="hold")
+    tools = tmp_path / "tools.yaml"
+    tools.write_text(FIB_TOOL)
+    provider = load_provider(ros_graph.node("tools_test"), str(tools), LOCATIONS)
+    cancels: list = []
+
+    def operator() -> None:
+        assert server.goal_received.wait(20)
+        cli = ros_graph.node("operator").create_client(
+            Fibonacci.Impl.CancelGoalService, "fibonacci/_action/cancel_goal"
+        )
+        assert cli.wait_for_service(timeout_sec=10)
+        cancels.append(cli.call_async(CancelGoal.Request()))  # zero id and stamp: all goals
+
+    t = threading.Thread(target=operator, name="operator", daemon=True)
+    t.start()
+    try:
+        use = ToolUse(tool_use_id="id-fib", name="fib", input={"order": 5})
+        r = asyncio.run(provider.run(use, lambda _text, _data: None))
+    finally:
+        t.join(10)
+        provider.shutdown()
+    assert cancels, "the operator never sent its cancel"
+    assert r.status == "cancelled", r.content
+    assert r.content["outcome"] == "cancelled"
+    assert "cancelled on the robot's side" in r.content["error"]
+    assert server.cancels >= 1
