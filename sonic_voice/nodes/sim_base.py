@@ -201,6 +201,8 @@ class SimBaseNode(VoiceNode):
         self._run: _Run | None = None
         self._runs: dict[bytes, _Run] = {}
         self._active = False
+        self._shutting_down = False
+        self._accepting = 0  # goals accepted whose accepted-callback has not run yet
         self._last_tick: float | None = None
         self._fail_points: list[tuple[str, float, float]] = []
         self._odom_pub = None
@@ -279,6 +281,7 @@ class SimBaseNode(VoiceNode):
 
     def activate(self) -> None:
         """Start the simulation clock; goals are accepted from now on."""
+        self._shutting_down = False
         self._last_tick = None
         if self._timer is None:
             self._timer = self.create_timer(
@@ -294,10 +297,13 @@ class SimBaseNode(VoiceNode):
 
     async def stop(self) -> None:
         """A running goal is aborted and the base stopped; its result goes out while the
-        executor still spins (at most 0.5 s)."""
-        self._stop("aborted", _UNKNOWN, "base shutting down")
+        executor still spins (at most 0.5 s). A goal accepted just now (the signal came
+        while its goal callback ran) is aborted too once it starts."""
+        self._shutting_down = True
         for _ in range(50):
-            if not self._runs:
+            if self._run is not None or self._active:
+                self._stop("aborted", _UNKNOWN, "base shutting down")
+            if not self._runs and not self._accepting:
                 return
             await asyncio.sleep(0.01)
 
@@ -348,6 +354,7 @@ class SimBaseNode(VoiceNode):
             self.counts["rejected"] += 1
             self.get_logger().warning(f"goal rejected: {reason}")
             return GoalResponse.REJECT
+        self._accepting += 1
         return GoalResponse.ACCEPT
 
     def _on_accepted(self, handle: Any) -> None:
@@ -376,7 +383,10 @@ class SimBaseNode(VoiceNode):
             f"goal accepted: ({gx:.2f}, {gy:.2f}), {run.start_distance:.2f} m away"
             + (" [will fail: fail_on]" if fail else "")
         )
+        self._accepting = max(0, self._accepting - 1)
         handle.execute()
+        if self._shutting_down:  # accepted while the node stops: abort it at once
+            self._stop("aborted", _UNKNOWN, "base shutting down")
 
     def _on_cancel(self, _handle: Any) -> CancelResponse:
         # Accept always; the simulation tick stops the base and ends the goal.
