@@ -79,3 +79,16 @@ def _process_bridge() -> Iterator[None]:
     from sonic_voice.ros.bridge import Bridge
 
     Bridge.close_process_bridge(timeout=2.0)
+
+
+@pytest.fixture(autouse=True)
+def _our_loggers_enabled() -> Iterator[None]:
+    """A library configured by another test (logging.config with disable_existing_loggers,
+    as uvicorn and others do) disables loggers that already exist; ours are re-enabled so
+    a test that reads our log lines does not depend on which tests ran before it."""
+    import logging
+
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("sonic_voice") and isinstance(logger, logging.Logger):
+            logger.disabled = False
+    yield
