@@ -89,12 +89,23 @@ def enter_network_namespace() -> bool:
             Path("/proc/self/setgroups").write_text("deny")
             Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
             Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True)
-        subprocess.run(
-            ["ip", "addr", "add", "127.0.0.2/8", "dev", "lo"], check=False, capture_output=True
-        )
-    except (OSError, subprocess.CalledProcessError):
+    except OSError:
         return False
+    # Up goes lo by ioctl in this process, which holds the namespace's capabilities (a
+    # program it started, e.g. `ip`, would not as a user: its uid maps to itself, not 0).
+    # Past this point the process is in the new namespace whatever happens.
+    import fcntl
+    import socket
+    import struct
+
+    siocsifflags, iff_up, iff_loopback, iff_running = 0x8914, 0x1, 0x8, 0x40
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifr = struct.pack("16sH14x", b"lo", iff_up | iff_loopback | iff_running)
+        fcntl.ioctl(sock, siocsifflags, ifr)
+    # 127.0.0.2 for aiortc's host candidates (only the KVS path needs it; best effort).
+    subprocess.run(
+        ["ip", "addr", "add", "127.0.0.2/8", "dev", "lo"], check=False, capture_output=True
+    )
     return True
 
 

@@ -301,7 +301,12 @@ class SimBaseNode(VoiceNode):
         while its goal callback ran) is aborted too once it starts."""
         self._shutting_down = True
         for _ in range(50):
-            if self._run is not None or self._active:
+            run = self._run
+            if run is not None and run.handle.is_cancel_requested:
+                # Cancelled by its client (the conversation stops first) and not yet seen
+                # by a tick: it ends cancelled, as the client asked, not aborted.
+                self._stop("canceled", 0, "")
+            elif run is not None or self._active:
                 self._stop("aborted", _UNKNOWN, "base shutting down")
             if not self._runs and not self._accepting:
                 return
