@@ -559,7 +559,7 @@ class SonicSessionNode(VoiceNode):
             if self.params.check_on_start:
                 self._session_task = self.bridge.submit(self._check_access())
         self._watch = None
-        self.bridge.loop.call_soon_threadsafe(self._start_watch)
+        self.bridge.call(self._start_watch)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -828,7 +828,7 @@ class SonicSessionNode(VoiceNode):
             self._viewers = msg.data
             self.publish_state(self._state)  # the state carries source and viewer count
             if joined and self.params.engage_on_viewer:
-                self.bridge.loop.call_soon_threadsafe(self._engage, "viewer")
+                self.bridge.call(self._engage, "viewer")
 
     def _on_presence(self, msg: Any) -> None:
         """On the loop: the presence topic (engages on its rising edge)."""
@@ -844,25 +844,21 @@ class SonicSessionNode(VoiceNode):
 
     def _srv_engage(self, request: Any, response: Any) -> Any:
         """``~/engage`` (executor thread): ask the loop; answer with the phase it was in."""
-        response.success = self._active and not self.params.always_on
-        response.message = (
-            f"engage requested (was {self.eng.phase})"
-            if response.success
-            else ("always_on: the conversation is always open" if self._active else "inactive")
-        )
-        if response.success:
-            self.bridge.loop.call_soon_threadsafe(self._engage, "service")
-        return response
+        return self._phase_request("engage", self._engage, response)
 
     def _srv_release(self, request: Any, response: Any) -> Any:
+        """``~/release`` (executor thread), as ``~/engage``."""
+        return self._phase_request("release", self._release, response)
+
+    def _phase_request(self, verb: str, act: Any, response: Any) -> Any:
         response.success = self._active and not self.params.always_on
         response.message = (
-            f"release requested (was {self.eng.phase})"
+            f"{verb} requested (was {self.eng.phase})"
             if response.success
             else ("always_on: the conversation is always open" if self._active else "inactive")
         )
         if response.success:
-            self.bridge.loop.call_soon_threadsafe(self._release, "service")
+            self.bridge.call(act, "service")
         return response
 
     def _on_text(self, msg: String) -> None:
