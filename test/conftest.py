@@ -92,3 +92,13 @@ def _our_loggers_enabled() -> Iterator[None]:
         if name.startswith("sonic_voice") and isinstance(logger, logging.Logger):
             logger.disabled = False
     yield
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Domains where a test's graph met nodes that were not its own (then not reused)."""
+    from test.harness.ros import tainted
+
+    if tainted:
+        terminalreporter.section("ROS domains with strangers (not reused)")
+        for domain, (test, *nodes) in sorted(tainted.items()):
+            terminalreporter.write_line(f"domain {domain}: {test}: {', '.join(nodes[:6])}")

@@ -103,6 +103,22 @@ def test_playback_buffer_is_gap_free_for_any_chunking() -> None:
     assert buf.read_into(block) == 0 and not block.any()
 
 
+def test_playback_buffer_counts_running_dry_at_a_block_boundary_not_a_flush() -> None:
+    """A feed that is late exactly at a block boundary is an underrun too (the silence it
+    causes must be accounted for); idle before any audio and a flush are not."""
+    buf = PlaybackBuffer(16000)
+    block = np.empty(160, dtype=np.int16)
+    assert buf.read_into(block) == 0 and buf.underruns == 0  # idle: nothing was playing
+    buf.write(np.ones(320, dtype=np.int16))
+    assert buf.read_into(block) == 160 and buf.read_into(block) == 160
+    assert buf.read_into(block) == 0 and buf.underruns == 1  # ran dry at the boundary
+    assert buf.read_into(block) == 0 and buf.underruns == 1  # still dry: one underrun
+    buf.write(np.ones(480, dtype=np.int16))
+    assert buf.read_into(block) == 160
+    buf.flush()
+    assert buf.read_into(block) == 0 and buf.underruns == 1  # a flush is silence on purpose
+
+
 def test_playback_flush_drops_everything_at_once() -> None:
     buf = PlaybackBuffer(24000)
     buf.write(np.ones(24000, dtype=np.int16))

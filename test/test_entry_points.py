@@ -254,7 +254,14 @@ def _stop_runner_mid_trip(tmp: Path, sig: int) -> tuple[int, str, float]:
         time.sleep(0.5)  # driving
         t0 = time.monotonic()
         proc.send_signal(sig)
-        rest, _ = proc.communicate(timeout=30)
+        try:
+            rest, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the runner prints its threads' stacks
+            time.sleep(1.0)
+            proc.kill()
+            rest, _ = proc.communicate(timeout=10)
+            pytest.fail("no exit 30 s after the signal:\n" + ("".join(out) + rest)[-12000:])
         took = time.monotonic() - t0
     finally:
         if proc.poll() is None:

@@ -22,6 +22,7 @@ namespace of its own, which must happen before any thread starts (numpy's includ
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     signals = Signals()
     signals.install()
+    # `kill -USR1 <pid>` prints every thread's stack: what a stuck run is doing.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         check_args(args)
         from sonic_voice.sonic.transport import have_credentials

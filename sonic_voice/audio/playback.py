@@ -29,7 +29,8 @@ class PlaybackBuffer:
         self._queued = 0
         self._lock = threading.Lock()
         self._generation = 0
-        self.underruns = 0
+        self.underruns = 0  # times the queue ran dry while playing (the producer was late)
+        self._playing = False
         self.dropped_samples = 0
         self.played_samples = 0
 
@@ -67,6 +68,7 @@ class PlaybackBuffer:
             self._head_offset = 0
             self._queued = 0
             self._generation += 1
+            self._playing = False  # silence on purpose, not an underrun
         return dropped
 
     def read_into(self, out: np.ndarray) -> int:
@@ -89,9 +91,11 @@ class PlaybackBuffer:
                     self._head_offset = 0
             self._queued -= filled
             self.played_samples += filled
-            if 0 < filled < need:
-                # ran dry in the middle of a block: the producer fell behind real time
+            if filled < need and not self._chunks and (filled or self._playing):
+                # ran dry while playing (mid-block, or right after a full block): the
+                # producer fell behind real time, or the utterance ended
                 self.underruns += 1
+            self._playing = filled == need
         if filled < need:
             out[filled:] = 0
         return filled

@@ -88,6 +88,16 @@ def chunk_correlations(
     return np.array(out)
 
 
+def silent_runs(x: np.ndarray, min_len: int = 3, threshold: int = 0) -> int:
+    """How many runs of at least ``min_len`` samples with ``|x| <= threshold``."""
+    quiet = np.abs(x.astype(np.int32)) <= threshold
+    if not quiet.any():
+        return 0
+    edges = np.diff(np.concatenate(([0], quiet.astype(np.int8), [0])))
+    starts, ends = np.where(edges == 1)[0], np.where(edges == -1)[0]
+    return int(((ends - starts) >= min_len).sum())
+
+
 def longest_silent_run(x: np.ndarray, threshold: int = 0) -> int:
     """Length of the longest run of samples with ``|x| <= threshold``."""
     quiet = np.abs(x.astype(np.int32)) <= threshold
