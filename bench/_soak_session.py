@@ -87,7 +87,9 @@ async def _soak(legs: int, fault_every: int, speed: float, warmup: int) -> dict[
     from sonic_voice.sonic.session import SessionConfig, SessionListener, SonicSession
     from sonic_voice.sonic.transport import BedrockSettings
 
-    logging.getLogger("sonic_voice").setLevel(logging.ERROR)
+    ours = logging.getLogger("sonic_voice")
+    level = ours.level
+    ours.setLevel(logging.ERROR)  # the planted faults' warnings, for this soak only
     emu = EmulatorThread(scenario={"turns": []}, realtime=False, session_limit_s=0)
     emu.start()
     try:
@@ -211,6 +213,7 @@ async def _soak(legs: int, fault_every: int, speed: float, warmup: int) -> dict[
         return out
     finally:
         emu.stop()
+        ours.setLevel(level)
 
 
 def run(

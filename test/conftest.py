@@ -84,13 +84,15 @@ def _process_bridge() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _our_loggers_enabled() -> Iterator[None]:
     """A library configured by another test (logging.config with disable_existing_loggers,
-    as uvicorn and others do) disables loggers that already exist; ours are re-enabled so
+    as uvicorn and others do) disables loggers that already exist, and a soak quiets ours
+    with a level (test_soak_session once left WARNING lines unseen); ours are reset so
     a test that reads our log lines does not depend on which tests ran before it."""
     import logging
 
     for name, logger in list(logging.Logger.manager.loggerDict.items()):
         if name.startswith("sonic_voice") and isinstance(logger, logging.Logger):
             logger.disabled = False
+            logger.setLevel(logging.NOTSET)  # a level an earlier test (or bench) left set
     yield
 
 
