@@ -237,6 +237,37 @@ async def test_data_channel_transcripts_and_validation(emu: KvsEmulator, robot: 
     await v.close()
 
 
+async def test_a_transcript_sent_as_the_viewer_connects_reaches_it(emu: KvsEmulator) -> None:
+    """The greeting's transcript is broadcast the moment a viewer's peer connects, before
+    its data channel is open on the robot's side: it waits for the channel (after the
+    latched state) instead of being lost."""
+    r = Robot(emu)
+    states: list[bool] = []
+
+    def on_viewers(count: int) -> None:  # runs as the peer connects
+        if count != 1 or states:
+            return
+        peer = r.master.peers["visitor-1"]
+        states.append(any(c.readyState == "open" for c in peer.channels))
+        r.master._latch({"type": "state", "state": "speaking"})
+        r.master.broadcast({"type": "transcript", "role": "ASSISTANT", "text": "Welcome!"})
+
+    r.master.on_viewers = on_viewers
+    await r.master.start()
+    assert await r.master.wait_connected(10)
+    try:
+        v = await viewer(emu, "visitor-1").join()
+        m = await v.wait_message(lambda m: m.get("type") == "transcript")
+        assert m == {"type": "transcript", "role": "ASSISTANT", "text": "Welcome!"}
+        assert states[:1] == [False], "the channel was already open: nothing was tested"
+        await v.wait_message(lambda m: m.get("type") == "state")
+        kinds = [m.get("type") for m in v.messages]
+        assert kinds[:2] == ["transcript", "state"] and kinds.count("state") == 1, kinds
+        await v.close()
+    finally:
+        await r.master.stop()
+
+
 async def test_mute_drops_viewer_audio(emu: KvsEmulator, robot: Robot) -> None:
     v = await viewer(emu, "visitor-1").join()
     v.send_json({"type": "mute"})

@@ -18,6 +18,7 @@ Audio paths (``KvsSettings``):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -44,6 +45,8 @@ from sonic_voice.kvs.opus_send import (
 from sonic_voice.kvs.settings import KvsSettings
 
 log = logging.getLogger(__name__)
+
+EARLY_MAX = 64  # messages kept for a viewer whose data channel has not opened yet
 
 
 def parse_candidate(obj: dict[str, Any]) -> Any | None:
@@ -110,6 +113,11 @@ class ViewerPeer:
         # What every new data channel gets first (the master's latched state): a viewer that
         # joins late sees the robot's state without waiting for it to change.
         self.latched: Callable[[], list[dict[str, Any]]] = list
+        # Messages sent before this viewer's first data channel opened (the greeting's
+        # transcript races the channel: the peer connects before the channel opens); they
+        # follow the latched state once it opens. Bounded: a viewer whose channel never
+        # opens costs at most EARLY_MAX messages.
+        self.early: collections.deque[dict[str, Any]] = collections.deque(maxlen=EARLY_MAX)
         self.muted = False
         self.remote_set = False
         self.connected = asyncio.Event()
@@ -236,7 +244,11 @@ class ViewerPeer:
         self.channels.append(channel)
 
         def greet() -> None:
-            for obj in self.latched():
+            latched = self.latched()
+            kinds = {obj.get("type") for obj in latched}
+            early = [obj for obj in self.early if obj.get("type") not in kinds]
+            self.early.clear()
+            for obj in [*early, *latched]:  # the latched state last: it is the newest
                 with contextlib.suppress(Exception):
                     self._send(channel, obj)
 
@@ -292,8 +304,13 @@ class ViewerPeer:
         return True
 
     def send_json(self, obj: dict[str, Any]) -> int:
-        """Send to every open data channel of this viewer; returns how many took it."""
-        return sum(self._send(c, obj) for c in list(self.channels))
+        """Send to every open data channel of this viewer; returns how many took it. Before
+        the viewer's first channel opens, the message waits in ``early``."""
+        sent = sum(self._send(c, obj) for c in list(self.channels))
+        if not sent and not any(c.readyState == "open" for c in self.channels):
+            if not self.closed.is_set():
+                self.early.append(obj)
+        return sent
 
     # -- teardown -----------------------------------------------------------------------
     async def close(self, reason: str) -> None:
