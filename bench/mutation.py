@@ -108,6 +108,10 @@ EQUIVALENT: dict[tuple[str, str, str], tuple[str, str]] = {
         "self._losses[0] < now",
         "equality of two monotonic float times: never happens",
     ),
+    ("kvs/jitter.py", "Lt->LtE", "transit < self._base"): (
+        "if transit < self._base:",
+        "on equality the body assigns the value _base already holds",
+    ),
     ("kvs/ice.py", "number", "2"): (
         "    return 2",
         "_turn_rank's last rank: only the order 0 < 1 < 2 matters, and 3 keeps it",
