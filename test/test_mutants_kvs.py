@@ -45,6 +45,16 @@ def test_settings_bounds_are_inclusive(field: str, good: list[int], bad: list[in
             KvsSettings("robot", **{field: v})
 
 
+@pytest.mark.parametrize("field", ["signaling_rate_per_s", "sdp_rate_per_s"])
+def test_signaling_rates_must_be_positive(field: str) -> None:
+    """Kills ``> 0`` -> ``>= 0`` (settings.py): a rate of 0 would make signaling's Pacer
+    unpaced (``Pacer(0)`` means no limit) and break KVS's limits (SDP 5/s) unnoticed."""
+    assert getattr(KvsSettings("robot", **{field: 0.001}), field) == 0.001
+    for bad in (0, 0.0, -1.0):
+        with pytest.raises(ValueError, match=field):
+            KvsSettings("robot", **{field: bad})
+
+
 # -- presigned URL ----------------------------------------------------------------------
 def _query(url: str) -> dict[str, list[str]]:
     return parse_qs(urlsplit(url).query)
