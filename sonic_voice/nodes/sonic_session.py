@@ -456,8 +456,10 @@ class SonicSessionNode(VoiceNode):
             self.tool_pub,
             self.hourly_pub,
             self.conversation_pub,
-            b.subscribe(self, UInt8MultiArray, c.MIC.name, _qos(c.MIC), self._audio_local),
-            b.subscribe(self, UInt8MultiArray, c.REMOTE.name, _qos(c.REMOTE), self._audio_remote),
+            b.subscribe(self, UInt8MultiArray, c.MIC.name, _qos(c.MIC), self._audio_local, True),
+            b.subscribe(
+                self, UInt8MultiArray, c.REMOTE.name, _qos(c.REMOTE), self._audio_remote, True
+            ),
             subscription(self, c.VIEWERS, self._on_viewers),
             b.subscribe(self, String, c.TEXT_INPUT.name, _qos(c.TEXT_INPUT), self._on_text),
             b.subscribe(self, String, c.VIEWER_TEXT.name, _qos(c.VIEWER_TEXT), self._on_text),

@@ -108,9 +108,14 @@ class Bridge:
         topic: str,
         qos: Any,
         handler: Callable[[Any], None],
+        hot: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """A subscription whose messages are handled on the loop by ``handler(msg)``."""
+        """A subscription whose messages are handled on the loop by ``handler(msg)``.
+
+        ``hot``: taken by the context's hot path (:mod:`sonic_voice.ros.hotpath`) instead of
+        the node's executor: for audio, whose every block would otherwise pay for the walk
+        over all the node's entities."""
         loop = self.loop
 
         def on_msg(msg: Any) -> None:
@@ -121,6 +126,10 @@ class Bridge:
             from rclpy.event_handler import SubscriptionEventCallbacks
 
             kwargs["event_callbacks"] = SubscriptionEventCallbacks(use_default_callbacks=False)
+        if hot:
+            from sonic_voice.ros.hotpath import HotPath
+
+            return HotPath.of(node.context).subscribe(node, msg_type, topic, qos, on_msg, **kwargs)
         return node.create_subscription(msg_type, topic, on_msg, qos, **kwargs)
 
     def stream(

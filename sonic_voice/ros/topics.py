@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Empty, Int32, MultiArrayDimension, String, UInt8MultiArray
@@ -148,10 +147,12 @@ def follow_output(
     """Subscribe a player (the speaker, the viewers) to ``audio/out`` and ``audio/flush``.
 
     ``play(msg)`` gets each chunk that may still play; ``flush()`` runs on ``audio/flush``
-    and when a newer epoch starts (see :func:`out_msg`). Both run on the executor thread
-    and must return at once (hand over to a device buffer or the loop). Returns the two
-    subscriptions.
+    and when a newer epoch starts (see :func:`out_msg`). Both run on the hot path's thread
+    (:mod:`sonic_voice.ros.hotpath`), one after the other, and must return at once (hand
+    over to a device buffer or the loop). Returns the two subscriptions.
     """
+    from sonic_voice.ros.hotpath import HotPath
+
     gate = EpochGate()
 
     def on_out(msg: UInt8MultiArray) -> None:
@@ -161,11 +162,19 @@ def follow_output(
         if admit and len(msg.data):
             play(msg)
 
-    group = MutuallyExclusiveCallbackGroup()
-    return [
-        subscription(node, c.OUT, on_out, callback_group=group),
-        subscription(node, c.FLUSH, lambda _msg: flush(), callback_group=group),
-    ]
+    hot = HotPath.of(node.context)
+
+    def sub(topic: c.Topic, callback: Callable[[Any], None]) -> Any:
+        return hot.subscribe(
+            node,
+            msg_type(topic),
+            topic.name,
+            qos(topic.qos),
+            callback,
+            event_callbacks=quiet_subscription_events(),
+        )
+
+    return [sub(c.OUT, on_out), sub(c.FLUSH, lambda _msg: flush())]
 
 
 # Short names used by tests and benchmarks.

@@ -1,0 +1,161 @@
+"""The hot path: audio subscriptions waited on by a thread of their own, not by an executor
+(docs/architecture.md, "Threads").
+
+rclpy's executors rebuild their wait set, in Python, over every entity of the node at every
+wake-up: a lifecycle node carries ~12 services (parameters, lifecycle, type description)
+before it has a topic, and sonic_session with its tools' action clients ~40 entities, so
+each 32 ms microphone block cost its executor ~1 ms of CPU before the message was even
+taken (bench/cpu_stack.py, profiled with py-spy). A :class:`HotPath` waits on the audio
+subscriptions alone (and one guard condition): its wait set holds a handful of entities,
+and a ready subscription is drained at once.
+
+- The subscriptions stay ordinary rclpy subscriptions of their node (graph, QoS, ``ros2
+  topic info``, destruction with the node) but belong to :data:`PARKED`, a callback group
+  no executor ever runs, so the node's executor leaves them out of its wait set.
+- One hot path per rclpy context (one per process in the product), started on first use;
+  it ends when the context shuts down (checked at least every :data:`RECHECK_S`).
+- Callbacks run on the hot path's thread and must return at once (hand over to a device
+  buffer or, with one ``call_soon_threadsafe``, to the loop), as on an executor thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from rclpy.callback_groups import CallbackGroup
+from rclpy.exceptions import InvalidHandle
+from rclpy.guard_condition import GuardCondition
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
+
+log = logging.getLogger(__name__)
+
+RECHECK_S = 0.5  # a destroyed subscription or a shut-down context is noticed within this
+
+
+class _Parked(CallbackGroup):
+    """A callback group no executor runs: its entities are waited on elsewhere."""
+
+    def can_execute(self, entity: Any) -> bool:
+        return False
+
+    def beginning_execution(self, entity: Any) -> bool:
+        return False
+
+    def ending_execution(self, entity: Any) -> None:
+        pass
+
+
+PARKED = _Parked()
+
+_lock = threading.Lock()
+_paths: dict[int, HotPath] = {}
+
+
+class HotPath:
+    """One thread that takes the messages of the hot subscriptions of one context."""
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        self._subs: list[Any] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._wake = GuardCondition(None, None, context=context)
+        self.taken = 0  # messages delivered (diagnostics, tests)
+        self._thread = threading.Thread(target=self._run, name="ros-hot-path", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ process-wide
+    @classmethod
+    def of(cls, context: Any) -> HotPath:
+        """The hot path of ``context`` (started on first use)."""
+        with _lock:
+            path = _paths.get(id(context))
+            if path is None or path._closed or path.context is not context:
+                path = cls(context)
+                _paths[id(context)] = path
+                context.on_shutdown(path.close)
+            return path
+
+    def subscribe(
+        self,
+        node: Any,
+        msg_type: Any,
+        topic: str,
+        qos: Any,
+        callback: Callable[[Any], None],
+        **kwargs: Any,
+    ) -> Any:
+        """``node.create_subscription(...)`` whose messages this thread takes."""
+        kwargs.pop("callback_group", None)
+        sub = node.create_subscription(
+            msg_type, topic, callback, qos, callback_group=PARKED, **kwargs
+        )
+        with self._lock:
+            self._subs.append(sub)
+        self._poke()
+        return sub
+
+    def close(self) -> None:
+        """Stop the thread (idempotent; from any thread but its own)."""
+        self._closed = True
+        self._poke()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(RECHECK_S * 2)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def _poke(self) -> None:
+        with contextlib.suppress(Exception):  # a shut-down context: the thread ends anyway
+            self._wake.trigger()
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        timeout_ns = int(RECHECK_S * 1e9)
+        while not self._closed and self.context.ok():
+            with self._lock:
+                subs = list(self._subs)
+            try:
+                with contextlib.ExitStack() as held:
+                    live = []
+                    for sub in subs:
+                        try:
+                            held.enter_context(sub.handle)
+                            live.append(sub)
+                        except InvalidHandle:  # destroyed with its node: forget it
+                            with self._lock:
+                                self._subs.remove(sub)
+                    held.enter_context(self._wake.handle)
+                    held.enter_context(self.context.handle)
+                    ws = _rclpy.WaitSet(len(live), 1, 0, 0, 0, 0, self.context.handle)
+                    ws.clear_entities()
+                    for sub in live:
+                        ws.add_subscription(sub.handle)
+                    ws.add_guard_condition(self._wake.handle)
+                    ws.wait(timeout_ns)
+                    ready = ws.get_ready_entities("subscription")
+                    for sub in live:
+                        if sub.handle.pointer in ready:
+                            self._drain(sub)
+            except InvalidHandle:
+                continue  # the context or a handle went away mid-build: look again
+            except Exception as e:  # noqa: BLE001 - never let the audio path die silently
+                if self._closed or not self.context.ok():
+                    break
+                log.error("hot path: %r; waiting on", e)
+
+    def _drain(self, sub: Any) -> None:
+        while True:
+            got = sub.handle.take_message(sub.msg_type, sub.raw)
+            if got is None:
+                return
+            self.taken += 1
+            try:
+                sub.callback(got[0])
+            except Exception:  # a callback's bug must not stop the audio of the others
+                log.exception("hot path: callback of %s failed", sub.topic_name)
