@@ -18,13 +18,23 @@ import pytest
 from sonic_voice.sonic.tools_seam import ToolResult, ToolUse
 from sonic_voice.tools import load_provider
 
+from test.harness import servers
 from test.harness.ros import wait_for
-from test.harness.servers import (
-    RecordingService,
-    TopicRecorder,
-    fibonacci_server,
-    navigate_server,
-)
+from test.harness.servers import RecordingService, TopicRecorder
+
+
+def fibonacci_server(node: Any, **kw: Any) -> Any:
+    """A Fibonacci server that has discovered the tools' client (see wait_for_clients)."""
+    server = servers.fibonacci_server(node, **kw)
+    assert server.wait_for_clients(), "the server never discovered the tools' client"
+    return server
+
+
+def navigate_server(node: Any, **kw: Any) -> Any:
+    server = servers.navigate_server(node, **kw)
+    assert server.wait_for_clients(), "the server never discovered the tools' client"
+    return server
+
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCATIONS = str(ROOT / "config" / "locations.yaml")
@@ -214,16 +224,43 @@ def test_timeout_cancels_goal(ros_graph: Any, tools: Any) -> None:
     assert server.finished.wait(10)
 
 
+def test_a_goal_accepted_after_its_call_timed_out_is_cancelled(ros_graph: Any, tools: Any) -> None:
+    """The server answers the goal only after the call is over (0.5 s timeout, then 3 s for
+    the answer): the robot must not keep moving. The goal is cancelled by its id at once
+    and again the moment its acceptance arrives; the held goal ends cancelled."""
+    server = fibonacci_server(ros_graph.node("fib_server"), mode="hold", accept_delay_s=4.5)
+
+    async def main() -> ToolResult:  # the loop lives on, as the process's loop does
+        r = await tools.run(ToolUse("id-late", "fib_short", {"order": 5}), Progress())
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, server.finished.wait, 10)
+        return r
+
+    r = asyncio.run(main())
+    assert r.status == "timeout", r.content
+    assert server.cancel_received.wait(10), "the server never saw a cancel"
+    assert server.finished.wait(10), "the late goal still runs"
+    assert server.cancels >= 1
+
+
 async def _accepted(provider: Any) -> None:
     """After the server saw the goal: wait until the provider holds its goal handle."""
     (call,) = provider._active.values()
     await asyncio.wait_for(call.accepted.wait(), 10)
 
 
+async def _goal_reached(server: Any, task: asyncio.Task) -> None:
+    """The server got the goal; else say what the call did meanwhile (a full run once
+    failed here with a bare ``assert False``)."""
+    loop = asyncio.get_running_loop()
+    if not await loop.run_in_executor(None, server.goal_received.wait, 10):
+        result = task.result().content if task.done() else "still running"
+        pytest.fail(f"the server never got the goal in 10 s; the call: {result}")
+
+
 async def _start_then(provider: Any, name: str, args: dict, server: Any, then: Any) -> tuple:
     task = asyncio.create_task(provider.run(ToolUse("id-1", name, args), Progress()))
-    loop = asyncio.get_running_loop()
-    assert await loop.run_in_executor(None, server.goal_received.wait, 10)
+    await _goal_reached(server, task)
     await _accepted(provider)
     other = await then()
     return await asyncio.wait_for(task, 20), other
@@ -299,7 +336,7 @@ def test_shutdown_cancels_running_goal(ros_graph: Any, tools: Any) -> None:
     async def main() -> ToolResult:
         task = asyncio.create_task(tools.run(ToolUse("id-1", "fib", {"order": 3}), Progress()))
         loop = asyncio.get_running_loop()
-        assert await loop.run_in_executor(None, server.goal_received.wait, 10)
+        await _goal_reached(server, task)
         await _accepted(tools)
         await loop.run_in_executor(None, tools.shutdown)  # another thread, as the node does
         return await asyncio.wait_for(task, 10)

@@ -10,6 +10,7 @@ checks ``is_cancel_requested`` between steps.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,13 +40,17 @@ class RecordingActionServer:
         step_s: float = 0.05,
         mode: str = "succeed",
         reject: bool = False,
+        accept_delay_s: float = 0.0,
     ) -> None:
         self.node = node
+        self.name = name
         self.action_type = action_type
         self.steps = steps
         self.step_s = step_s
         self.mode = mode
         self.reject = reject
+        self.accept_delay_s = accept_delay_s  # a server slow to answer a goal (its goal
+        # callback blocks): the client gives up before it hears the acceptance
         self._feedback = feedback
         self._result = result
         self.goals: list[Any] = []
@@ -67,6 +72,8 @@ class RecordingActionServer:
     def _on_goal(self, goal: Any) -> GoalResponse:
         self.goals.append(goal)
         self.goal_received.set()
+        if self.accept_delay_s:
+            time.sleep(self.accept_delay_s)
         return GoalResponse.REJECT if self.reject else GoalResponse.ACCEPT
 
     def _on_cancel(self, goal_handle: Any) -> CancelResponse:
@@ -93,6 +100,25 @@ class RecordingActionServer:
             return self._result(goal, done)
         finally:
             self.finished.set()
+
+    def wait_for_clients(self, n: int = 1, timeout: float = 5.0) -> bool:
+        """Until this server's node has discovered ``n`` clients of every part of the action
+        (goal and result services, feedback and status topics). A client that calls the
+        moment it sees the server can otherwise send its goal before the server has matched
+        the client's reply readers: under load (a full run on 2 cores) a goal or its answer
+        was lost and the call waited for its timeout. Robots do not meet this: their action
+        servers run long before the first call."""
+        from test.harness.ros import wait_for
+
+        base = self.server._action_name if hasattr(self.server, "_action_name") else None
+        name = self.node.resolve_topic_name(base or self.name)
+        parts = (
+            (self.node.count_clients, f"{name}/_action/send_goal"),
+            (self.node.count_clients, f"{name}/_action/get_result"),
+            (self.node.count_subscribers, f"{name}/_action/feedback"),
+            (self.node.count_subscribers, f"{name}/_action/status"),
+        )
+        return wait_for(lambda: all(count(topic) >= n for count, topic in parts), timeout)
 
     def destroy(self) -> None:
         self.server.destroy()

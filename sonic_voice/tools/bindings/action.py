@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from action_msgs.msg import GoalStatus
+from rclpy.action.client import ClientGoalHandle
+from unique_identifier_msgs.msg import UUID
 
 from sonic_voice.sonic.tools_seam import ToolResult
 from sonic_voice.tools.bindings import _ros
@@ -104,11 +107,29 @@ class ActionBinding(Binding):
         return [tool]
 
     def on_shutdown(self, call: Call) -> None:
-        if call.goal_handle is not None:
-            try:
+        try:
+            if call.goal_handle is not None:
                 call.goal_handle.cancel_goal_async()
-            except Exception as e:  # noqa: BLE001
-                log.warning("cancel at shutdown failed: %s", e)
+            else:
+                self._cancel_unanswered(call)
+        except Exception as e:  # noqa: BLE001
+            log.warning("cancel at shutdown failed: %s", e)
+
+    def _cancel_unanswered(self, call: Call) -> Any:
+        """Cancel a goal whose acceptance never reached us, by the UUID we gave it: the
+        server may be running it (its answer lost or late on a loaded machine) and the
+        robot must not keep moving for a call that is over. A server that never got the
+        goal answers the cancel with 'unknown goal'. Returns the cancel's rclpy future."""
+        if call.goal_id is None:
+            return None
+        response = self.cls.Impl.SendGoalService.Response(accepted=True)
+        handle = ClientGoalHandle(self.client, call.goal_id, response)
+        call.env.mark(call.use_id, "cancel_sent")
+        log.warning(
+            "%s: no answer to the goal yet; cancelling it by its id in case it runs",
+            call.tool.name,
+        )
+        return handle.cancel_goal_async()
 
     async def run(self, call: Call) -> ToolResult:
         tool, use, env = call.tool, call.use, call.env
@@ -134,7 +155,8 @@ class ActionBinding(Binding):
                     gh = await asyncio.wait_for(asyncio.shield(goal_fut), CANCEL_ACK_S)
                     call.goal_handle = gh if gh.accepted else None
                 except TimeoutError:
-                    pass
+                    self._cancel_unanswered(call)
+                    goal_fut.add_done_callback(_cancel_if_accepted)  # a late acceptance
                 raise
             env.mark(use.tool_use_id, "accepted")
             if not gh.accepted:
@@ -176,6 +198,9 @@ class ActionBinding(Binding):
             # The session gave up on this call (its own timeout or its end): stop the robot.
             if call.goal_handle is not None:
                 call.goal_handle.cancel_goal_async()
+            elif not goal_fut.done():
+                self._cancel_unanswered(call)
+                goal_fut.add_done_callback(_cancel_if_accepted)
             raise
 
     def _send_goal(
@@ -207,7 +232,10 @@ class ActionBinding(Binding):
             port.settle(loop, goal_fut, gh, wake=call.wake)
 
         try:
-            fut = self.client.send_goal_async(goal, feedback_callback=on_feedback)
+            call.goal_id = UUID(uuid=list(uuid.uuid4().bytes))
+            fut = self.client.send_goal_async(
+                goal, feedback_callback=on_feedback, goal_uuid=call.goal_id
+            )
             fut.add_done_callback(on_goal_response)  # inline, or now if already answered
             env.mark(call.use_id, "goal_sent")
         except Exception as e:  # noqa: BLE001
@@ -253,6 +281,16 @@ class ActionBinding(Binding):
             return
         text = _ros.render(spec.speak, fb) if spec.speak else ""
         call.report({"feedback": extract(fb, spec.fields)}, text)
+
+
+def _cancel_if_accepted(goal_fut: asyncio.Future) -> None:
+    """Loop thread: a goal accepted after its call was over is cancelled at once."""
+    if goal_fut.cancelled() or goal_fut.exception() is not None:
+        return
+    gh = goal_fut.result()
+    if gh.accepted:
+        log.warning("a goal was accepted after its call ended: cancelling it")
+        gh.cancel_goal_async()
 
 
 BINDING = ActionBinding

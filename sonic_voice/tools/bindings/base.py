@@ -142,6 +142,7 @@ class Call:
     accepted: asyncio.Event = field(default_factory=asyncio.Event)  # action: goal accepted
     reason: str = ""
     goal_handle: Any = None  # action kinds
+    goal_id: Any = None  # action kinds: the goal's UUID, ours (a cancel needs no answer)
     stop_msg: Any = None  # topic kinds: sent when a timed publication ends early
     stop_future: Any = None  # action kinds: the cancel request stop_now sent
     gate: asyncio.Future | None = None
