@@ -1,25 +1,29 @@
 """Robot -> viewer audio under a bandwidth step (64 -> 12 -> 64 kbit/s): fixed 32 kbit/s
 Opus vs adaptive bitrate (sonic_voice/kvs/abr.py driving OpusFecTrack from the viewer's
-RTCP receiver reports).
+RTCP receiver reports, each taken as it arrives: opus_send.run_abr).
 
 Two aiortc peers in a private network namespace, joined through the UDP impairment relay
 (test/harness/netimpair.py) with a bottleneck: a FIFO drained at the link rate, tail-drop
-past 200 ms of queue. The rate counts RTP media payload only (the codec's bits; see
-Impairment.rate_kbps). Receiver: aiortc's own receive path by default (a frame counts when
-its RTP timestamp comes out); ``--receiver ours`` uses sonic_voice.kvs.jitter instead, which
-(measured) falls silent for the rest of the run after the 200 ms queue delay step (a
-finding for jitter.py: its playout base does not recover from a delay step).
+past 200 ms of queue. ``--link wire`` (default) counts whole IP packets, RTP and RTCP, as
+a real link does: Opus in 20 ms packets then needs 25.6 kbit/s of headers alone (64 bytes
+a packet), so at 12 kbit/s the adaptive sender goes to 120 ms packets and ~6 kbit/s of
+Opus. ``--link payload`` counts only RTP media payload (the model of the figures before
+2026-11; no real link counts that way). Receiver: sonic_voice.kvs.jitter by default (an
+adaptive buffer like a browser's NetEq; a frame counts when its RTP timestamp comes out);
+``--receiver stock`` is aiortc's own receive path (a fixed ~80 ms buffer that never
+shrinks: not what a browser does).
 
-Per phase (64 kbit/s, 12 kbit/s, 64 kbit/s):
+Per phase (64 kbit/s, 12 kbit/s, 64 kbit/s), in 20 ms frames (a 120 ms packet is six):
 - lost: frames sent that never played from a packet or FEC (missing, concealed or silence);
 - latency p95: time a frame comes out of the receiver minus the time its packet entered the
-  relay (sent); "path only": time the packet left the relay minus that (the bottleneck's
-  queue: what the sender controls; the receiver's own buffering is the rest);
-- follow: seconds from the step until the sender's bitrate fits the new link (down:
-  at or under it) or is back at its maximum (up). "once followed": the same figures from
-  then on (the steady state at the new rate).
+  relay (sent; the packetization, up to the packet's duration, comes on top); "path
+  only": time the packet left the relay minus that (the link: queue and the packet's own
+  serialization, which at 12 kbit/s is ~100 ms for a 120 ms packet);
+- follow: seconds from the step until the sender fits the new link (down: its wire rate at
+  or under it) or is back near its maximum (up: >= 90 % of 32 kbit/s in 20 ms packets).
+  "once followed": the same figures from then on.
 Goals at 12 kbit/s: lost <= 2 %, p95 <= 150 ms (fixed 32 kbit/s collapses there).
-Run: ``.venv/bin/python bench/abr.py [--phase 8]``.
+Run: ``.venv/bin/python bench/abr.py [--phase 20] [--link payload]``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,13 @@ FRAME = 960
 STEPS = (64.0, 12.0, 64.0)
 
 
-async def run(adaptive: bool, phase_s: float, receiver: str = "ours", link: str = "wire") -> dict:
+async def run(
+    adaptive: bool,
+    phase_s: float,
+    receiver: str = "ours",
+    link: str = "wire",
+    min_bps: int = 6000,
+) -> dict:
     relay = UdpImpairRelay(Impairment(rate_kbps=STEPS[0], seed=3, count=link))
     cfg = OpusSendConfig(bitrate=32000, packet_loss_pct=5, adaptive=adaptive)
     track = OpusFecTrack(cfg)
@@ -86,7 +96,7 @@ async def run(adaptive: bool, phase_s: float, receiver: str = "ours", link: str 
         sender = pc_a.getSenders()[0]
         # On a link that counts only codec bits, headers are free: 20 ms packets always.
         free = {"overhead_bytes": 0, "rtcp_bps": 0} if link == "payload" else {}
-        ctl = AbrController(AbrConfig(min_bps=6000, max_bps=32000, start_bps=32000, **free))
+        ctl = AbrController(AbrConfig(min_bps=min_bps, max_bps=32000, start_bps=32000, **free))
         rates[0] = (rates[0][0], ctl.bitrate, ctl.ptime_ms, int(ctl.wire))
         abr_task = asyncio.ensure_future(
             run_abr(
@@ -191,7 +201,7 @@ async def run(adaptive: bool, phase_s: float, receiver: str = "ours", link: str 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", type=float, default=8.0, help="seconds per link rate")
+    ap.add_argument("--phase", type=float, default=20.0, help="seconds per link rate")
     ap.add_argument("--only", choices=("fixed", "adaptive"), help="run one sender only")
     ap.add_argument(
         "--receiver",
@@ -206,13 +216,19 @@ async def main() -> None:
         help="the bottleneck counts whole IP packets (default, as a real link) or only "
         "RTP media payload (the model of the figures before 2026-11)",
     )
+    ap.add_argument(
+        "--min-bps",
+        type=int,
+        default=6000,
+        help="the adaptive sender's Opus floor (KvsSettings.abr_min_bps; 6000 by default)",
+    )
     ap.add_argument("--verbose", action="store_true", help="print every receiver report")
     args = ap.parse_args()
     results = {}
     ap_kinds = (False, True) if args.only is None else (args.only == "adaptive",)
     for adaptive in ap_kinds:
         name = "adaptive" if adaptive else "fixed32k"
-        r = await run(adaptive, args.phase, args.receiver, args.link)
+        r = await run(adaptive, args.phase, args.receiver, args.link, args.min_bps)
         results[name] = r
         for i in range(len(STEPS)):
             p = r[i]

@@ -69,14 +69,14 @@ def test_the_old_rates_tail_does_not_cut_twice_but_a_short_cut_is_followed() -> 
     feed(ctl, 0, 5, 0.0)
     ctl.update(Report(5.0, 0.6, 0.0, 0.3))
     first = ctl.bitrate
-    # 30 % of the next interval (until one RTT after the cut) was the old rate at 60 %
-    # loss: 0.18 of the 0.2 seen is its tail; what is left (3 %) is under loss_high.
+    # Half of the next interval (until an RTT and a full queue, 0.3 + 0.2 s, after the
+    # cut) was the old rate at 60 % loss: the 0.2 seen is all its tail.
     d = ctl.update(Report(6.0, 0.2, 0.0, 0.3))
     assert d.bitrate == first and not d.reason.startswith("down"), d
     ctl2 = AbrController(AbrConfig(**PAYLOAD_ONLY))
     feed(ctl2, 0, 5, 0.0)
     ctl2.update(Report(5.0, 0.6, 0.0, 0.3))
-    d = ctl2.update(Report(6.0, 0.5, 0.0, 0.3))  # (0.5 - 0.18) / 0.7: still losing
+    d = ctl2.update(Report(6.0, 0.5, 0.0, 0.3))  # (0.5 - 0.3) / 0.5: still losing 40 %
     assert d.reason.startswith("down") and d.bitrate < first, d
     # A report entirely before the cut took effect changes nothing.
     d = ctl2.update(Report(6.05, 0.9, 0.0, 0.3, since=6.0))
@@ -193,3 +193,84 @@ async def test_adaptive_track_changes_bitrate_between_frames() -> None:
 def test_net_hook_points_exist() -> None:
     """Fails loudly when an aiortc/aioice upgrade moves what net_hooks.py reaches into."""
     check_hook_points()
+
+
+def test_a_faster_path_clears_the_ceiling() -> None:
+    """On a thin link the RTT's floor is mostly our own packets' serialization (a 120 ms
+    packet takes 100 ms to cross 12 kbit/s): an RTT far under it means the link grew, and
+    the sender goes up at once instead of probing 5 % at a time."""
+    cfg = AbrConfig(probe_after_s=100)  # no probing: only the RTT can clear the ceiling
+    ctl = AbrController(cfg)
+    ctl.update(Report(0.0, 0.8, 0.0, 0.03))  # 64 -> 12 kbit/s
+    for t in range(1, 11):  # 10 s at 12 kbit/s: the floor (rtt_window_s) is 140 ms now
+        ctl.update(Report(float(t), 0.0, 0.0, 0.14))
+    assert ctl.ceiling is not None and ctl.ptime_ms == 120
+    low = ctl.wire
+    d = ctl.update(Report(10.5, 0.0, 0.0, 0.03))  # 12 -> 64 kbit/s
+    assert ctl.ceiling is None and d.reason == "up: clean link" and ctl.wire == low * 1.5
+    # Far under, but by less than 30 ms: noise on a fast link, not a change of link.
+    ctl = AbrController(cfg)
+    ctl.update(Report(0.0, 0.8, 0.0, 0.03))
+    for t in range(1, 11):
+        ctl.update(Report(float(t), 0.0, 0.0, 0.04))
+    ctl.update(Report(10.5, 0.0, 0.0, 0.02))
+    assert ctl.ceiling is not None
+
+
+def test_tap_feedback_gives_each_report_its_own_rtt() -> None:
+    """Every receiver report as it arrives, with the RTT of the SR it answers (RFC 3550
+    §6.4.1), once: a report about an SR already answered (newer ones lost in a full queue)
+    has none, where aiortc's getStats() would repeat a smoothed old value. NACKs too."""
+    from aiortc.rtp import (
+        RTCP_RTPFB_NACK,
+        RtcpReceiverInfo,
+        RtcpRrPacket,
+        RtcpRtpfbPacket,
+        RtcpSenderInfo,
+        RtcpSrPacket,
+    )
+
+    from sonic_voice.kvs.net_hooks import tap_feedback
+
+    class Sender:  # the two methods tap_feedback wraps, as RTCRtpSender has them
+        _ssrc = 1234
+
+        def __init__(self) -> None:
+            self.sent: list = []
+            self.handled: list = []
+
+        async def _send_rtcp(self, packets: list) -> None:
+            self.sent += packets
+
+        async def _handle_rtcp_packet(self, packet) -> None:
+            self.handled.append(packet)
+
+    async def run() -> list:
+        s = Sender()
+        got: list = []
+        tap_feedback(s, got.append)  # type: ignore[arg-type]
+        ntp = 0x1234_5678_9ABC_0000
+        await s._send_rtcp([RtcpSrPacket(ssrc=1234, sender_info=RtcpSenderInfo(ntp, 0, 0, 0))])
+        await asyncio.sleep(0.15)
+        lsr = (ntp >> 16) & 0xFFFFFFFF
+        dlsr = int(0.05 * 65536)  # the viewer held the SR 50 ms before reporting
+
+        def rr(lost: int) -> RtcpRrPacket:
+            info = RtcpReceiverInfo(1234, lost, 3, 100, 480, lsr, dlsr)
+            other = RtcpReceiverInfo(999, 0, 0, 0, 0, 0, 0)  # about another stream
+            return RtcpRrPacket(ssrc=5, reports=[other, info])
+
+        await s._handle_rtcp_packet(rr(64))
+        await s._handle_rtcp_packet(rr(128))  # the same SR again
+        nack = RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=5, media_ssrc=1234)
+        nack.lost = [7, 8]
+        await s._handle_rtcp_packet(nack)
+        assert len(s.sent) == 1 and len(s.handled) == 3  # aiortc still gets everything
+        return got
+
+    got = asyncio.run(run())
+    assert [f.kind for f in got] == ["rr", "rr", "nack"]
+    assert 0.09 <= got[0].rtt_s <= 0.2, got[0]  # 0.15 s since the SR - 0.05 s held
+    assert got[0].fraction_lost == 0.25 and got[0].jitter_s == 0.01 and got[0].highest_seq == 100
+    assert got[1].rtt_s is None and got[1].fraction_lost == 0.5
+    assert got[2].lost == (7, 8)

@@ -24,9 +24,9 @@ queueing-delay guard, which matters on a thin link where a queue fills before it
   got through, ``wire * (1 - loss) * backoff`` (``heavy_backoff`` when the loss is
   heavy: the report straddles the fall, so its loss understates the new link's). A
   report also covers time before the last cut: the part of its interval before the cut
-  took effect (one RTT after it) is charged with the loss that caused the cut, and only
-  the rest counts (so the old rate's tail does not cut twice, and a first cut that fell
-  short is followed at the next report);
+  took effect (an RTT and a full queue after it) is charged with the loss that caused the
+  cut, and only the rest counts (so the old rate's tail does not cut twice, and a first
+  cut that fell short is followed at the next report, which also lowers the ceiling);
 - **up** only after ``hold_up_s`` with clean reports: the hysteresis that keeps a link at
   its edge from flapping. The rate the link carried when it last congested is a ceiling:
   up to ``ceiling_share`` of it fast (``up_factor`` a report), then additively, by
@@ -35,8 +35,11 @@ queueing-delay guard, which matters on a thin link where a queue fills before it
   costs a 5 % probe now and then, which its RTT shows before anything is lost, and one
   that got better is found in a few reports; no step while the RTT is off its floor);
   past ``clear_factor`` times the ceiling it is forgotten and growth is by ``up_factor``
-  again. A step up followed by loss or a rising RTT makes the rate before it the
-  ceiling, and goes back to ``ceiling_share`` of it;
+  again; so it is when the RTT falls far under its recent floor (on a thin link that
+  floor is mostly our own packets' serialization: the link grew). Steps come less often
+  with longer packets (a 120 ms packet is a third of a 200 ms queue: no room to see a
+  probe in the RTT before it loses). A step up followed by loss or a rising RTT makes
+  the rate before it the ceiling, and goes back to ``ceiling_share`` of it;
 - **REMB** caps the wire rate at ``remb_share`` of the estimate;
 - **FEC**: libopus's expected-loss setting follows the smoothed loss (x1.5 margin, within
   ``[min_loss_pct, max_loss_pct]``); more expected loss means more of the bitrate goes to
@@ -78,6 +81,8 @@ class AbrConfig:
     probe_step: float = 0.05
     max_probe_step: float = 0.1
     episode_s: float = 3.0  # cuts this close together answer one fall of the link
+    queue_s: float = 0.2  # a bottleneck queue's depth, at most (what the old rate left there)
+    faster_rtt_share: float = 0.6  # an RTT under this share of its recent floor: link grew
     probe_after_s: float = 0.9
     clear_factor: float = 1.3
     # Left for RTCP on the wire (aiortc: a 96-byte SR + SDES about once a second).
@@ -138,6 +143,7 @@ class AbrController:
         self.loss = 0.0  # smoothed fraction lost
         self.loss_pct = self.cfg.min_loss_pct
         self.min_rtt: float | None = None
+        self.calm = True  # the last RTT was near its floor
         self._rtts: deque[tuple[float, float]] = deque()  # (at, rtt) of the last rtt_window_s
         self.last_rtt: float | None = None
         self.clean_since: float | None = None
@@ -197,24 +203,34 @@ class AbrController:
             self.loss = a * r.fraction_lost + (1 - a) * self.loss
         since = r.at - 1.0 if since is None else since
         rtt_rise = 0.0
-        calm = True  # the RTT near its floor: no queue building, room to probe
+        # The RTT near its floor: no queue building, room to probe. A report without an
+        # RTT of its own (it answers an SR already answered) keeps the last verdict.
+        calm = self.calm
+        faster = False
         if r.rtt_s is not None and r.rtt_s > 0:
-            self._rtts.append((r.at, r.rtt_s))
-            while self._rtts[0][0] < r.at - cfg.rtt_window_s:
+            while self._rtts and self._rtts[0][0] < r.at - cfg.rtt_window_s:
                 self._rtts.popleft()
+            if self._rtts:
+                # Far under its recent floor: the path got faster. On a thin link the floor
+                # is mostly our own packets' serialization (a 120 ms packet takes 100 ms to
+                # cross 12 kbit/s, 19 ms at 64 kbit/s): the link grew under us.
+                floor = min(x for _, x in self._rtts)
+                faster = r.rtt_s < floor * cfg.faster_rtt_share and floor - r.rtt_s > 0.03
+            self._rtts.append((r.at, r.rtt_s))
             self.min_rtt = min(x for _, x in self._rtts)
             # A sender report may wait behind one of our packets, which on a link we fill
             # takes up to a packet's duration to cross: half of that is not a queue.
             above = r.rtt_s - self.min_rtt - self.ptime_ms / 2000
-            calm = above < cfg.rtt_rise_s / 2
+            calm = self.calm = above < cfg.rtt_rise_s / 2
             # Only a *rising* RTT is a queue filling: after a cut it stays high until the
             # queue has drained.
             if self.last_rtt is not None and r.rtt_s > self.last_rtt:
                 rtt_rise = above
             self.last_rtt = r.rtt_s
         # The share of this report's interval before the last cut took effect (one RTT
-        # after it), charged with the loss that caused the cut.
-        took_effect = self.last_down + max(0.05, self.last_rtt or 0.1)
+        # and a full queue after it: what was sent before the cut still waits there),
+        # charged with the loss that caused the cut.
+        took_effect = self.last_down + max(0.05, self.last_rtt or 0.1) + cfg.queue_s
         old = min(1.0, max(0.0, (took_effect - since) / max(1e-3, r.at - since)))
         loss = r.fraction_lost
         if old >= 0.999:
@@ -236,20 +252,24 @@ class AbrController:
                 why = f"down: {what} after a step up"
             else:
                 # The link fell. The first report straddles the fall (its loss understates
-                # the new link's), later ones in the same episode are mixed with the old
-                # rate's tail: only the first sets the ceiling (an overestimate, which the
-                # first step up that fails corrects), none lowers it.
+                # the new link's: the ceiling it sets is high); a later one in the same
+                # episode that mostly covers the new rate lowers it.
                 back = cfg.heavy_backoff if loss >= cfg.loss_heavy else cfg.backoff
                 to = carried * back
+                carried = max(self.min_wire, carried)
                 if r.at - self.last_down > cfg.episode_s or self.ceiling is None:
-                    self.ceiling = max(self.min_wire, carried)
+                    self.ceiling = carried
+                elif old < 0.5:
+                    self.ceiling = min(self.ceiling, carried)
                 why = f"down: {what}"
             why = self._cut(r.at, to, loss, f"{why} ({r.source})")
         elif r.source == "rr" and loss < cfg.loss_low:
             if self.clean_since is None:
                 self.clean_since = r.at
-            if self.ceiling is not None and self.wire > self.ceiling * cfg.clear_factor:
-                self.ceiling = None  # well past it and clean: the link got better
+            if calm and self.ceiling is not None and self.wire > self.ceiling * cfg.clear_factor:
+                self.ceiling = None  # well past it and calm: the link got better
+            if faster and self.ceiling is not None:
+                self.ceiling, self.clean_since = None, r.at - cfg.hold_up_s
             if r.at - self.clean_since >= cfg.hold_up_s and self.wire < self.max_wire:
                 target = self.wire
                 near = self.ceiling * cfg.ceiling_share if self.ceiling is not None else None
@@ -257,7 +277,9 @@ class AbrController:
                     target, why = self.wire * cfg.up_factor, "up: clean link"
                 elif self.wire < near:
                     target, why = min(near, self.wire * cfg.up_factor), "up: under the ceiling"
-                elif calm and r.at - self.last_up >= cfg.probe_after_s:
+                elif calm and r.at - self.last_up >= cfg.probe_after_s * max(
+                    1.0, self.ptime_ms / 40
+                ):
                     target = self.wire + self.step * self.ceiling
                     why = f"up: probing the ceiling (+{self.step:.0%})"
                     self.step = min(cfg.max_probe_step, self.step * 2)

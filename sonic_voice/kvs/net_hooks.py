@@ -190,6 +190,7 @@ def tap_feedback(sender: RTCRtpSender, on_feedback: Callable[[Feedback], None]) 
 
     check_hook_points()
     sr_sent: dict[int, float] = {}  # LSR (middle 32 bits of the SR's NTP time) -> sent
+    answered: set[int] = set()  # SRs a report already gave the RTT of
     send_rtcp = sender._send_rtcp
     handle = sender._handle_rtcp_packet
 
@@ -198,6 +199,7 @@ def tap_feedback(sender: RTCRtpSender, on_feedback: Callable[[Feedback], None]) 
             if isinstance(p, RtcpSrPacket):
                 sr_sent[(p.sender_info.ntp_timestamp >> 16) & 0xFFFFFFFF] = time.monotonic()
                 while len(sr_sent) > 16:
+                    answered.discard(next(iter(sr_sent)))
                     del sr_sent[next(iter(sr_sent))]
         await send_rtcp(packets)
 
@@ -208,8 +210,11 @@ def tap_feedback(sender: RTCRtpSender, on_feedback: Callable[[Feedback], None]) 
                 if r.ssrc != sender._ssrc:
                     continue
                 rtt = None
-                if r.lsr in sr_sent and r.dlsr:
+                # Only a report answering an SR not answered before: one about an older SR
+                # (the newer ones lost in a full queue, or not sent yet) repeats an old RTT.
+                if r.lsr in sr_sent and r.dlsr and r.lsr not in answered:
                     rtt = max(0.0, now - sr_sent[r.lsr] - r.dlsr / 65536)
+                    answered.add(r.lsr)
                 lost = r.fraction_lost / 256.0
                 fb = Feedback(now, "rr", lost, r.highest_sequence, r.packets_lost,
                               r.jitter / 48000.0, rtt)  # fmt: skip
