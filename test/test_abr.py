@@ -274,3 +274,18 @@ def test_tap_feedback_gives_each_report_its_own_rtt() -> None:
     assert got[0].fraction_lost == 0.25 and got[0].jitter_s == 0.01 and got[0].highest_seq == 100
     assert got[1].rtt_s is None and got[1].fraction_lost == 0.5
     assert got[2].lost == (7, 8)
+
+
+def test_the_viewers_maxptime_bounds_the_packets() -> None:
+    """A viewer that says ``a=maxptime:60`` never gets longer packets, however thin the
+    link; none said: RFC 7587's 120 ms. Only the audio section counts."""
+    from sonic_voice.kvs.opus_send import max_ptime_ms
+
+    offer = "v=0\r\nm=video 9 UDP 96\r\na=maxptime:20\r\nm=audio 9 UDP 111\r\na=maxptime:60\r\n"
+    assert max_ptime_ms(offer) == 60
+    assert max_ptime_ms("v=0\r\nm=audio 9 UDP 111\r\na=rtpmap:111 opus/48000/2\r\n") == 120
+    assert max_ptime_ms("m=audio 9 UDP 111\r\na=maxptime:abc\r\n") == 120
+    ctl = AbrController(AbrConfig())
+    ctl.limit_ptime(max_ptime_ms(offer))
+    d = ctl.update(Report(1.0, 0.8, 0.0, 0.05))
+    assert d.ptime_ms == 60 and ctl.cfg.ptimes_ms == (20, 40, 60)

@@ -183,6 +183,12 @@ class AbrController:
         opus, p = best
         return int(min(cfg.max_bps, max(cfg.min_bps, opus))), p
 
+    def limit_ptime(self, max_ms: int) -> None:
+        """Send no packet longer than ``max_ms`` (the viewer's ``a=maxptime``)."""
+        allowed = tuple(p for p in self.cfg.ptimes_ms if p <= max_ms) or (min(self.cfg.ptimes_ms),)
+        self.cfg.ptimes_ms = allowed
+        self.bitrate, self.ptime_ms = self.plan(self.wire)
+
     def _cut(self, at: float, to: float, loss: float, why: str) -> str:
         self.wire = max(self.min_wire, to)
         self.last_down = at
@@ -283,7 +289,7 @@ class AbrController:
                     target = self.wire + self.step * self.ceiling
                     why = f"up: probing the ceiling (+{self.step:.0%})"
                     self.step = min(cfg.max_probe_step, self.step * 2)
-                if target > self.wire and (calm or near is None or self.wire < near):
+                if target > self.wire and calm:
                     self.good = self.wire
                     self.wire = min(self.max_wire, target)
                     self.last_up = r.at

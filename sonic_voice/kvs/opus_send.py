@@ -363,6 +363,21 @@ async def run_abr(
         await asyncio.sleep(poll_s)
 
 
+def max_ptime_ms(sdp: str) -> int:
+    """The longest packet (ms) the peer that wrote ``sdp`` takes in its audio section
+    (``a=maxptime``; RFC 7587's default for Opus, 120 ms, when it says nothing)."""
+    audio = False
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            audio = line.startswith("m=audio")
+        elif audio and line.startswith("a=maxptime:"):
+            try:
+                return max(10, int(line.split(":", 1)[1].strip()))
+            except ValueError:
+                return 120
+    return 120
+
+
 _RTPMAP = re.compile(r"^a=rtpmap:(\d+) opus/48000(/2)?\s*$", re.IGNORECASE)
 
 
