@@ -26,7 +26,7 @@ from sonic_voice.kvs.jitter import (
 from sonic_voice.kvs.opus_send import OpusFecTrack, OpusSendConfig, make_opus_encoder, munge_sdp
 
 from test.harness.netimpair import Impairment, UdpImpairRelay, connect_through
-from test.harness.signals import best_alignment, speech_like
+from test.harness.signals import best_alignment, chunk_correlations, speech_like
 
 RATE = 48000
 FRAME = 960
@@ -287,8 +287,12 @@ def test_real_peers_through_lossy_relay_recover_speech() -> None:
     dropped = relay.stats["a_to_b"].dropped
     assert dropped >= 10, "the relay dropped nothing: the test would prove nothing"
     got = np.concatenate([f.pcm for f in frames])
-    _, ncc = best_alignment(src, got)
-    assert ncc >= 0.75, f"ncc {ncc:.3f}; stats {st}"
+    # Piece by piece (100 ms): the buffer may deepen (a frame inserted) or shallow (one
+    # dropped) mid-speech, which shifts all that follows; one global alignment then saw
+    # ncc 0.51-0.66 in ~1 run of 3 with a single stretch or a few shrinks (on main too).
+    # Measured: median 0.92-0.93 in 6 runs; every third frame silenced: 0.755.
+    pieces = chunk_correlations(src, got, chunk=RATE // 10, search=RATE // 25, ahead=RATE // 5)
+    assert np.median(pieces) >= 0.85 and np.mean(pieces >= 0.5) >= 0.85, (pieces, vars(st))
     assert st.nacks_sent > 0 and st.nack_recovered > 0, st
     assert st.plc + st.silence <= dropped * 0.6, (vars(st), dropped)
     ts = [f.rtp_ts for f in frames]
@@ -299,8 +303,8 @@ def test_real_peers_through_lossy_relay_recover_speech() -> None:
 def test_real_peers_clean_link_is_shallow() -> None:
     src, frames, st, _ = asyncio.run(_link(0.0, 0.0, seconds=2.0))
     got = np.concatenate([f.pcm for f in frames])
-    _, ncc = best_alignment(src, got)
-    assert ncc >= 0.8
+    pieces = chunk_correlations(src, got, chunk=RATE // 10, search=RATE // 25, ahead=RATE // 5)
+    assert np.median(pieces) >= 0.85 and np.mean(pieces >= 0.5) >= 0.85, (pieces, vars(st))
     # No loss on the path: concealment only if the (shared, 2-core) machine stalled us.
     assert st.plc + st.fec <= 0.05 * st.played, st
     # The depth stays below aiortc's fixed 4 x 20 ms (bench/loss_sweep.py measures it).
