@@ -2,19 +2,20 @@
 viewer reports. Pure (no I/O, no clock of its own): feed it reports, apply its decisions.
 
 Inputs (:func:`sonic_voice.kvs.opus_send.run_abr` feeds them as they arrive): each RTCP
-receiver report (a browser sends one every 1-5 s about audio, aiortc every 0.5-1.5 s):
-fraction lost since the previous one, and its own RTT (from our sender reports, which wait
-in the same bottleneck queue as the audio); NACKs, where the viewer sends them (our
-receiver does; they name lost packets a few ms after the gap, not a second later), as a
-loss fraction over the last ``nack_window_s``; REMB where the browser sends it.
+receiver report (aiortc sends one every 0.5-1.5 s; a browser about audio every ~5 s,
+libwebrtc's default, randomised 2.5-7.5 s): fraction lost since the previous one, and its
+own RTT (from our sender reports, which wait in the same bottleneck queue as the audio);
+REMB where the browser sends it. One report is the fastest it can react: 64 -> 12 kbit/s
+costs 0.5-2 s of the old rate's loss (bench/abr.py); faster needs transport-wide
+congestion control feedback, which aiortc does not have.
 
 **What it controls is the rate on the wire**, not the codec's: every packet costs
-``overhead_bytes`` of IP, UDP, RTP (with its header extensions) and SRTP, 58 bytes here,
-which at 20 ms packets is 23 kbit/s before a single bit of speech. A budget on the wire is
-split into a packet duration and an Opus bitrate by :meth:`AbrController.plan`: the
-shortest packet whose Opus rate reaches ``prefer_bps``, else the one that leaves Opus the
-most (at 12 kbit/s: 120 ms packets and ~6 kbit/s of Opus; 20 ms packets could not carry
-even an empty Opus stream).
+``overhead_bytes`` of IP, UDP, RTP (with its header extensions) and SRTP, 64 bytes here,
+which at 20 ms packets is 25.6 kbit/s before a single bit of speech, plus ``rtcp_bps``.
+A budget on the wire is split into a packet duration and an Opus bitrate by
+:meth:`AbrController.plan`: the shortest packet whose Opus rate reaches ``prefer_bps``,
+else the one that leaves Opus the most (at 12 kbit/s: 120 ms packets and ~6 kbit/s of
+Opus; 20 ms packets could not carry even an empty Opus stream).
 
 Rules (loss-based like libwebrtc's audio network adaptor and GCC's loss controller, plus a
 queueing-delay guard, which matters on a thin link where a queue fills before it drops):
@@ -116,10 +117,9 @@ class Report:
     jitter_s: float = 0.0
     rtt_s: float | None = None
     remb_bps: int | None = None
-    # The start of the interval it covers (None: since the previous report). NACK-based
-    # reports cover the last nack_window_s.
+    # The start of the interval it covers (None: since the previous receiver report).
     since: float | None = None
-    source: str = "rr"  # "rr" | "nack" | "remb"
+    source: str = "rr"  # "rr": a receiver report (others: only loss/REMB, no clean-up step)
 
 
 @dataclass(frozen=True)
