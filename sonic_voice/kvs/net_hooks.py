@@ -10,15 +10,13 @@
   ``aioice.stun.RETRY_MAX`` = 6 times (~32 s). A vanished relay is therefore reported
   ~60 s after it went (measured here: the peer still "connected" 20 s later). The NAT
   tests shorten all three (module globals; process-wide).
-- :func:`sender_stats`: the RTCP the viewer sends about our audio, for adaptive bitrate.
-  Receiver reports come through aiortc's public ``RTCRtpSender.getStats()``
-  (``remote-inbound-rtp``: fraction lost, jitter, RTT); REMB (which aiortc parses but keeps
-  to video encoders) needs ``RTCRtpSender._handle_rtcp_packet``, wrapped per sender.
+- :func:`tap_remb`: REMB (which aiortc parses but keeps to video encoders) needs
+  ``RTCRtpSender._handle_rtcp_packet``, wrapped per sender.
 - :func:`tap_feedback`: every receiver report and NACK about our stream *as it arrives*
   (``_handle_rtcp_packet``, and ``_send_rtcp`` to note when each sender report left), for
   adaptive bitrate. ``getStats()`` keeps only the latest report and an RTT smoothed 85/15
   that aiortc updates only when the report answers the very last SR (about half of them):
-  a 200 ms queue showed up there as +30 ms a second later. Here each report gives its own
+  a queue jumping to 200 ms moves it by 30 ms at the first report. Here each report gives its own
   RTT (RFC 3550 §6.4.1: arrival - LSR's send time - DLSR) the moment it comes.
 
 TURN credentials are *not* pushed into live allocations: an allocation is bound to the
@@ -117,34 +115,6 @@ def consent_timing(interval_s: float, failures: int, stun_retries: int = 2) -> I
         yield
     finally:
         aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES, aioice.stun.RETRY_MAX = old
-
-
-@dataclass(frozen=True)
-class RemoteReport:
-    """What the viewer last said about our stream (RTCP RR, and REMB if it sends one)."""
-
-    fraction_lost: float  # 0..1, over the last report interval
-    packets_lost: int  # cumulative
-    jitter_s: float
-    rtt_s: float | None
-    remb_bps: int | None = None
-    stamp: float = 0.0  # when aiortc took the report (POSIX time): a new report, a new stamp
-
-
-async def sender_stats(sender: RTCRtpSender) -> RemoteReport | None:
-    """The latest receiver report about ``sender``'s stream (None before the first)."""
-    stats = await sender.getStats()
-    for s in stats.values():
-        if getattr(s, "type", None) == "remote-inbound-rtp":
-            return RemoteReport(
-                fraction_lost=float(getattr(s, "fractionLost", 0) or 0) / 256.0,  # RR's 8 bits
-                packets_lost=int(getattr(s, "packetsLost", 0) or 0),
-                jitter_s=float(getattr(s, "jitter", 0) or 0) / 48000.0,
-                rtt_s=getattr(s, "roundTripTime", None),
-                remb_bps=getattr(sender, "_sv_remb_bps", None),
-                stamp=s.timestamp.timestamp(),
-            )
-    return None
 
 
 def tap_remb(sender: RTCRtpSender, on_remb: Callable[[int], None] | None = None) -> None:
