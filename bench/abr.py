@@ -1,25 +1,29 @@
 """Robot -> viewer audio under a bandwidth step (64 -> 12 -> 64 kbit/s): fixed 32 kbit/s
 Opus vs adaptive bitrate (sonic_voice/kvs/abr.py driving OpusFecTrack from the viewer's
-RTCP receiver reports).
+RTCP receiver reports, each taken as it arrives: opus_send.run_abr).
 
 Two aiortc peers in a private network namespace, joined through the UDP impairment relay
 (test/harness/netimpair.py) with a bottleneck: a FIFO drained at the link rate, tail-drop
-past 200 ms of queue. The rate counts RTP media payload only (the codec's bits; see
-Impairment.rate_kbps). Receiver: aiortc's own receive path by default (a frame counts when
-its RTP timestamp comes out); ``--receiver ours`` uses sonic_voice.kvs.jitter instead, which
-(measured) falls silent for the rest of the run after the 200 ms queue delay step (a
-finding for jitter.py: its playout base does not recover from a delay step).
+past 200 ms of queue. ``--link wire`` (default) counts whole IP packets, RTP and RTCP, as
+a real link does: Opus in 20 ms packets then needs 25.6 kbit/s of headers alone (64 bytes
+a packet), so at 12 kbit/s the adaptive sender goes to 120 ms packets and ~6 kbit/s of
+Opus. ``--link payload`` counts only RTP media payload (the model of the figures before
+2026-11; no real link counts that way). Receiver: sonic_voice.kvs.jitter by default (an
+adaptive buffer like a browser's NetEq; a frame counts when its RTP timestamp comes out);
+``--receiver stock`` is aiortc's own receive path (a fixed ~80 ms buffer that never
+shrinks: not what a browser does).
 
-Per phase (64 kbit/s, 12 kbit/s, 64 kbit/s):
+Per phase (64 kbit/s, 12 kbit/s, 64 kbit/s), in 20 ms frames (a 120 ms packet is six):
 - lost: frames sent that never played from a packet or FEC (missing, concealed or silence);
 - latency p95: time a frame comes out of the receiver minus the time its packet entered the
-  relay (sent); "path only": time the packet left the relay minus that (the bottleneck's
-  queue: what the sender controls; the receiver's own buffering is the rest);
-- follow: seconds from the step until the sender's bitrate fits the new link (down:
-  at or under it) or is back at its maximum (up). "once followed": the same figures from
-  then on (the steady state at the new rate).
+  relay (sent; the packetization, up to the packet's duration, comes on top); "path
+  only": time the packet left the relay minus that (the link: queue and the packet's own
+  serialization, which at 12 kbit/s is ~100 ms for a 120 ms packet);
+- follow: seconds from the step until the sender fits the new link (down: its wire rate at
+  or under it) or is back near its maximum (up: >= 90 % of 32 kbit/s in 20 ms packets).
+  "once followed": the same figures from then on.
 Goals at 12 kbit/s: lost <= 2 %, p95 <= 150 ms (fixed 32 kbit/s collapses there).
-Run: ``.venv/bin/python bench/abr.py [--phase 8]``.
+Run: ``.venv/bin/python bench/abr.py [--phase 20] [--link payload]``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from itertools import pairwise
 
 from _common import figure, isolate, pct, setup_path
 
@@ -45,8 +50,14 @@ FRAME = 960
 STEPS = (64.0, 12.0, 64.0)
 
 
-async def run(adaptive: bool, phase_s: float, receiver: str = "stock") -> dict:
-    relay = UdpImpairRelay(Impairment(rate_kbps=STEPS[0], seed=3))
+async def run(
+    adaptive: bool,
+    phase_s: float,
+    receiver: str = "ours",
+    link: str = "wire",
+    min_bps: int = 6000,
+) -> dict:
+    relay = UdpImpairRelay(Impairment(rate_kbps=STEPS[0], seed=3, count=link))
     cfg = OpusSendConfig(bitrate=32000, packet_loss_pct=5, adaptive=adaptive)
     track = OpusFecTrack(cfg)
     total = phase_s * len(STEPS) + 1.0
@@ -54,7 +65,8 @@ async def run(adaptive: bool, phase_s: float, receiver: str = "stock") -> dict:
     track.push(src)
     out: dict[int, tuple[float, str]] = {}
     state: dict = {}
-    rates: list[tuple[float, int]] = [(time.monotonic(), cfg.bitrate)]
+    # (when, Opus bit/s, packet ms, wire bit/s): what the sender sends
+    rates: list[tuple[float, int, int, int]] = [(time.monotonic(), cfg.bitrate, 20, 0)]
 
     tasks: list[asyncio.Task] = []
 
@@ -82,20 +94,27 @@ async def run(adaptive: bool, phase_s: float, receiver: str = "stock") -> dict:
     abr_task = None
     if adaptive:
         sender = pc_a.getSenders()[0]
-        ctl = AbrController(AbrConfig(min_bps=6000, max_bps=32000, start_bps=32000))
+        # On a link that counts only codec bits, headers are free: 20 ms packets always.
+        free = {"overhead_bytes": 0, "rtcp_bps": 0} if link == "payload" else {}
+        ctl = AbrController(AbrConfig(min_bps=min_bps, max_bps=32000, start_bps=32000, **free))
+        rates[0] = (rates[0][0], ctl.bitrate, ctl.ptime_ms, int(ctl.wire))
         abr_task = asyncio.ensure_future(
             run_abr(
                 track,
                 sender,
                 ctl,
-                on_decision=lambda d: rates.append((time.monotonic(), d.bitrate)),
+                on_decision=lambda d: rates.append(
+                    (time.monotonic(), d.bitrate, d.ptime_ms, d.wire_bps)
+                ),
             )
         )
     t_start = time.monotonic()
     bounds = []
     for i, kbps in enumerate(STEPS):
         if i:
-            relay.set_impairment("a_to_b", Impairment(rate_kbps=kbps, seed=3 + i, warmup_packets=0))
+            relay.set_impairment(
+                "a_to_b", Impairment(rate_kbps=kbps, seed=3 + i, warmup_packets=0, count=link)
+            )
         bounds.append(time.monotonic())
         await asyncio.sleep(phase_s)
     bounds.append(time.monotonic())
@@ -114,10 +133,13 @@ async def run(adaptive: bool, phase_s: float, receiver: str = "stock") -> dict:
     if receiver == "stock":  # aiortc's frames count from the first RTP timestamp
         first_ts = min(seen, key=lambda ts: seen[ts])
         out = {(first_ts + pts) & 0xFFFFFFFF: v for pts, v in out.items()}
+    # Each packet's duration in 20 ms frames (packets grow to 120 ms on a thin link).
+    order = sorted(seen, key=seen.__getitem__)
+    units = {a: max(1, min(6, ((b - a) & 0xFFFFFFFF) // FRAME)) for a, b in pairwise(order)}
     res = {}
     for i, kbps in enumerate(STEPS):
         lo, hi = bounds[i], bounds[i + 1]
-        sent = [ts for ts, t in seen.items() if lo <= t < hi]
+        sent = [ts for ts, t in seen.items() if lo <= t < hi for _ in range(units.get(ts, 1))]
         lat, lost = [], 0
         why = {"dropped": 0, "missing": 0, "plc": 0, "silence": 0}
         dropped = relay.dropped_ts["a_to_b"]
@@ -133,14 +155,14 @@ async def run(adaptive: bool, phase_s: float, receiver: str = "stock") -> dict:
         if adaptive and i:
             limit = kbps * 1000 if kbps < STEPS[i - 1] else None
 
-            def ok(r: int, limit: float | None = limit) -> bool:
-                return r <= limit if limit is not None else r >= 32000
+            def ok(r: tuple, limit: float | None = limit) -> bool:
+                return r[3] <= limit if limit is not None else r[1] >= 0.9 * 32000 and r[2] == 20
 
-            cur = [r for t, r in rates if t <= lo][-1]
+            cur = [r for r in rates if r[0] <= lo][-1]
             if ok(cur):
                 follow = 0.0
             else:
-                hit = [t for t, r in rates if t > lo and ok(r)]
+                hit = [r[0] for r in rates if r[0] > lo and ok(r)]
                 follow = hit[0] - lo if hit else float("inf")
         settled_from = lo + (follow if follow == follow and follow != float("inf") else 0.0)
         settled = [ts for ts in sent if seen[ts] >= settled_from]
@@ -158,9 +180,16 @@ async def run(adaptive: bool, phase_s: float, receiver: str = "stock") -> dict:
             "lost_pct": 100 * lost / max(1, len(sent)),
             "p95": pct(lat, 95) if lat else float("nan"),
             "follow": follow,
+            "offered_kbps": sum(b for t, b in relay.stats["a_to_b"].offered if lo <= t < hi)
+            * 8
+            / 1000
+            / (hi - lo),
+            "ptime": sorted(
+                {r[2] for r in rates if lo <= r[0] < hi} | {[r for r in rates if r[0] <= lo][-1][2]}
+            ),
             "why": why,
         }
-    res["rates"] = [(round(t - t_start, 2), r) for t, r in rates]
+    res["rates"] = [(round(r[0] - t_start, 2), r[1], r[2], r[3]) for r in rates]
     if adaptive:
         res["reports"] = [
             (round(r.at - t_start, 1), round(r.fraction_lost, 2), round((r.rtt_s or 0) * 1000))
@@ -172,13 +201,26 @@ async def run(adaptive: bool, phase_s: float, receiver: str = "stock") -> dict:
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", type=float, default=8.0, help="seconds per link rate")
+    ap.add_argument("--phase", type=float, default=20.0, help="seconds per link rate")
     ap.add_argument("--only", choices=("fixed", "adaptive"), help="run one sender only")
     ap.add_argument(
         "--receiver",
         choices=("stock", "ours"),
-        default="stock",
+        default="ours",
         help="aiortc's receive path (default; frames by RTP timestamp) or kvs/jitter.py",
+    )
+    ap.add_argument(
+        "--link",
+        choices=("wire", "payload"),
+        default="wire",
+        help="the bottleneck counts whole IP packets (default, as a real link) or only "
+        "RTP media payload (the model of the figures before 2026-11)",
+    )
+    ap.add_argument(
+        "--min-bps",
+        type=int,
+        default=6000,
+        help="the adaptive sender's Opus floor (KvsSettings.abr_min_bps; 6000 by default)",
     )
     ap.add_argument("--verbose", action="store_true", help="print every receiver report")
     args = ap.parse_args()
@@ -186,12 +228,13 @@ async def main() -> None:
     ap_kinds = (False, True) if args.only is None else (args.only == "adaptive",)
     for adaptive in ap_kinds:
         name = "adaptive" if adaptive else "fixed32k"
-        r = await run(adaptive, args.phase, args.receiver)
+        r = await run(adaptive, args.phase, args.receiver, args.link, args.min_bps)
         results[name] = r
         for i in range(len(STEPS)):
             p = r[i]
             print(
-                f"{name:9} {p['kbps']:>5.0f} kbit/s: frames {p['frames']:>4} "
+                f"{name:9} {p['kbps']:>5.0f} kbit/s (offered {p['offered_kbps']:.1f}, "
+                f"packets of {p['ptime']} ms): frames {p['frames']:>4} "
                 f"lost {p['lost_pct']:5.1f} % p95 {p['p95']:6.1f} ms follow {p['follow']:.2f} s "
                 f"{p['why']}; once followed: lost {p['settled_lost_pct']:.1f} % "
                 f"p95 {p['settled_p95']:.1f} ms (path only {p['settled_path_p95']:.1f} ms)",

@@ -26,7 +26,7 @@ from sonic_voice.kvs.jitter import (
 from sonic_voice.kvs.opus_send import OpusFecTrack, OpusSendConfig, make_opus_encoder, munge_sdp
 
 from test.harness.netimpair import Impairment, UdpImpairRelay, connect_through
-from test.harness.signals import best_alignment, speech_like
+from test.harness.signals import best_alignment, chunk_correlations, speech_like
 
 RATE = 48000
 FRAME = 960
@@ -287,8 +287,12 @@ def test_real_peers_through_lossy_relay_recover_speech() -> None:
     dropped = relay.stats["a_to_b"].dropped
     assert dropped >= 10, "the relay dropped nothing: the test would prove nothing"
     got = np.concatenate([f.pcm for f in frames])
-    _, ncc = best_alignment(src, got)
-    assert ncc >= 0.75, f"ncc {ncc:.3f}; stats {st}"
+    # Piece by piece (100 ms): the buffer may deepen (a frame inserted) or shallow (one
+    # dropped) mid-speech, which shifts all that follows; one global alignment then saw
+    # ncc 0.51-0.66 in ~1 run of 3 with a single stretch or a few shrinks (on main too).
+    # Measured: median 0.92-0.93 in 6 runs; every third frame silenced: 0.755.
+    pieces = chunk_correlations(src, got, chunk=RATE // 10, search=RATE // 25, ahead=RATE // 5)
+    assert np.median(pieces) >= 0.85 and np.mean(pieces >= 0.5) >= 0.85, (pieces, vars(st))
     assert st.nacks_sent > 0 and st.nack_recovered > 0, st
     assert st.plc + st.silence <= dropped * 0.6, (vars(st), dropped)
     ts = [f.rtp_ts for f in frames]
@@ -299,9 +303,42 @@ def test_real_peers_through_lossy_relay_recover_speech() -> None:
 def test_real_peers_clean_link_is_shallow() -> None:
     src, frames, st, _ = asyncio.run(_link(0.0, 0.0, seconds=2.0))
     got = np.concatenate([f.pcm for f in frames])
-    _, ncc = best_alignment(src, got)
-    assert ncc >= 0.8
+    pieces = chunk_correlations(src, got, chunk=RATE // 10, search=RATE // 25, ahead=RATE // 5)
+    assert np.median(pieces) >= 0.85 and np.mean(pieces >= 0.5) >= 0.85, (pieces, vars(st))
     # No loss on the path: concealment only if the (shared, 2-core) machine stalled us.
     assert st.plc + st.fec <= 0.05 * st.played, st
     # The depth stays below aiortc's fixed 4 x 20 ms (bench/loss_sweep.py measures it).
     assert st.target_ms < 80, st.target_ms
+
+
+def test_delay_step_grows_the_depth_and_plays_again() -> None:
+    """Every packet from 2 s on arrives 200 ms later than before (a bottleneck queue
+    filling, as in bench/abr.py): the buffer conceals the gap, then plays the stream again
+    from packets, 200 ms deeper. Before the fix it never did: the depth could only grow
+    (stretch) while no concealment run was going on, and a run only ends with a frame
+    played from a packet, which never came in time again: every packet "late", silence to
+    the end."""
+    packets = encode(speech_like(6.0, RATE, seed=7))
+    jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
+    t0, step_at = 1000.0, 100  # packet index of the step (2 s in)
+    arrivals = [(t0 + i * 0.02 + (0.2 if i >= step_at else 0.0), i) for i in range(len(packets))]
+    events = [(t, 0, i) for t, i in arrivals]
+    events += [(t0 + k * 0.005, 1, -1) for k in range(int((arrivals[-1][0] - t0) / 0.005))]
+    frames = []
+    for t, what, i in sorted(events):
+        if what == 0:
+            jb.push(i, i * FRAME, packets[i], t)
+        else:
+            frames += jb.pop_due(t)
+    by_ts = {f.rtp_ts // FRAME: f.kind for f in frames if f.kind != "stretch"}
+    after = [by_ts.get(i) for i in range(step_at + 30, len(packets) - 5)]
+    assert after.count("normal") == len(after), (after.count("normal"), vars(jb.stats))
+    # What the step costs: the frames due while nothing came (200 ms) and the packets of
+    # those frames, which arrive after them.
+    assert jb.stats.late <= 12, vars(jb.stats)
+    assert jb.stats.plc + jb.stats.silence <= 12, vars(jb.stats)
+    # ... and no deeper than the jitter needs: a frame plays soon after its packet came.
+    arrived = dict((i, t) for t, i in arrivals)
+    waits = [f.due - arrived[f.rtp_ts // FRAME] for f in frames
+             if f.kind == "normal" and f.rtp_ts // FRAME >= step_at + 30]  # fmt: skip
+    assert 0 <= min(waits) and max(waits) <= 0.06, (min(waits), max(waits))

@@ -1,25 +1,47 @@
 """Adaptive bitrate for the robot -> viewer Opus stream: what to encode at, from what the
 viewer reports. Pure (no I/O, no clock of its own): feed it reports, apply its decisions.
 
-Inputs, per RTCP receiver report (a browser sends one about every second; aiortc's
-receiver every 0.5-1.5 s): fraction lost since the last report, interarrival jitter, RTT
-(from our sender reports), and, where the browser sends it, a REMB estimate.
+Inputs (:func:`sonic_voice.kvs.opus_send.run_abr` feeds them as they arrive): each RTCP
+receiver report (aiortc sends one every 0.5-1.5 s; a browser about audio every ~5 s,
+libwebrtc's default, randomised 2.5-7.5 s): fraction lost since the previous one, and its
+own RTT (from our sender reports, which wait in the same bottleneck queue as the audio);
+REMB where the browser sends it. One report is the fastest it can react: 64 -> 12 kbit/s
+costs 0.5-2 s of the old rate's loss (bench/abr.py); faster needs transport-wide
+congestion control feedback, which aiortc does not have.
+
+**What it controls is the rate on the wire**, not the codec's: every packet costs
+``overhead_bytes`` of IP, UDP, RTP (with its header extensions) and SRTP, 64 bytes here,
+which at 20 ms packets is 25.6 kbit/s before a single bit of speech, plus ``rtcp_bps``.
+A budget on the wire is split into a packet duration and an Opus bitrate by
+:meth:`AbrController.plan`: the shortest packet whose Opus rate reaches ``prefer_bps``,
+else the one that leaves Opus the most (at 12 kbit/s: 120 ms packets and ~6 kbit/s of
+Opus; 20 ms packets could not carry even an empty Opus stream).
 
 Rules (loss-based like libwebrtc's audio network adaptor and GCC's loss controller, plus a
 queueing-delay guard, which matters on a thin link where a queue fills before it drops):
 
-- **down** at once when loss > ``loss_high`` or the RTT rose ``rtt_rise_s`` above its
-  minimum (a queue is building): to what got through, ``rate * (1 - loss) * backoff``,
-  never below ``min_bps``. One report is enough: at 32 kbit/s into a 12 kbit/s link 60 %
-  is lost, and 32 * 0.4 * 0.8 = 10.2 kbit/s fits in one step;
-- **up** only after ``hold_up_s`` of clean reports (loss < ``loss_low``, no RTT rise), by
-  ``up_factor`` per report, to ``max_bps``: the hysteresis that keeps a link at its edge
-  from flapping. The rate the link carried when it last congested is remembered as a
-  ceiling: up to 95 % of it fast, past it only by one ``probe_factor`` step after
-  ``probe_after_s`` clean (a probe that stays clean clears the ceiling: the link got
-  better, fast growth again). A link that stays thin then costs one small probe every few
-  seconds, which the RTT rise usually catches before anything is lost;
-- **REMB** caps the rate at ``remb_share`` of the estimate;
+- **down** at the first report with loss > ``loss_high``, or with an RTT that rose
+  ``rtt_rise_s`` (plus half a packet) over its recent minimum (a queue building): to what
+  got through, ``wire * (1 - loss) * backoff`` (``heavy_backoff`` when the loss is
+  heavy: the report straddles the fall, so its loss understates the new link's). A
+  report also covers time before the last cut: the part of its interval before the cut
+  took effect (an RTT and a full queue after it) is charged with the loss that caused the
+  cut, and only the rest counts (so the old rate's tail does not cut twice, and a first
+  cut that fell short is followed at the next report, which also lowers the ceiling);
+- **up** only after ``hold_up_s`` with clean reports: the hysteresis that keeps a link at
+  its edge from flapping. The rate the link carried when it last congested is a ceiling:
+  up to ``ceiling_share`` of it fast (``up_factor`` a report), then additively, by
+  ``probe_step`` of the ceiling, the step doubling (to ``max_probe_step``) with each
+  clean report at least ``probe_after_s`` after the last step (so a link that stays thin
+  costs a 5 % probe now and then, which its RTT shows before anything is lost, and one
+  that got better is found in a few reports; no step while the RTT is off its floor);
+  past ``clear_factor`` times the ceiling it is forgotten and growth is by ``up_factor``
+  again; so it is when the RTT falls far under its recent floor (on a thin link that
+  floor is mostly our own packets' serialization: the link grew). Steps come less often
+  with longer packets (a 120 ms packet is a third of a 200 ms queue: no room to see a
+  probe in the RTT before it loses). A step up followed by loss or a rising RTT makes
+  the rate before it the ceiling, and goes back to ``ceiling_share`` of it;
+- **REMB** caps the wire rate at ``remb_share`` of the estimate;
 - **FEC**: libopus's expected-loss setting follows the smoothed loss (x1.5 margin, within
   ``[min_loss_pct, max_loss_pct]``); more expected loss means more of the bitrate goes to
   the LBRR copy of the previous frame.
@@ -27,57 +49,87 @@ queueing-delay guard, which matters on a thin link where a queue fills before it
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 
 @dataclass
 class AbrConfig:
-    min_bps: int = 6000
+    min_bps: int = 6000  # Opus bitrate bounds
     max_bps: int = 32000
     start_bps: int = 32000
+    # Packet durations it may choose (RFC 7587: up to the viewer's maxptime, 120 ms by
+    # default; browsers decode up to 120 ms).
+    ptimes_ms: tuple[int, ...] = (20, 40, 60, 80, 100, 120)
+    # Per packet on the wire besides the Opus payload: IPv4 20 + UDP 8 + RTP 12 + header
+    # extensions (aiortc's mid and audio level) + SRTP tag 10: 64 measured (bench/abr.py).
+    overhead_bytes: int = 64
+    prefer_bps: int = 12000  # the shortest packet giving Opus this much is chosen
     loss_high: float = 0.04
     loss_low: float = 0.01
-    rtt_rise_s: float = 0.08
-    backoff: float = 0.8
-    up_factor: float = 1.25
-    hold_up_s: float = 2.0
-    probe_after_s: float = 5.0
-    probe_factor: float = 1.15
-    # A report covers about the second before it: after a cut, the next one still shows
-    # the old rate's loss. Cut again only after this long.
-    min_down_interval_s: float = 1.0
-    settle_s: float = 3.0
-    loss_heavy: float = 0.15
+    rtt_rise_s: float = 0.06
+    # The RTT's floor is the minimum of this long: a link that changed (a sender report
+    # crossing a 12 kbit/s link takes 80 ms by itself) gets a new floor once a cut drained it.
+    rtt_window_s: float = 10.0
+    backoff: float = 0.85
+    # Loss this heavy: the link fell far. The report straddles the fall, so its loss
+    # understates the new link's: cut deeper (heavy_backoff) to get under it at once.
+    loss_heavy: float = 0.3
+    heavy_backoff: float = 0.65
+    up_factor: float = 1.5
+    hold_up_s: float = 1.0
+    ceiling_share: float = 0.9
+    probe_step: float = 0.05
+    max_probe_step: float = 0.1
+    episode_s: float = 3.0  # cuts this close together answer one fall of the link
+    queue_s: float = 0.2  # a bottleneck queue's depth, at most (what the old rate left there)
+    faster_rtt_share: float = 0.6  # an RTT under this share of its recent floor: link grew
+    probe_after_s: float = 0.9
+    clear_factor: float = 1.3
+    # Left for RTCP on the wire (aiortc: a 96-byte SR + SDES about once a second).
+    rtcp_bps: int = 1000
     remb_share: float = 0.9
     min_loss_pct: int = 5
     max_loss_pct: int = 30
     loss_smoothing: float = 0.5
 
     def __post_init__(self) -> None:
-        if not 6000 <= self.min_bps <= self.start_bps <= self.max_bps <= 510000:
+        if not 500 <= self.min_bps <= self.start_bps <= self.max_bps <= 510000:
             raise ValueError(
-                "abr bounds must satisfy 6000 <= min_bps <= start_bps <= max_bps <= 510000, "
+                "abr bounds must satisfy 500 <= min_bps <= start_bps <= max_bps <= 510000, "
                 f"not {self.min_bps}/{self.start_bps}/{self.max_bps}"
             )
         if not 0 <= self.loss_low < self.loss_high <= 1:
             raise ValueError("abr: need 0 <= loss_low < loss_high <= 1")
+        if not self.ptimes_ms or any(
+            p not in (10, 20, 40, 60, 80, 100, 120) for p in self.ptimes_ms
+        ):
+            raise ValueError(f"abr: ptimes_ms must be Opus packet durations, not {self.ptimes_ms}")
+
+    def overhead_bps(self, ptime_ms: int) -> float:
+        return self.overhead_bytes * 8 * 1000 / ptime_ms
 
 
 @dataclass(frozen=True)
 class Report:
-    at: float  # seconds, any monotonic clock
+    at: float  # seconds, any monotonic clock: when it arrived
     fraction_lost: float  # 0..1
     jitter_s: float = 0.0
     rtt_s: float | None = None
     remb_bps: int | None = None
+    # The start of the interval it covers (None: since the previous receiver report).
+    since: float | None = None
+    source: str = "rr"  # "rr": a receiver report (others: only loss/REMB, no clean-up step)
 
 
 @dataclass(frozen=True)
 class Decision:
-    bitrate: int
+    bitrate: int  # Opus bit/s
     packet_loss_pct: int
     changed: bool
     reason: str
+    ptime_ms: int = 20
+    wire_bps: int = 0  # what it should take on the wire, headers included
 
 
 class AbrController:
@@ -85,77 +137,174 @@ class AbrController:
 
     def __init__(self, config: AbrConfig | None = None) -> None:
         self.cfg = config or AbrConfig()
-        self.bitrate = self.cfg.start_bps
+        self.ptime_ms = min(self.cfg.ptimes_ms)
+        self.wire = self.cfg.start_bps + self.cfg.rtcp_bps + self.cfg.overhead_bps(self.ptime_ms)
+        self.bitrate, self.ptime_ms = self.plan(self.wire)
         self.loss = 0.0  # smoothed fraction lost
         self.loss_pct = self.cfg.min_loss_pct
         self.min_rtt: float | None = None
+        self.calm = True  # the last RTT was near its floor
+        self._rtts: deque[tuple[float, float]] = deque()  # (at, rtt) of the last rtt_window_s
         self.last_rtt: float | None = None
         self.clean_since: float | None = None
         self.last_down = float("-inf")
+        self.down_loss = 0.0  # the loss the last cut answered
         self.last_up = float("-inf")
-        self.ceiling: float | None = None  # what the link carried when it last congested
+        self.last_rr: float | None = None
+        self.ceiling: float | None = None  # wire bit/s the link carried when it congested
+        self.step = self.cfg.probe_step  # additive step near the ceiling (its share)
+        self.good: float | None = None  # the wire rate before the last step up
         self.history: list[tuple[float, int, int, str]] = []  # (at, bitrate, loss %, why)
         self.reports: list[Report] = []  # every report seen (diagnostics, benches)
+
+    @property
+    def max_wire(self) -> float:
+        cfg = self.cfg
+        return cfg.max_bps + cfg.rtcp_bps + cfg.overhead_bps(min(cfg.ptimes_ms))
+
+    @property
+    def min_wire(self) -> float:
+        cfg = self.cfg
+        return cfg.min_bps + cfg.rtcp_bps + cfg.overhead_bps(max(cfg.ptimes_ms))
+
+    def plan(self, wire_bps: float) -> tuple[int, int]:
+        """(Opus bit/s, packet ms) for a wire budget: the shortest packet that leaves Opus
+        ``prefer_bps`` (or its maximum), else the packet that leaves it the most."""
+        cfg = self.cfg
+        best = None
+        for p in sorted(cfg.ptimes_ms):
+            opus = wire_bps - cfg.rtcp_bps - cfg.overhead_bps(p)
+            if opus >= min(cfg.prefer_bps, cfg.max_bps):
+                best = (opus, p)
+                break
+            if best is None or opus > best[0]:
+                best = (opus, p)
+        assert best is not None
+        opus, p = best
+        return int(min(cfg.max_bps, max(cfg.min_bps, opus))), p
+
+    def limit_ptime(self, max_ms: int) -> None:
+        """Send no packet longer than ``max_ms`` (the viewer's ``a=maxptime``)."""
+        allowed = tuple(p for p in self.cfg.ptimes_ms if p <= max_ms) or (min(self.cfg.ptimes_ms),)
+        self.cfg.ptimes_ms = allowed
+        self.bitrate, self.ptime_ms = self.plan(self.wire)
+
+    def _cut(self, at: float, to: float, loss: float, why: str) -> str:
+        self.wire = max(self.min_wire, to)
+        self.last_down = at
+        self.down_loss = loss
+        self.step = self.cfg.probe_step
+        return why
 
     def update(self, r: Report) -> Decision:
         cfg = self.cfg
         self.reports.append(r)
         del self.reports[:-1000]
-        a = cfg.loss_smoothing
-        self.loss = a * r.fraction_lost + (1 - a) * self.loss
+        since = r.since
+        if r.source == "rr":
+            if since is None:
+                since = self.last_rr if self.last_rr is not None else r.at - 1.0
+            self.last_rr = r.at
+            a = cfg.loss_smoothing
+            self.loss = a * r.fraction_lost + (1 - a) * self.loss
+        since = r.at - 1.0 if since is None else since
         rtt_rise = 0.0
+        # The RTT near its floor: no queue building, room to probe. A report without an
+        # RTT of its own (it answers an SR already answered) keeps the last verdict.
+        calm = self.calm
+        faster = False
         if r.rtt_s is not None and r.rtt_s > 0:
-            self.min_rtt = r.rtt_s if self.min_rtt is None else min(self.min_rtt, r.rtt_s)
-            # Only a *rising* RTT is a queue filling: aiortc (like most stacks) smooths its
-            # RTT, which stays high for seconds after a queue has drained.
+            while self._rtts and self._rtts[0][0] < r.at - cfg.rtt_window_s:
+                self._rtts.popleft()
+            if self._rtts:
+                # Far under its recent floor: the path got faster. On a thin link the floor
+                # is mostly our own packets' serialization (a 120 ms packet takes 100 ms to
+                # cross 12 kbit/s, 19 ms at 64 kbit/s): the link grew under us.
+                floor = min(x for _, x in self._rtts)
+                faster = r.rtt_s < floor * cfg.faster_rtt_share and floor - r.rtt_s > 0.03
+            self._rtts.append((r.at, r.rtt_s))
+            self.min_rtt = min(x for _, x in self._rtts)
+            # A sender report may wait behind one of our packets, which on a link we fill
+            # takes up to a packet's duration to cross: half of that is not a queue.
+            above = r.rtt_s - self.min_rtt - self.ptime_ms / 2000
+            calm = self.calm = above < cfg.rtt_rise_s / 2
+            # Only a *rising* RTT is a queue filling: after a cut it stays high until the
+            # queue has drained.
             if self.last_rtt is not None and r.rtt_s > self.last_rtt:
-                rtt_rise = r.rtt_s - self.min_rtt
+                rtt_rise = above
             self.last_rtt = r.rtt_s
-        old_rate, old_pct = self.bitrate, self.loss_pct
+        # The share of this report's interval before the last cut took effect (one RTT
+        # and a full queue after it: what was sent before the cut still waits there),
+        # charged with the loss that caused the cut.
+        took_effect = self.last_down + max(0.05, self.last_rtt or 0.1) + cfg.queue_s
+        old = min(1.0, max(0.0, (took_effect - since) / max(1e-3, r.at - since)))
+        loss = r.fraction_lost
+        if old >= 0.999:
+            loss, rtt_rise = 0.0, 0.0
+        elif old > 0:
+            loss = max(0.0, (loss - old * self.down_loss) / (1 - old))
+        old_wire, old_pct = self.wire, self.loss_pct
         why = "hold"
-        congested = r.fraction_lost > cfg.loss_high or rtt_rise > cfg.rtt_rise_s
-        if congested:
+        if r.source == "remb":
+            pass
+        elif loss > cfg.loss_high or rtt_rise > cfg.rtt_rise_s:
             self.clean_since = None
-            since = r.at - self.last_down
-            # Just after a cut, reports still carry the old rate's queue: cut again only
-            # for heavy loss (the link fell further), not for its tail.
-            settling = since < cfg.settle_s and r.fraction_lost < cfg.loss_heavy
-            if since >= cfg.min_down_interval_s and not settling:
-                carried = self.bitrate * (1 - min(r.fraction_lost, 0.9))
-                self.ceiling = max(cfg.min_bps, carried)
-                self.bitrate = max(cfg.min_bps, int(carried * cfg.backoff))
-                self.last_down = r.at
-                why = f"down: lost {r.fraction_lost:.0%}, rtt +{rtt_rise * 1000:.0f} ms"
-        elif r.fraction_lost < cfg.loss_low:
+            what = f"lost {loss:.0%}" if loss > cfg.loss_high else f"rtt +{rtt_rise * 1000:.0f} ms"
+            carried = self.wire * (1 - min(loss, 0.9))
+            if self.good is not None and self.last_up > self.last_down:
+                # The last step up did it: the rate before it is the knee.
+                self.ceiling = self.good if self.ceiling is None else min(self.ceiling, self.good)
+                to = min(carried, self.ceiling) * cfg.ceiling_share
+                why = f"down: {what} after a step up"
+            else:
+                # The link fell. The first report straddles the fall (its loss understates
+                # the new link's: the ceiling it sets is high); a later one in the same
+                # episode that mostly covers the new rate lowers it.
+                back = cfg.heavy_backoff if loss >= cfg.loss_heavy else cfg.backoff
+                to = carried * back
+                carried = max(self.min_wire, carried)
+                if r.at - self.last_down > cfg.episode_s or self.ceiling is None:
+                    self.ceiling = carried
+                elif old < 0.5:
+                    self.ceiling = min(self.ceiling, carried)
+                why = f"down: {what}"
+            why = self._cut(r.at, to, loss, f"{why} ({r.source})")
+        elif r.source == "rr" and loss < cfg.loss_low:
             if self.clean_since is None:
                 self.clean_since = r.at
-            if self.ceiling is not None and self.bitrate > self.ceiling:
-                self.ceiling = None  # a probe past the old ceiling stayed clean
-            clean_for = r.at - self.clean_since
-            if clean_for >= cfg.hold_up_s and self.bitrate < cfg.max_bps:
-                target = self.bitrate * cfg.up_factor
-                near = int(self.ceiling * 0.95) if self.ceiling is not None else None
-                if near is None or target <= near:
-                    why = "up: clean link"
-                elif self.bitrate < near:
-                    target, why = near, "up: to just under the last ceiling"
-                elif r.at - max(self.last_up, self.clean_since) >= cfg.probe_after_s:
-                    target, why = self.bitrate * cfg.probe_factor, "up: probing past the ceiling"
-                else:
-                    target = self.bitrate
-                new = min(cfg.max_bps, int(target))
-                if new > self.bitrate:
-                    self.bitrate = new
+            if calm and self.ceiling is not None and self.wire > self.ceiling * cfg.clear_factor:
+                self.ceiling = None  # well past it and calm: the link got better
+            if faster and self.ceiling is not None:
+                self.ceiling, self.clean_since = None, r.at - cfg.hold_up_s
+            if r.at - self.clean_since >= cfg.hold_up_s and self.wire < self.max_wire:
+                target = self.wire
+                near = self.ceiling * cfg.ceiling_share if self.ceiling is not None else None
+                if near is None:
+                    target, why = self.wire * cfg.up_factor, "up: clean link"
+                elif self.wire < near:
+                    target, why = min(near, self.wire * cfg.up_factor), "up: under the ceiling"
+                elif calm and r.at - self.last_up >= cfg.probe_after_s * max(
+                    1.0, self.ptime_ms / 40
+                ):
+                    target = self.wire + self.step * self.ceiling
+                    why = f"up: probing the ceiling (+{self.step:.0%})"
+                    self.step = min(cfg.max_probe_step, self.step * 2)
+                if target > self.wire and calm:
+                    self.good = self.wire
+                    self.wire = min(self.max_wire, target)
                     self.last_up = r.at
-        else:
+        elif r.source == "rr":
             self.clean_since = None  # between the thresholds: stay
         if r.remb_bps:
-            cap = max(cfg.min_bps, int(r.remb_bps * cfg.remb_share))
-            if self.bitrate > cap:
-                self.bitrate = cap
+            cap = max(self.min_wire, r.remb_bps * cfg.remb_share)
+            if self.wire > cap:
+                self.wire = cap
                 why = f"remb cap {r.remb_bps} bit/s"
+        self.wire = min(self.max_wire, self.wire)
         self.loss_pct = int(min(cfg.max_loss_pct, max(cfg.min_loss_pct, round(self.loss * 150))))
-        changed = (self.bitrate, self.loss_pct) != (old_rate, old_pct)
-        if changed:
+        old_plan = (self.bitrate, self.ptime_ms)
+        self.bitrate, self.ptime_ms = self.plan(self.wire)
+        changed = (self.bitrate, self.ptime_ms, self.loss_pct) != (*old_plan, old_pct)
+        if changed or self.wire != old_wire:
             self.history.append((r.at, self.bitrate, self.loss_pct, why))
-        return Decision(self.bitrate, self.loss_pct, changed, why)
+        return Decision(self.bitrate, self.loss_pct, changed, why, self.ptime_ms, int(self.wire))

@@ -425,12 +425,18 @@ class AdaptiveJitterBuffer:
         delay = due - (self._base + ts / RATE)
         frame = self._last_frame
         entry = self._by_ts.pop(ts, None)
-        if entry is None and delay < self._target - 0.002 and self._plc_run == 0:
+        if entry is None and delay < self._target - 0.002:
             # The buffer runs too shallow for the measured jitter: grow it by one frame
-            # before the frame would have to be concealed.
-            pcm = self.decoder.conceal(frame) if self._last_seq is not None else None
-            if pcm is None:
+            # before the frame would have to be concealed. Also in the middle of a
+            # concealment run: after a delay step (a queue filling: +200 ms in
+            # bench/abr.py) the first frames are concealed before any late packet shows
+            # the new delay, and growing is then the only way back to playing packets
+            # (without it every packet stayed "late" and the buffer played silence).
+            silent = self._plc_run * frame / RATE * 1000 >= self.cfg.max_plc_ms
+            if self._last_seq is None or silent:
                 pcm = np.zeros(frame, np.int16)
+            else:
+                pcm = self._fade(self.decoder.conceal(frame))
             st.stretched += 1
             self._next_due += frame / RATE
             return [Frame(pcm, "stretch", ts, due)]

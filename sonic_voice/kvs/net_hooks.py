@@ -10,10 +10,14 @@
   ``aioice.stun.RETRY_MAX`` = 6 times (~32 s). A vanished relay is therefore reported
   ~60 s after it went (measured here: the peer still "connected" 20 s later). The NAT
   tests shorten all three (module globals; process-wide).
-- :func:`sender_stats`: the RTCP the viewer sends about our audio, for adaptive bitrate.
-  Receiver reports come through aiortc's public ``RTCRtpSender.getStats()``
-  (``remote-inbound-rtp``: fraction lost, jitter, RTT); REMB (which aiortc parses but keeps
-  to video encoders) needs ``RTCRtpSender._handle_rtcp_packet``, wrapped per sender.
+- :func:`tap_remb`: REMB (which aiortc parses but keeps to video encoders) needs
+  ``RTCRtpSender._handle_rtcp_packet``, wrapped per sender.
+- :func:`tap_feedback`: every receiver report and NACK about our stream *as it arrives*
+  (``_handle_rtcp_packet``, and ``_send_rtcp`` to note when each sender report left), for
+  adaptive bitrate. ``getStats()`` keeps only the latest report and an RTT smoothed 85/15
+  that aiortc updates only when the report answers the very last SR (about half of them):
+  a queue jumping to 200 ms moves it by 30 ms at the first report. Here each report gives its own
+  RTT (RFC 3550 §6.4.1: arrival - LSR's send time - DLSR) the moment it comes.
 
 TURN credentials are *not* pushed into live allocations: an allocation is bound to the
 username it was made with (RFC 8656 §6.2; coturn answers a Refresh with another username
@@ -50,8 +54,9 @@ def check_hook_points(pc: RTCPeerConnection | None = None) -> None:
                       (aioice.stun, "RETRY_MAX")):  # fmt: skip
         if not isinstance(getattr(mod, name, None), int | float):
             problems.append(f"{mod.__name__}.{name} is gone")
-    if not callable(getattr(RTCRtpSender, "_handle_rtcp_packet", None)):
-        problems.append("RTCRtpSender._handle_rtcp_packet is gone")
+    for name in ("_handle_rtcp_packet", "_send_rtcp"):
+        if not callable(getattr(RTCRtpSender, name, None)):
+            problems.append(f"RTCRtpSender.{name} is gone")
     if pc is not None:
         ice = _ice_transport(pc)
         conn = getattr(ice, "_connection", None) if ice is not None else None
@@ -112,34 +117,6 @@ def consent_timing(interval_s: float, failures: int, stun_retries: int = 2) -> I
         aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES, aioice.stun.RETRY_MAX = old
 
 
-@dataclass(frozen=True)
-class RemoteReport:
-    """What the viewer last said about our stream (RTCP RR, and REMB if it sends one)."""
-
-    fraction_lost: float  # 0..1, over the last report interval
-    packets_lost: int  # cumulative
-    jitter_s: float
-    rtt_s: float | None
-    remb_bps: int | None = None
-    stamp: float = 0.0  # when aiortc took the report (POSIX time): a new report, a new stamp
-
-
-async def sender_stats(sender: RTCRtpSender) -> RemoteReport | None:
-    """The latest receiver report about ``sender``'s stream (None before the first)."""
-    stats = await sender.getStats()
-    for s in stats.values():
-        if getattr(s, "type", None) == "remote-inbound-rtp":
-            return RemoteReport(
-                fraction_lost=float(getattr(s, "fractionLost", 0) or 0) / 256.0,  # RR's 8 bits
-                packets_lost=int(getattr(s, "packetsLost", 0) or 0),
-                jitter_s=float(getattr(s, "jitter", 0) or 0) / 48000.0,
-                rtt_s=getattr(s, "roundTripTime", None),
-                remb_bps=getattr(sender, "_sv_remb_bps", None),
-                stamp=s.timestamp.timestamp(),
-            )
-    return None
-
-
 def tap_remb(sender: RTCRtpSender, on_remb: Callable[[int], None] | None = None) -> None:
     """Record REMB bitrates the viewer sends about ``sender`` (``sender._sv_remb_bps``)."""
     check_hook_points()
@@ -157,3 +134,65 @@ def tap_remb(sender: RTCRtpSender, on_remb: Callable[[int], None] | None = None)
         await original(packet)
 
     sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One receiver report block about our stream, or one NACK, as it arrived."""
+
+    at: float  # time.monotonic() on arrival
+    kind: str  # "rr" | "nack"
+    fraction_lost: float = 0.0  # rr: 0..1 since the viewer's previous report
+    highest_seq: int = 0  # rr: extended highest sequence number received
+    packets_lost: int = 0  # rr: cumulative
+    jitter_s: float = 0.0  # rr
+    rtt_s: float | None = None  # rr: this report's own RTT (None: no SR answered yet)
+    lost: tuple[int, ...] = ()  # nack: the sequence numbers asked for
+
+
+def tap_feedback(sender: RTCRtpSender, on_feedback: Callable[[Feedback], None]) -> None:
+    """Call ``on_feedback`` with every receiver report and NACK about ``sender``'s stream
+    when it arrives (on the peer's loop). Wraps ``_send_rtcp`` (the send time of each SR,
+    by its LSR) and ``_handle_rtcp_packet``; both still run as before."""
+    import time
+
+    from aiortc.rtp import RTCP_RTPFB_NACK, RtcpRrPacket, RtcpRtpfbPacket, RtcpSrPacket
+
+    check_hook_points()
+    sr_sent: dict[int, float] = {}  # LSR (middle 32 bits of the SR's NTP time) -> sent
+    answered: set[int] = set()  # SRs a report already gave the RTT of
+    send_rtcp = sender._send_rtcp
+    handle = sender._handle_rtcp_packet
+
+    async def send(packets: list[Any]) -> None:
+        for p in packets:
+            if isinstance(p, RtcpSrPacket):
+                sr_sent[(p.sender_info.ntp_timestamp >> 16) & 0xFFFFFFFF] = time.monotonic()
+                while len(sr_sent) > 16:
+                    answered.discard(next(iter(sr_sent)))
+                    del sr_sent[next(iter(sr_sent))]
+        await send_rtcp(packets)
+
+    async def receive(packet: Any) -> None:
+        now = time.monotonic()
+        if isinstance(packet, RtcpRrPacket | RtcpSrPacket):
+            for r in packet.reports:
+                if r.ssrc != sender._ssrc:
+                    continue
+                rtt = None
+                # Only a report answering an SR not answered before: one about an older SR
+                # (the newer ones lost in a full queue, or not sent yet) repeats an old RTT.
+                if r.lsr in sr_sent and r.dlsr and r.lsr not in answered:
+                    rtt = max(0.0, now - sr_sent[r.lsr] - r.dlsr / 65536)
+                    answered.add(r.lsr)
+                lost = r.fraction_lost / 256.0
+                fb = Feedback(now, "rr", lost, r.highest_sequence, r.packets_lost,
+                              r.jitter / 48000.0, rtt)  # fmt: skip
+                on_feedback(fb)
+        elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+            if packet.media_ssrc == sender._ssrc:
+                on_feedback(Feedback(now, "nack", lost=tuple(packet.lost)))
+        await handle(packet)
+
+    sender._send_rtcp = send  # type: ignore[method-assign]
+    sender._handle_rtcp_packet = receive  # type: ignore[method-assign]

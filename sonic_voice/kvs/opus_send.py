@@ -13,7 +13,8 @@ libopus (PyAV's ``libopus`` encoder) with
 
 and handed to aiortc as ready-made packets (aiortc's public "track yields ``av.Packet``"
 path, so aiortc's encoder is never used). The track paces itself on the monotonic clock:
-one 20 ms packet per 20 ms, silence when nothing is queued, no drift.
+one 20 ms packet per 20 ms (adaptive: up to 120 ms packets on a thin link, each when its
+time comes), silence when nothing is queued, no drift.
 
 :func:`munge_sdp` puts ``useinbandfec=1`` (so the browser also sends us FEC), ``minptime``,
 ``usedtx`` and ``maxaveragebitrate`` in the Opus ``a=fmtp`` line, and ``a=rtcp-fb:<pt> nack``,
@@ -47,6 +48,9 @@ TIME_BASE = fractions.Fraction(1, RATE)
 
 
 ENCODER_RATES = (8000, 12000, 16000, 24000, 48000)  # what libopus takes as input
+# Frame durations (ms) one Opus packet may carry (RFC 7587: up to the receiver's maxptime,
+# 120 ms by default); libopus >= 1.2 encodes 80-120 ms as one packet of 20 ms frames.
+PTIMES_MS = (10, 20, 40, 60, 80, 100, 120)
 
 
 @dataclass
@@ -147,10 +151,13 @@ class OpusFecTrack(MediaStreamTrack):
         super().__init__()
         self.cfg = config or OpusSendConfig()
         self.rate = self.cfg.input_rate
-        self.frame = self.rate // 50  # 20 ms
+        self.frame = self.rate // 50  # 20 ms; adaptive: set_target(ptime_ms=) changes it
+        self.ptime_ms = 20
+        self._pts = 0  # input-rate samples handed to the encoder (the next frame's pts)
         self._time_base = fractions.Fraction(1, self.rate)
         self._enc = _OpuslibEncoder(self.cfg) if self.cfg.adaptive else make_opus_encoder(self.cfg)
-        self._target: tuple[int, int] | None = None  # (bit/s, loss %) for the next frame
+        # (bit/s, loss %, ptime ms) for the next frame
+        self._target: tuple[int, int, int] | None = None
         self.bitrate = self.cfg.bitrate
         self.packet_loss_pct = self.cfg.packet_loss_pct
         self._lock = threading.Lock()
@@ -171,12 +178,19 @@ class OpusFecTrack(MediaStreamTrack):
         self.send_times: dict[int, float] = {}  # pts (48 kHz) -> monotonic time sent (benches)
         self.record_send_times = False
 
-    def set_target(self, bitrate: int, packet_loss_pct: int) -> None:
-        """Encode from the next frame on at ``bitrate`` with FEC for ``packet_loss_pct``
-        (needs ``adaptive=True``; any thread)."""
+    def set_target(self, bitrate: int, packet_loss_pct: int, ptime_ms: int | None = None) -> None:
+        """Encode from the next frame on at ``bitrate`` with FEC for ``packet_loss_pct``, in
+        packets of ``ptime_ms`` (unchanged if None; needs ``adaptive=True``; any thread).
+
+        Longer packets are how a thin link fits: each packet costs 64 bytes of IPv4, UDP,
+        RTP (with aiortc's header extensions) and SRTP, 25.6 kbit/s at 20 ms, 4.3 kbit/s
+        at 120 ms (measured in bench/abr.py)."""
         if not isinstance(self._enc, _OpuslibEncoder):
             raise RuntimeError("set_target needs OpusSendConfig(adaptive=True)")
-        self._target = (int(bitrate), int(packet_loss_pct))
+        ptime = self.ptime_ms if ptime_ms is None else int(ptime_ms)
+        if ptime not in PTIMES_MS:
+            raise ValueError(f"ptime_ms must be one of {PTIMES_MS}, not {ptime_ms}")
+        self._target = (int(bitrate), int(packet_loss_pct), ptime)
 
     def push(self, pcm: bytes | np.ndarray, rate: int = RATE) -> None:
         """Queue mono PCM16 at ``rate`` to be sent in real time."""
@@ -274,16 +288,22 @@ class OpusFecTrack(MediaStreamTrack):
             if self._packets:
                 pkt = self._packets.popleft()
                 break
-            # Exact pacing: frame n leaves at start + n * 20 ms on the monotonic clock.
+            # Exact pacing: the frame starting at sample pts leaves at start + pts / rate
+            # on the monotonic clock.
             now = time.monotonic()
             if self._start is None:
                 self._start = now
-            due = self._start + self._n * 0.02
+            due = self._start + self._pts / self.rate
             if due > now:
                 await asyncio.sleep(due - now)
             elif now - due > 0.2:
                 # The loop was blocked for a long time: restart the clock, don't burst.
-                self._start = now - self._n * 0.02
+                self._start = now - self._pts / self.rate
+            target, self._target = self._target, None
+            if target is not None and isinstance(self._enc, _OpuslibEncoder):
+                self._enc.retarget(target[0], target[1])
+                self.bitrate, self.packet_loss_pct, self.ptime_ms = target
+                self.frame = self.rate * self.ptime_ms // 1000
             if self._pushed is None:
                 self._loop = asyncio.get_running_loop()
                 self._pushed = asyncio.Event()
@@ -297,13 +317,10 @@ class OpusFecTrack(MediaStreamTrack):
             frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
             frame.sample_rate = self.rate
             frame.time_base = self._time_base
-            frame.pts = self._n * self.frame
+            frame.pts = self._pts
+            self._pts += self.frame
             self._n += 1
             self.speech_frames += speech
-            target, self._target = self._target, None
-            if target is not None and isinstance(self._enc, _OpuslibEncoder):
-                self._enc.retarget(*target)
-                self.bitrate, self.packet_loss_pct = target
             for p in self._enc.encode(frame):
                 self._packets.append(p)
         self.sent_frames += 1
@@ -321,27 +338,46 @@ async def run_abr(
 ) -> None:
     """Adapt ``track`` to what the viewer reports about ``sender`` (an RTCRtpSender), for as
     long as the track lives. ``controller``: a :class:`sonic_voice.kvs.abr.AbrController`.
-    Each new receiver report (aiortc's public ``getStats()``; REMB through
-    :func:`sonic_voice.kvs.net_hooks.tap_remb`) is fed to it once; its decisions are
-    applied from the next frame on."""
-    from sonic_voice.kvs.abr import Report
-    from sonic_voice.kvs.net_hooks import sender_stats, tap_remb
 
-    tap_remb(sender)
-    last = None
-    while track.readyState == "live":
-        await asyncio.sleep(poll_s)
-        rep = await sender_stats(sender)
-        if rep is None or rep.stamp == last:
-            continue
-        last = rep.stamp
-        d = controller.update(
-            Report(time.monotonic(), rep.fraction_lost, rep.jitter_s, rep.rtt_s, rep.remb_bps)
-        )
+    Every receiver report goes to it the moment it arrives
+    (:func:`sonic_voice.kvs.net_hooks.tap_feedback`; REMB through ``tap_remb``), and its
+    decisions (Opus bitrate, expected loss, packet duration) apply from the next frame on.
+    Polling ``getStats()`` instead saw a report up to ``poll_s`` late, with aiortc's
+    smoothed RTT. (NACKs are no help here: a receiver with a shallow buffer asks for a
+    packet only while its frame can still play, which a tail-dropped packet's rarely can,
+    and browsers do not NACK Opus unless it was negotiated.)"""
+    from sonic_voice.kvs.abr import Report
+    from sonic_voice.kvs.net_hooks import Feedback, tap_feedback, tap_remb
+
+    def on_feedback(fb: Feedback) -> None:
+        if fb.kind != "rr":
+            return
+        remb = getattr(sender, "_sv_remb_bps", None)
+        d = controller.update(Report(fb.at, fb.fraction_lost, fb.jitter_s, fb.rtt_s, remb))
         if d.changed:
-            track.set_target(d.bitrate, d.packet_loss_pct)
+            track.set_target(d.bitrate, d.packet_loss_pct, d.ptime_ms)
             if on_decision is not None:
                 on_decision(d)
+
+    tap_remb(sender)
+    tap_feedback(sender, on_feedback)
+    while track.readyState == "live":  # noqa: ASYNC110 - the track has no "ended" event to await
+        await asyncio.sleep(poll_s)
+
+
+def max_ptime_ms(sdp: str) -> int:
+    """The longest packet (ms) the peer that wrote ``sdp`` takes in its audio section
+    (``a=maxptime``; RFC 7587's default for Opus, 120 ms, when it says nothing)."""
+    audio = False
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            audio = line.startswith("m=audio")
+        elif audio and line.startswith("a=maxptime:"):
+            try:
+                return max(10, int(line.split(":", 1)[1].strip()))
+            except ValueError:
+                return 120
+    return 120
 
 
 _RTPMAP = re.compile(r"^a=rtpmap:(\d+) opus/48000(/2)?\s*$", re.IGNORECASE)

@@ -39,6 +39,7 @@ from sonic_voice.kvs.opus_send import (
     ENCODER_RATES,
     OpusFecTrack,
     OpusSendConfig,
+    max_ptime_ms,
     munge_sdp,
     run_abr,
 )
@@ -163,6 +164,7 @@ class ViewerPeer:
         if any(t.kind == "audio" for t in self.pc.getTransceivers()):
             sender = self.pc.addTrack(self.out)  # reuses the offered audio transceiver
             if self.settings.abr and isinstance(self.out, OpusFecTrack):
+                self.abr.limit_ptime(max_ptime_ms(offer["sdp"]))  # long packets: thin links
                 self.spawn(run_abr(self.out, sender, self.abr), "abr")
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         sdp = self.pc.localDescription.sdp

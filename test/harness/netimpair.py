@@ -40,13 +40,20 @@ class Impairment:
     delay_ms: float = 0.0
     seed: int = 1
     warmup_packets: int = 10
-    # Bottleneck: 0 = none. A FIFO drained at ``rate_kbps`` of RTP *media payload* (the
-    # codec's bits: RTP header, SRTP tag, UDP/IP are not counted, so "12 kbit/s" means
-    # what a 12 kbit/s codec stream needs); a packet that would wait over ``queue_ms``
-    # in it is dropped (tail drop, as a router's buffer).
+    # Bottleneck: 0 = none. A FIFO drained at ``rate_kbps`` of whole IP packets, as a real
+    # link counts them: the datagram (RTP header and extensions, codec payload, SRTP tag)
+    # plus ``ip_udp_overhead`` bytes of UDP and IPv4 header. RTP and RTCP share it. So
+    # "12 kbit/s" is the link, not the codec: Opus in 20 ms packets needs ~23 kbit/s of
+    # headers alone there (50 x 58 bytes), whatever its own bitrate. A packet that would
+    # wait over ``queue_ms`` in it is dropped (tail drop, as a router's buffer; 200 ms is
+    # a modest buffer: home routers and cellular links often hold more).
     rate_kbps: float = 0.0
     queue_ms: float = 200.0
-    queue_rtcp: bool = True  # RTCP waits in the bottleneck queue too (not counted in the rate)
+    queue_rtcp: bool = True  # RTCP waits in the bottleneck queue too, and counts in the rate
+    ip_udp_overhead: int = 28  # IPv4 (20) + UDP (8)
+    # "payload": count only RTP media payload (codec bits; RTCP free), the model before
+    # 2026-11: kept so old figures can be compared; no real link counts that way.
+    count: str = "wire"
 
 
 @dataclass
@@ -55,6 +62,8 @@ class DirectionStats:
     rtcp: int = 0
     dropped: int = 0
     queue_dropped: int = 0  # of ``dropped``: by the bottleneck's full queue
+    # (arrival, bytes counted) of every RTP/RTCP packet that entered the bottleneck
+    offered: list[tuple[float, int]] = field(default_factory=list)
     other: int = 0
     delays_ms: list[float] = field(default_factory=list)
 
@@ -208,10 +217,8 @@ class UdpImpairRelay:
                 self.dropped_ts[direction].add(ts)
             return
         delay = imp.delay_ms + (rng.uniform(0, imp.jitter_ms) if imp.jitter_ms > 0 else 0.0)
-        if imp.rate_kbps > 0 and rtcp and imp.queue_rtcp:
-            # RTCP waits in the same queue (so RTT shows it) but is not counted in the rate.
-            delay += max(0.0, self._busy_until[direction] - now) * 1000
-        if imp.rate_kbps > 0 and not rtcp:
+        if imp.rate_kbps > 0 and (imp.queue_rtcp or not rtcp):
+            # RTCP waits in the same queue (so the RTT shows it) and takes its share.
             start = max(now, self._busy_until[direction])
             if start - now > imp.queue_ms / 1000:
                 st.dropped += 1
@@ -219,7 +226,12 @@ class UdpImpairRelay:
                 if ts is not None:
                     self.dropped_ts[direction].add(ts)
                 return
-            done = start + _media_payload(data) * 8 / (imp.rate_kbps * 1000)
+            if imp.count == "payload":
+                wire = _media_payload(data) if not rtcp else 0
+            else:
+                wire = len(data) + imp.ip_udp_overhead
+            st.offered.append((now, wire))
+            done = start + wire * 8 / (imp.rate_kbps * 1000)
             self._busy_until[direction] = done
             delay += (done - now) * 1000
         if not rtcp:
