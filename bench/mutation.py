@@ -112,6 +112,11 @@ EQUIVALENT: dict[tuple[str, str, str], tuple[str, str]] = {
         "if transit < self._base:",
         "on equality the body assigns the value _base already holds",
     ),
+    ("kvs/jitter.py", "delete statement", "self._last_arrival = 0.0"): (
+        "self._last_arrival = 0.0",
+        "push() sets it before pop_due() can read it (pop_due reads it only once _next_ts, "
+        "set by push(), is not None)",
+    ),
     ("kvs/ice.py", "number", "2"): (
         "    return 2",
         "_turn_rank's last rank: only the order 0 < 1 < 2 matters, and 3 keeps it",
