@@ -206,14 +206,20 @@ class Signals:
         self.event = threading.Event()
         self.name = ""
         self.raising = True
+        self._relay: Any = None
 
     def install(self) -> None:
+        from sonic_voice.ros.runtime import SignalRelay
+
+        # The event is set from the relay's thread, never in the handler (see SignalRelay:
+        # the main thread may hold the event's lock when the signal lands).
+        self._relay = SignalRelay(lambda _signum: self.event.set())
         signal.signal(signal.SIGINT, self._on)
         signal.signal(signal.SIGTERM, self._on)
 
     def _on(self, signum: int, _frame: Any) -> None:
         self.name = signal.Signals(signum).name
-        self.event.set()
+        self._relay.handler(signum)
         if self.raising:
             raise KeyboardInterrupt
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -42,6 +43,43 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET_S = 1.5
 EXIT_CONFIG = 2  # a configuration the user must fix
+
+
+class SignalRelay:
+    """Runs ``on_signal(signum)`` on a thread of its own, never inside the signal handler.
+
+    A Python signal handler runs on the main thread between two bytecodes, possibly while
+    that thread holds the very lock the handler needs: ``threading.Event.wait`` holds the
+    event's (non-reentrant) lock for a moment on entry, and the main thread waits on the
+    stop event 20 times a second, so ``stop.set()`` in the handler deadlocked the runner
+    once in ~25 signals (it went on driving, SIGTERM ignored, until killed). The handler
+    only writes the signal's number to a pipe (a system call, no Python lock)."""
+
+    def __init__(self, on_signal: Callable[[int], None]) -> None:
+        self._on_signal = on_signal
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._thread = threading.Thread(target=self._relay, name="signal-relay", daemon=True)
+        self._thread.start()
+
+    def handler(self, signum: int, _frame: Any = None) -> None:
+        """The signal handler: returns at once, whatever the main thread holds."""
+        with contextlib.suppress(OSError):  # a full pipe: signals are pending anyway
+            os.write(self._write, bytes([signum]))
+
+    def _relay(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                try:
+                    self._on_signal(signum)
+                except Exception:  # the next signal must still be relayed
+                    log.exception("signal handling failed")
 
 
 class Runtime:
@@ -117,12 +155,13 @@ class Runtime:
     def handle_signals(self) -> None:
         """SIGINT and SIGTERM request the orderly shutdown (main thread only)."""
 
-        def on_signal(signum: int, _frame: Any) -> None:
+        def on_signal(signum: int) -> None:  # the relay's thread
             self.signal_name = signal.Signals(signum).name
             self.stop_requested.set()
 
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        relay = SignalRelay(on_signal)
+        signal.signal(signal.SIGINT, relay.handler)
+        signal.signal(signal.SIGTERM, relay.handler)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until a stop is requested (True) or ``timeout`` passes (False)."""
