@@ -98,14 +98,14 @@ def onset_latency(trials: int) -> tuple[list[float], list[float], int, int, floa
         if not emu.wait_for(lambda: emu.records and emu.records[0].end_reason, 30):
             raise SystemExit("the start-up check did not run")
         engaged_at: list[int] = []
-        engage = node._engage
+        engage = node.conversation.engage  # every trigger, speech included, goes through it
 
         def stamp_engage(trigger: str) -> None:
             if node.eng.phase == "idle":
                 engaged_at.append(time.perf_counter_ns())
             engage(trigger)
 
-        node._engage = stamp_engage
+        node.conversation.engage = stamp_engage
         seq = 0
         for trial in range(trials):
             quiet = np.zeros(int(0.6 * RATE), np.int16)

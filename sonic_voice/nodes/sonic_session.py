@@ -33,9 +33,7 @@ Topics (names, types and JSON shapes in ``sonic_voice.contracts``):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
 import importlib
 import re
 import time
@@ -43,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Empty, Int32, String, UInt8MultiArray
 from std_srvs.srv import Trigger
@@ -57,6 +54,7 @@ from sonic_voice.ros.runtime import run_node
 from sonic_voice.ros.topics import json_msg, msg_bytes, out_msg, publisher, subscription
 from sonic_voice.sonic import engagement as eng
 from sonic_voice.sonic import events as ev
+from sonic_voice.sonic.conversation import Conversation, ConversationConfig
 from sonic_voice.sonic.session import (
     DEFAULT_SYSTEM_PROMPT,
     SessionConfig,
@@ -65,7 +63,6 @@ from sonic_voice.sonic.session import (
 )
 from sonic_voice.sonic.transport import BedrockSettings, have_credentials
 
-STOP_TOOLS_S = 0.5  # of the shutdown budget: cancelling goals comes first
 SAFETY_REASON = "by the safety stop"  # the model reads "navigate_to was stopped (by the ...)"
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 # Where each model is known to run (shared reference, from pipecat; AWS adds regions, so an
@@ -74,8 +71,6 @@ KNOWN_REGIONS = {
     ev.NOVA_2_SONIC: ("us-east-1", "us-west-2", "ap-northeast-1"),
     "amazon.nova-sonic-v1:0": ("us-east-1", "ap-northeast-1"),
 }
-GOODBYE_MAX_S = 10.0  # a goodbye that does not end by then is cut (the stream closes)
-HOURLY_EVERY_S = 10.0  # usage/hourly while a stream is open
 
 
 @dataclass
@@ -198,7 +193,8 @@ class SessionParams:
 
 
 class _RosListener(SessionListener):
-    """Session callbacks -> ROS topics (called on the loop)."""
+    """Session callbacks -> ROS topics (called on the loop; the conversation's own listener
+    wraps it for the lifecycle's bookkeeping)."""
 
     def __init__(self, node: SonicSessionNode) -> None:
         self.node = node
@@ -212,7 +208,6 @@ class _RosListener(SessionListener):
             n._user_final_t = None
         n.out_pub.publish(out_msg(pcm, n.out_epoch))
         n.out_chunks += 1
-        n.eng.robot_audio(len(pcm) / 2 / c.OUT_RATE)
 
     def on_interrupted(self) -> None:
         # A new epoch, announced in order on audio/out (chunks still in flight are dropped
@@ -221,7 +216,6 @@ class _RosListener(SessionListener):
         n.out_epoch += 1
         n.out_pub.publish(out_msg(b"", n.out_epoch))
         n.flush_pub.publish(Empty())
-        n.eng.robot_interrupted()
         n.get_logger().info("barge-in: output flushed")
 
     def on_transcript(self, entry: dict[str, Any]) -> None:
@@ -229,9 +223,6 @@ class _RosListener(SessionListener):
         n.transcript_pub.publish(json_msg(c.TRANSCRIPT, {"t": time.time(), **entry}))
         if entry.get("role") == "USER" and entry.get("stage") == "FINAL":
             n._user_final_t = time.monotonic()
-        n.eng.activity()
-        if entry.get("role") == "ASSISTANT" and entry.get("stage") == "FINAL":
-            n.assistant_finals += 1
         if entry.get("stage") == "FINAL":
             n.get_logger().info(f"{entry.get('role', '?')}: {entry.get('text', '')}")
 
@@ -240,17 +231,9 @@ class _RosListener(SessionListener):
 
     def on_usage(self, usage: dict[str, Any]) -> None:
         self.node.usage_pub.publish(json_msg(c.USAGE, usage))
-        self.node.ledger.usage(usage)
 
     def on_tool_event(self, event: dict[str, Any]) -> None:
-        n = self.node
-        n.tool_pub.publish(json_msg(c.TOOL_EVENTS, {"t": time.time(), **event}))
-        if event.get("event") == "start":
-            n.eng.tool_started()
-        elif event.get("event") == "result":
-            n.eng.tool_finished()
-        else:
-            n.eng.activity()
+        self.node.tool_pub.publish(json_msg(c.TOOL_EVENTS, {"t": time.time(), **event}))
 
     def on_error(self, message: str, fatal: bool) -> None:
         n = self.node
@@ -274,34 +257,21 @@ class SonicSessionNode(VoiceNode):
         # default the YAML-declared tools are loaded from tools_file.
         self._tool_factory = tool_provider_factory
         self.tools: Any = None
-        self.session: SonicSession | None = None
-        self._session_task: Any = None
         self._viewers = 0
         self._state = "inactive"
         self.last_error = ""
         self.out_chunks = 0
         self.out_epoch = 0
-        self.assistant_finals = 0
         self.last_response_ms: float | None = None
         self._user_final_t: float | None = None
         self.mic_frames = 0
         self.safety_stops = 0
-        self._last_push = 0.0
         self._ros: list[Any] = []
-        self._active = False
         self._present = False
-        self._pending_texts: list[str] = []
-        self._watch: asyncio.Future | None = None
-        self._tasks: set[asyncio.Future] = set()
-        self._check: SonicSession | None = None
-        self.preroll_frames_sent = 0  # of the last engagement
-        self._last_conversation: dict[str, Any] = {}
-        # The lifecycle machine and the cost ledger exist from the start (the listener and
-        # diagnostics use them); configure() applies the parameters.
-        self.eng = eng.Engagement(on_phase=self._on_phase)
-        self.ledger = eng.Ledger()
-        self.vad: VoiceActivity | None = None
-        self.preroll = eng.PreRoll(2.0)
+        # The conversation lifecycle (sessions, phase machine, ledger, pre-roll): pure
+        # asyncio, talks back through the ConversationHost methods below; configure()
+        # applies the parameters.
+        self.conversation = Conversation(self)
         self.state_pub = publisher(self, c.STATE)
         # Diagnostics from the start: an unconfigured node (bad file, no credentials) still
         # says why on /diagnostics.
@@ -309,6 +279,59 @@ class SonicSessionNode(VoiceNode):
         self.diag.add("bedrock stream", self._diag_stream)
         self.diag.add("conversation", self._diag_conversation)
         self.publish_state("inactive")
+
+    # ------------------------------------------------------------------ the conversation's parts
+    # (read by tests, benchmarks, the demo and diagnostics)
+    @property
+    def session(self) -> SonicSession | None:
+        return self.conversation.session
+
+    @property
+    def eng(self) -> eng.Engagement:
+        return self.conversation.eng
+
+    @property
+    def ledger(self) -> eng.Ledger:
+        return self.conversation.ledger
+
+    @property
+    def vad(self) -> VoiceActivity | None:
+        return self.conversation.vad
+
+    @property
+    def preroll(self) -> eng.PreRoll:
+        return self.conversation.preroll
+
+    @property
+    def preroll_frames_sent(self) -> int:
+        return self.conversation.preroll_frames_sent
+
+    @property
+    def assistant_finals(self) -> int:
+        return self.conversation.assistant_finals
+
+    @property
+    def _active(self) -> bool:
+        return self.conversation.active
+
+    # ------------------------------------------------------------------ ConversationHost
+    def listener(self) -> SessionListener:
+        return _RosListener(self)
+
+    def publish_conversation(self, event: dict[str, Any]) -> None:
+        self.conversation_pub.publish(json_msg(c.CONVERSATION, event))
+
+    def publish_hourly(self, report: dict[str, Any]) -> None:
+        if hasattr(self, "hourly_pub"):
+            self.hourly_pub.publish(json_msg(c.USAGE_HOURLY, report))
+
+    def log(self, message: str) -> None:
+        self.get_logger().info(message)
+
+    def start_failed(self, error: Exception) -> None:
+        if not self.fatal_error:  # the listener has not said it already
+            self.last_error = str(error)
+            self.fail(f"Nova Sonic session could not start: {error}")
 
     # ------------------------------------------------------------------ settings
     def _session_config(self) -> SessionConfig:
@@ -440,6 +463,21 @@ class SonicSessionNode(VoiceNode):
             )
         presence = self._presence()
         self.tools = self._make_tools()
+        p = self.params
+        self.conversation.config = ConversationConfig(
+            session=self.config,
+            bedrock=self.bedrock,
+            always_on=p.always_on,
+            check_on_start=p.check_on_start,
+            engage_on_speech=p.engage_on_speech,
+            greet_on=tuple(p.greet_on),
+            goodbye=p.goodbye,
+            fill_silence=p.fill_silence,
+            echo_tail_s=p.echo_tail_s,
+            preroll_s=p.preroll_s,
+            vad=self.vad_config,
+        )
+        self.conversation.tools = self.tools
         self.out_pub = publisher(self, c.OUT)
         self.flush_pub = publisher(self, c.FLUSH)
         self.transcript_pub = publisher(self, c.TRANSCRIPT)
@@ -548,242 +586,28 @@ class SonicSessionNode(VoiceNode):
     def activate(self) -> None:
         """always_on: open the conversation on the loop; else wait for someone, idle."""
         self.last_error = ""
-        self._active = True
-        self._pending_texts.clear()
-        self.vad = VoiceActivity(self.vad_config, c.MIC_RATE)
-        self.preroll = eng.PreRoll(self.params.preroll_s, c.MIC_RATE)
-        self.eng.failed()  # idle, nothing pending
-        if self.params.always_on:
-            self.session = SonicSession(self.bedrock, self.config, self.tools, _RosListener(self))
-            self._session_task = self.bridge.submit(self._run_session(self.session))
-        else:
-            self.publish_state("idle")
-            if self.params.check_on_start:
-                self._session_task = self.bridge.submit(self._check_access())
-        self._watch = None
-        self.bridge.call(self._start_watch)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _start_watch(self) -> None:
-        if self._active and self._watch is None:
-            self._watch = asyncio.ensure_future(self._lifecycle_watch())
-
-    async def _check_access(self) -> None:
-        """One stream opened and closed at once (no audio): credentials, model access,
-        region and endpoint are checked at start, as with always_on."""
-        node = self
-
-        class _Quiet(SessionListener):
-            def on_error(self, message: str, fatal: bool) -> None:
-                if fatal:
-                    _RosListener(node).on_error(message, fatal)
-
-        cfg = dataclasses.replace(self.config, greeting="")
-        # The tools' specs go in the check's promptStart too (the service checks them); the
-        # check never runs or cancels a tool (a conversation may already be running one).
-        specs = _SpecsOnly(self.tools) if self.tools is not None else None
-        check = self._check = SonicSession(self.bedrock, cfg, specs, _Quiet())
-        try:
-            await check.start()
-        except Exception as e:  # noqa: BLE001 - reported on state, log and diagnostics
-            if not self.fatal_error:
-                self.last_error = str(e)
-                self.fail(f"Nova Sonic session could not start: {e}")
-            self.publish_state("error")
-            return
-        finally:
-            if self._check is check:
-                self._check = None
-            with contextlib.suppress(Exception):
-                await check.stop()
-        self.get_logger().info("model access checked; idle until someone engages")
-
-    async def _run_session(self, session: SonicSession) -> None:
-        try:
-            await session.start()
-        except Exception as e:  # noqa: BLE001 - reported on state, log and diagnostics
-            if not self.fatal_error:  # the listener has not said it already
-                self.last_error = str(e)
-                self.fail(f"Nova Sonic session could not start: {e}")
-            if self.session is session:
-                self.session = None
-            self.eng.failed()
-            self.publish_state("error")
-            return
-        if self.session is not session:
-            return  # stopped while opening
-        self.ledger.stream_opened()
-        self.eng.opened()
-        self._publish_hourly()
-        texts, self._pending_texts = self._pending_texts, []
-        for text in texts:
-            await self._send_text(session, text)
-        if self.params.fill_silence:
-            await self._silence_filler(session)
+        self.conversation.activate(self.bridge.submit, self.bridge.call)
 
     async def stop(self) -> None:
         """Running goals cancelled first, then the stream closed politely."""
-        self._active = False
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
-        check, self._check = self._check, None
-        if check is not None:  # the start-up check still opening: closed politely too
-            with contextlib.suppress(Exception):
-                await check.stop()
-        session, self.session = self.session, None
-        if session is None:
-            self.eng.failed()
-            self.publish_state("error" if self.fatal_error else "inactive")
-            return
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(session.cancel_tools("shutting down"), STOP_TOOLS_S)
-        await session.stop()
-        if self.ledger.streaming:
-            self._conversation_ended(session, "shutdown")
-        self.eng.failed()
-        self.publish_state("error" if self.fatal_error else "inactive")
+        await self.conversation.stop()
 
     def release(self) -> None:
         if self.tools is not None and hasattr(self.tools, "shutdown"):
             with contextlib.suppress(Exception):
                 self.tools.shutdown()
             self.tools = None
+        self.conversation.tools = None
         self.diag.close()
-
-    async def _silence_filler(self, session: SonicSession) -> None:
-        """Nova Sonic expects a continuous stream; when the input stalls (device lost, no
-        viewer yet) stream silence so server-side endpointing and timeouts behave."""
-        frame = np.zeros(512, dtype=np.int16)
-        while self.session is session:
-            await asyncio.sleep(0.032)
-            if time.monotonic() - self._last_push > 0.25 and self.session is session:
-                session.push_audio(frame)
 
     # ------------------------------------------------------------------ lifecycle of a conversation
     def _engage(self, trigger: str) -> None:
-        """On the loop: a trigger fired; open a stream if nobody is engaged (idle)."""
-        if not self._active or self.params.always_on or self.fatal_error:
-            return
-        if not self.eng.engage(trigger):
-            return
-        memory = self.eng.recall()
-        greeting = self.params.greeting if trigger in self.params.greet_on else ""
-        cfg = dataclasses.replace(self.config, greeting=greeting)
-        session = SonicSession(self.bedrock, cfg, self.tools, _RosListener(self))
-        # The last conversation, if it ended within memory_s: replayed on the new stream
-        # as its history (SonicSession.history is what each new stream replays).
-        session.history = list(memory)
-        # What was said from just before the onset, then live audio (the session queues
-        # both, in order, until the stream is open).
-        vad = self.vad
-        onset = None
-        if vad is not None:
-            # Another trigger while someone is already speaking: from their onset too.
-            onset = vad.onset_sample if trigger == "speech" or vad.speaking else None
-        start = (self.preroll.end if onset is None else onset) - int(
-            self.eng.config.lead_s * c.MIC_RATE
-        )
-        chunks = self.preroll.take_from(start)
-        for chunk in chunks:
-            session.push_audio(chunk)
-        self.preroll_frames_sent = len(chunks)
-        self.session = session
-        self.get_logger().info(
-            f"engaged by {trigger}: opening a stream ({len(chunks)} pre-roll chunks"
-            f"{f', {len(memory)} remembered messages' if memory else ''})"
-        )
-        self.conversation_pub.publish(
-            json_msg(
-                c.CONVERSATION,
-                {"t": time.time(), "event": "engaged", "trigger": trigger, "memory": len(memory)},
-            )
-        )
-        self._session_task = asyncio.ensure_future(self._run_session(session))
+        """On the loop: a trigger fired (viewer, topic, service)."""
+        self.conversation.engage(trigger)
 
     def _release(self, reason: str) -> None:
-        """On the loop: close the conversation (polite goodbye if configured)."""
-        if self.params.always_on or not self.eng.release():
-            return
-        self.get_logger().info(f"releasing the conversation ({reason})")
-        self._spawn(self._close(reason))
-
-    async def _close(self, reason: str) -> None:
-        session = self.session
-        if session is None:
-            self.eng.closed(None)
-            return
-        self.publish_state(self._state)
-        if self._session_task is not None and not self._session_task.done():
-            with contextlib.suppress(Exception):  # still opening: let it open, then close
-                await asyncio.wait_for(asyncio.shield(session_started(session)), 10)
-        if self.params.goodbye and session.state not in ("error", "idle"):
-            finals = self.assistant_finals
-            with contextlib.suppress(Exception):
-                await session.send_text(self.params.goodbye, record=False)
-                deadline = time.monotonic() + GOODBYE_MAX_S
-                # Until the goodbye is in (its final text follows its audio); it goes on
-                # playing from audio_io's queue after the stream is closed.
-                while time.monotonic() < deadline and self.assistant_finals == finals:  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(session.cancel_tools("conversation released"), STOP_TOOLS_S)
-        await session.stop()
-        if self.session is session:
-            self.session = None
-        if self.ledger.streaming:
-            self._conversation_ended(session, reason)
-        pending = self.eng.closed(session.history)
-        self.publish_state("idle" if not self.fatal_error else "error")
-        if pending:
-            self._engage(pending)
-
-    def _conversation_ended(self, session: SonicSession, reason: str) -> None:
-        figures = self.ledger.stream_closed()
-        self._last_conversation = {"reason": reason, **figures}
-        self.conversation_pub.publish(
-            json_msg(
-                c.CONVERSATION,
-                {
-                    "t": time.time(),
-                    "event": "released",
-                    "trigger": self.eng.trigger,
-                    "reason": reason,
-                    "memory": len(session.history),
-                    **figures,
-                },
-            )
-        )
-        self.get_logger().info(
-            f"conversation released ({reason}): {figures['streamed_s']:.1f} s streamed, "
-            f"{figures['input_tokens']} input + {figures['output_tokens']} output tokens, "
-            f"~${figures['cost_usd']:.4f}"
-        )
-        self._publish_hourly()
-
-    async def _lifecycle_watch(self) -> None:
-        """Idle timer (release), hourly usage publishing."""
-        next_hourly = 0.0
-        while self._active:
-            await asyncio.sleep(0.1)
-            if self.eng.timed_out():
-                self._release("timeout")
-            now = time.monotonic()
-            if self.session is not None and now >= next_hourly:
-                next_hourly = now + HOURLY_EVERY_S
-                self._publish_hourly()
-
-    def _publish_hourly(self) -> None:
-        if hasattr(self, "hourly_pub"):
-            self.hourly_pub.publish(json_msg(c.USAGE_HOURLY, self.ledger.hour_report()))
-
-    def _on_phase(self, phase: str) -> None:
-        if hasattr(self, "state_pub") and phase != eng.IDLE:
-            self.publish_state(self._state)
+        """On the loop: a release (service, absence)."""
+        self.conversation.release(reason)
 
     # ------------------------------------------------------------------ ROS -> loop
     def _active_source(self) -> str:
@@ -804,24 +628,8 @@ class SonicSessionNode(VoiceNode):
         if source != self._active_source() or not self._active:
             return
         pcm = msg_bytes(msg)
-        self._last_push = time.monotonic()
         self.mic_frames += 1
-        if self.params.always_on:
-            if self.session is not None:
-                self.session.push_audio(pcm)
-            return
-        vad = self.vad
-        start = vad.samples
-        speaking = vad.process(pcm, gated=self.eng.robot_speaking(self.params.echo_tail_s))
-        phase = self.eng.phase
-        if phase in (eng.ENGAGING, eng.CONVERSING) and self.session is not None:
-            self.session.push_audio(pcm)
-            if speaking:
-                self.eng.activity()
-            return
-        self.preroll.push(pcm, start)
-        if speaking and self.params.engage_on_speech:
-            self._engage("speech")
+        self.conversation.push_audio(pcm)
 
     def _on_viewers(self, msg: Int32) -> None:
         if msg.data != self._viewers:
@@ -878,19 +686,9 @@ class SonicSessionNode(VoiceNode):
         session = self.session
         if self.params.always_on:
             if session is not None:
-                self.bridge.submit(self._send_text(session, text))
+                self.bridge.submit(self.conversation.send_text(session, text))
             return
-        if self.eng.phase == eng.CONVERSING and session is not None:
-            self.eng.activity()
-            self._spawn(self._send_text(session, text))
-        elif self.params.engage_on_text or self.eng.phase != eng.IDLE:
-            # Sent once the stream is open (or the next one, after a closing one).
-            self._pending_texts.append(text)
-            self._engage("text")
-
-    async def _send_text(self, session: SonicSession, text: str) -> None:
-        with contextlib.suppress(RuntimeError):
-            await session.send_text(text)
+        self.conversation.text(text, self.params.engage_on_text)
 
     # ------------------------------------------------------------------ status
     def _diag_stream(self) -> DiagStatus:
@@ -943,8 +741,9 @@ class SonicSessionNode(VoiceNode):
             "preroll_chunks_sent": self.preroll_frames_sent,
             **{f"hour_{k}": v for k, v in hour.items()},
         }
-        if self._last_conversation:
-            values.update({f"last_{k}": v for k, v in self._last_conversation.items()})
+        last = self.conversation.last_conversation
+        if last:
+            values.update({f"last_{k}": v for k, v in last.items()})
         return DiagStatus(OK, f"{self._engagement()}; ~${hour['cost_usd']:.4f} this hour", values)
 
     def _engagement(self) -> str:
@@ -952,7 +751,13 @@ class SonicSessionNode(VoiceNode):
             return "off"
         return self.eng.phase
 
-    def publish_state(self, state: str) -> None:
+    def publish_state(self, state: str | None = None) -> None:
+        """Publish ``state`` on ``state`` (``None``: the current one again, e.g. the
+        engagement phase changed)."""
+        if state is None:
+            if not hasattr(self, "state_pub"):
+                return
+            state = self._state
         self._state = state
         error = (
             (self.fatal_error or self.last_error or self.config_error) if state == "error" else ""
@@ -967,30 +772,6 @@ class SonicSessionNode(VoiceNode):
         if payload["engagement"] not in ("off", eng.IDLE):
             payload["trigger"] = self.eng.trigger
         self.state_pub.publish(json_msg(c.STATE, payload))
-
-
-class _SpecsOnly:
-    """A ToolProvider that declares the real tools and never runs or cancels one."""
-
-    def __init__(self, tools: Any) -> None:
-        self._tools = tools
-
-    def tool_specs(self) -> list[dict[str, Any]]:
-        return self._tools.tool_specs()
-
-    async def run(self, use: Any, progress: Any) -> Any:
-        from sonic_voice.sonic.tools_seam import ToolResult
-
-        return ToolResult(use.tool_use_id, "error", {"error": "not in a conversation"})
-
-    async def cancel_all(self, reason: str) -> int:
-        return 0
-
-
-async def session_started(session: SonicSession) -> None:
-    """Wait until ``session`` has an open stream (or has given up)."""
-    while session.state == "connecting" and not session.done.is_set():  # noqa: ASYNC110
-        await asyncio.sleep(0.02)
 
 
 def _field_value(msg: Any, path: str) -> Any:
