@@ -13,7 +13,8 @@ file's ``LifecycleNode`` transitions):
 - activate: with ``always_on``, open the conversation in the background (``state`` says
   ``connecting``, then ``listening``; ``error`` with the cause when it cannot, e.g. no model
   access); otherwise wait, idle, with no Bedrock stream, until someone engages (the
-  conversation lifecycle, ``sonic_voice.sonic.engagement`` and
+  conversation lifecycle, ``sonic_voice.sonic.conversation`` (wired there, pure asyncio;
+  this node is its ROS glue), ``sonic_voice.sonic.engagement`` and
   docs/conversation-lifecycle.md: local speech, a presence topic, the ``~/engage``
   service, a viewer joining, a typed line), and release after ``idle_timeout_s``;
 - deactivate / cleanup / shutdown / SIGINT: running goals are cancelled first, then the
