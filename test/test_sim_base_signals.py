@@ -44,6 +44,27 @@ sim_base.main()
 """
 
 
+_state_client: dict = {}
+
+
+def _state(graph) -> str:
+    """sim_base's lifecycle state label, from its get_state service ('' if no answer)."""
+    from lifecycle_msgs.srv import GetState
+
+    if graph not in _state_client:
+        _state_client.clear()
+        _state_client[graph] = graph.node("state_probe").create_client(
+            GetState, "/sim_base/get_state"
+        )
+    cli = _state_client[graph]
+    if not cli.service_is_ready():
+        return ""
+    fut = cli.call_async(GetState.Request())
+    if not wait_for(fut.done, 5):
+        return ""
+    return fut.result().current_state.label
+
+
 @pytest.mark.timeout(120)
 def test_sigint_inside_a_goal_callback_ends_cleanly(ros_graph, tmp_path: Path) -> None:
     nav = pytest.importorskip("nav2_msgs.action", reason="scripts/build_interfaces.sh")
@@ -69,6 +90,10 @@ def test_sigint_inside_a_goal_callback_ends_cleanly(ros_graph, tmp_path: Path) -
             ros_graph.node("sigint_client"), nav.NavigateToPose, "navigate_to_pose"
         )
         assert client.wait_for_server(timeout_sec=30), "sim_base did not come up"
+        # The server exists from configure on; a goal before activation is rejected
+        # ("the base is not active"), as a lifecycle node should: wait for active (a
+        # fresh-clone CI run here once sent it in that window).
+        assert wait_for(lambda: _state(ros_graph) == "active", 30, 0.1), "never active"
         goal = nav.NavigateToPose.Goal()
         goal.pose.header.frame_id = "map"
         goal.pose.pose.position.x = 1.0
