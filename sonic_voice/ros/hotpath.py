@@ -102,6 +102,9 @@ class HotPath:
     def close(self) -> None:
         """Stop the thread (idempotent; from any thread but its own)."""
         self._closed = True
+        with _lock:
+            if _paths.get(id(self.context)) is self:
+                del _paths[id(self.context)]  # the context may go: keep no reference
         self._poke()
         if threading.current_thread() is not self._thread:
             self._thread.join(RECHECK_S * 2)
