@@ -126,7 +126,9 @@ def test_goal_cancelled_on_the_robots_side_is_reported_as_cancelled(
     server = fibonacci_server(ros_graph.node("fib_server"), mode="hold")
     tools = tmp_path / "tools.yaml"
     tools.write_text(FIB_TOOL)
-    provider = load_provider(ros_graph.node("tools_test"), str(tools), LOCATIONS)
+    node = ros_graph.node("tools_test", spin=False)
+    provider = load_provider(node, str(tools), LOCATIONS)
+    ros_graph.add(node)  # spun once its action clients exist (ros/compat.py item 2)
     cancels: list = []
 
     def operator() -> None:

@@ -398,8 +398,9 @@ def test_read_latest_next_timeout_cancel(ros_graph: Any, tmp_path: Path) -> None
 
     from test.harness.ros import wait_for
 
-    node = ros_graph.node("read_test")
+    node = ros_graph.node("read_test", spin=False)
     p = load_provider(node, write(tmp_path, READ_TOOLS))
+    ros_graph.add(node)
     pub_node = ros_graph.node("robot")
     bat = pub_node.create_publisher(BatteryState, "battery_state", 1)
     pose = pub_node.create_publisher(String, "pose_text", 10)
@@ -470,7 +471,9 @@ def test_yaml_mixing_all_kinds_loads(ros_graph: Any, tmp_path: Path) -> None:
                 agent: {{system_prompt: Hi., model_id: m, endpoint_url: "{emu.endpoint_url}",
                          tools: [faq, time_get_current_time, count]}}
         """
-        p = load_provider(ros_graph.node("mixed"), write(tmp_path, text))
+        node = ros_graph.node("mixed", spin=False)
+        p = load_provider(node, write(tmp_path, text))
+        ros_graph.add(node)
         try:
             names = sorted(s["toolSpec"]["name"] for s in p.tool_specs())
             kinds = {t.kind for t in p.tools.values()}
@@ -541,8 +544,10 @@ def test_offline_demo_knowledge_turn_finds_the_cafeteria_hours(ros_graph: Any) -
 
     turns = Scenario.load(ROOT / "config" / "scenarios" / "offline_demo.yaml").turns
     (use,) = [c for t in turns for c in t.tools if c.name == "knowledge"]
-    p = load_provider(ros_graph.node("demo_tools"), str(ROOT / "config" / "tools.yaml"),
+    node = ros_graph.node("demo_tools", spin=False)
+    p = load_provider(node, str(ROOT / "config" / "tools.yaml"),
                       str(ROOT / "config" / "locations.yaml"))  # fmt: skip
+    ros_graph.add(node)
     try:
         r = asyncio.run(call(p, use.name, use.input))
     finally:

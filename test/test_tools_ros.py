@@ -149,8 +149,9 @@ class Progress:
 def tools(ros_graph: Any, tmp_path: Path) -> Any:
     p = tmp_path / "tools.yaml"
     p.write_text(textwrap.dedent(TOOLS))
-    node = ros_graph.node("tools_test")
+    node = ros_graph.node("tools_test", spin=False)
     provider = load_provider(node, str(p), LOCATIONS)
+    ros_graph.add(node)  # spun once its action clients exist (ros/compat.py item 2)
     yield provider
     provider.shutdown()
 
@@ -434,8 +435,10 @@ def test_allowlist_parameter(ros_graph: Any, tmp_path: Path) -> None:
         "tools_allow",
         parameter_overrides=[Parameter("tools_allowlist", Parameter.Type.STRING_ARRAY, ["fib"])],
         automatically_declare_parameters_from_overrides=False,
+        spin=False,
     )
     provider = load_provider(node, str(p), LOCATIONS)
+    ros_graph.add(node)
     try:
         assert [s["toolSpec"]["name"] for s in provider.tool_specs()] == ["fib"]
         r = run(provider, "lights", {"enabled": True})
@@ -486,8 +489,9 @@ def test_clients_on_the_node_itself_no_hidden_node_or_thread(
     p = tmp_path / "tools.yaml"
     p.write_text(textwrap.dedent(TOOLS))
     before = {t.name for t in threading.enumerate()}
-    node = ros_graph.node("voice")
+    node = ros_graph.node("voice", spin=False)
     provider = load_provider(node, str(p), LOCATIONS)
+    ros_graph.add(node)
     try:
         assert {t.name for t in threading.enumerate()} - before == set()
         n = sum(t.binding.kind == "topic" for t in provider.tools.values())  # all on cmd_vel

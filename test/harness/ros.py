@@ -63,9 +63,12 @@ class RosGraph:
         except Exception:  # noqa: BLE001 - shutdown races end the spin
             pass
 
-    def node(self, name: str, **kwargs) -> Node:
-        """A plain helper node on this graph."""
-        return self.add(Node(name, context=self.context, **kwargs))
+    def node(self, name: str, spin: bool = True, **kwargs) -> Node:
+        """A plain helper node on this graph. ``spin=False``: not spun yet (``add`` it once
+        its action clients exist: an ActionClient made on a node another thread already
+        spins can lose goal answers, ros/compat.py item 2)."""
+        node = Node(name, context=self.context, **kwargs)
+        return self.add(node) if spin else node
 
     def add(self, node: Node, bring_up: bool | None = None) -> Node:
         """Spin ``node``; a sonic_voice lifecycle node is also configured and activated (as
