@@ -31,6 +31,7 @@ from sonic_voice.tools.mapping import MappingError, table_names
 log = logging.getLogger(__name__)
 
 CANCEL_ACK_S = 3.0
+SHUTDOWN_CANCEL_WAIT_S = 0.3  # for cancels sent at shutdown to be acknowledged
 
 
 @dataclass
@@ -243,15 +244,22 @@ class ToolsProvider:
         if self._closed:
             return
         self._closed = True
+        sent = []
         for c in list(self._active.values()):
             try:
-                c.tool.binding.on_shutdown(c)
+                sent.append(c.tool.binding.on_shutdown(c))
             except Exception as e:  # noqa: BLE001
                 log.warning("shutdown of %s: %s", c.tool.name, e)
             try:
                 c.loop.call_soon_threadsafe(c.cancel, "shutdown")
             except RuntimeError:
                 pass
+        # A cancel still unacknowledged when its client is destroyed can be lost (a full
+        # run lost one): give the answers a moment, bounded, before closing the clients.
+        pending = [f for f in sent if f is not None and hasattr(f, "done")]
+        deadline = time.monotonic() + SHUTDOWN_CANCEL_WAIT_S
+        while pending and time.monotonic() < deadline and not all(f.done() for f in pending):
+            time.sleep(0.01)
         self._close_bindings()
 
     def _close_bindings(self) -> None:

@@ -106,14 +106,16 @@ class ActionBinding(Binding):
         env.clients[tool.name] = self.client
         return [tool]
 
-    def on_shutdown(self, call: Call) -> None:
+    def on_shutdown(self, call: Call) -> Any:
+        """Send the goal's cancel; returns its rclpy future (the provider lets it leave
+        before the client is destroyed)."""
         try:
             if call.goal_handle is not None:
-                call.goal_handle.cancel_goal_async()
-            else:
-                self._cancel_unanswered(call)
+                return call.goal_handle.cancel_goal_async()
+            return self._cancel_unanswered(call)
         except Exception as e:  # noqa: BLE001
             log.warning("cancel at shutdown failed: %s", e)
+            return None
 
     def _cancel_unanswered(self, call: Call) -> Any:
         """Cancel a goal whose acceptance never reached us, by the UUID we gave it: the
