@@ -30,6 +30,7 @@ from sonic_voice.nodes.sim_base import (
     quaternion_to_yaw,
     yaw_to_quaternion,
 )
+from sonic_voice.ros.compat import LoopActionClient
 
 from test.harness.ros import wait_for
 
@@ -51,12 +52,17 @@ class Client:
     """An ActionClient plus an odometry recorder on a helper node."""
 
     def __init__(self, graph, action: str = "navigate_to_pose") -> None:
-        self.node = graph.node("nav_client")
-        self.client = ActionClient(self.node, NavigateToPose, action)
+        # The product's client (ros/compat.py item 2): goals are sent from the test's
+        # thread while the executor spins in another, where a plain ActionClient's
+        # send_goal_async can lose the goal's response (a full run here waited 30 s for
+        # one). Made before its node spins, for the same reason.
+        self.node = graph.node("nav_client", spin=False)
+        self.client = LoopActionClient(self.node, NavigateToPose, action)
         self.odom: list[tuple[float, float, float]] = []
         self.odom_frames: set[tuple[str, str]] = set()
         self.lock = threading.Lock()
         self.node.create_subscription(Odometry, "odom", self._on_odom, 50)
+        graph.add(self.node)
         assert self.client.wait_for_server(timeout_sec=TIMEOUT), "action server not found"
 
     def _on_odom(self, msg: Odometry) -> None:

@@ -68,7 +68,7 @@ def _state(graph) -> str:
 @pytest.mark.timeout(120)
 def test_sigint_inside_a_goal_callback_ends_cleanly(ros_graph, tmp_path: Path) -> None:
     nav = pytest.importorskip("nav2_msgs.action", reason="scripts/build_interfaces.sh")
-    from rclpy.action import ActionClient
+    from sonic_voice.ros.compat import LoopActionClient
 
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(DRIVER))
@@ -86,9 +86,11 @@ def test_sigint_inside_a_goal_callback_ends_cleanly(ros_graph, tmp_path: Path) -
         text=True,
     )
     try:
-        client = ActionClient(
-            ros_graph.node("sigint_client"), nav.NavigateToPose, "navigate_to_pose"
-        )
+        # The product's client, made before its node spins (ros/compat.py item 2): a plain
+        # ActionClient sending from this thread can lose the goal's response.
+        node = ros_graph.node("sigint_client", spin=False)
+        client = LoopActionClient(node, nav.NavigateToPose, "navigate_to_pose")
+        ros_graph.add(node)
         assert client.wait_for_server(timeout_sec=30), "sim_base did not come up"
         # The server exists from configure on; a goal before activation is rejected
         # ("the base is not active"), as a lifecycle node should: wait for active (a
