@@ -646,3 +646,48 @@ async def test_product_transport_open_stream_against_the_stand_in() -> None:
             assert emu.records[0].signature_chain_ok
         finally:
             await st.close()
+
+
+@pytest.mark.parametrize("gone", ["ended", "ended-then-server-gone"])
+async def test_product_transport_closes_a_stream_the_service_ended_promptly(gone: str) -> None:
+    """Closing a stream the service already ended returns at once, even when its server has
+    gone since: the SDK's body writer is then dead (AWS_ERROR_HTTP_STREAM_HAS_COMPLETED) and
+    an unbounded close of our input waited until it was cancelled (5 s in the tests, the
+    whole stop budget of a robot told to stop)."""
+    transport = pytest.importorskip("sonic_voice.sonic.transport")
+    async with running() as (emu, _connect):
+        st = await transport.open_stream(
+            transport.BedrockSettings(
+                region=emu.region,
+                model_id=E.NOVA_2_SONIC,
+                endpoint_uri=emu.endpoint_uri,
+                ca_bundle=emu.ca_file,
+                access_key_id=emu.access_key,
+                secret_access_key=emu.secret_key,
+            )
+        )
+        try:
+            for ev in (
+                E.session_start(),
+                E.prompt_start(PN, "tiffany"),
+                E.audio_content_start(PN, "audio"),
+            ):
+                await st.send(ev)
+            await emu.wait_for(lambda: emu.records[0].audio_started)
+            emu.inject("drop")
+            with contextlib.suppress(Exception):
+                while await asyncio.wait_for(st.receive(), 10) is not None:
+                    pass
+            if gone == "ended-then-server-gone":
+                await emu.stop()
+            # What a polite close sends first (the session's _retire): it may still go out.
+            for ev in (E.content_end(PN, "audio"), E.prompt_end(PN), E.session_end()):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(st.send(ev), 1)
+            t0 = asyncio.get_running_loop().time()
+            await asyncio.wait_for(st.close(), 10)
+            took = asyncio.get_running_loop().time() - t0
+            # The service ended it: our end frame is a courtesy, bounded by CLOSE_ENDED_S.
+            assert took <= transport.CLOSE_ENDED_S + 0.5, f"close took {took:.2f} s"
+        finally:
+            await st.close()

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
 STATIC_REREAD_S = 30.0  # how long static keys read from the chain are reused
+CLOSE_INPUT_S = 1.0  # the end frame of a live stream is written in milliseconds
+CLOSE_ENDED_S = 0.25  # ...and once the service has ended the stream it is a courtesy
 
 
 @dataclass
@@ -368,9 +370,14 @@ class SonicStream:
         finally:
             self._receiving = False
 
-    async def close_input(self) -> None:
+    async def close_input(self, limit_s: float = CLOSE_INPUT_S) -> None:
+        """End our half of the stream (the SDK writes the empty end frame), ``limit_s`` at
+        most. Once the service has ended the stream, the next write ends the SDK's body
+        writer (AWS_ERROR_HTTP_STREAM_HAS_COMPLETED) and nothing ever takes that frame: an
+        unbounded close waited until it was cancelled (5 s in the tests; on a robot, any
+        stop or rotation after the service ended a stream, e.g. at its time limit)."""
         with contextlib.suppress(Exception):
-            await self._duplex.input_stream.close()
+            await asyncio.wait_for(self._duplex.input_stream.close(), limit_s)
 
     async def close(self, drain_s: float = 3.0) -> None:
         """Close the input, let the receiver drain, release the connection.
@@ -383,7 +390,7 @@ class SonicStream:
         if self._closed:
             return
         self._closed = True
-        await self.close_input()
+        await self.close_input(CLOSE_ENDED_S if self._ended.is_set() else CLOSE_INPUT_S)
         if self._output is not None and not self._ended.is_set():
             if self._receiving:
                 with contextlib.suppress(TimeoutError):
