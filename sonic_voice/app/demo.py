@@ -43,6 +43,7 @@ DEMO_LIMIT_S = 180.0
 DEMO_IDLE_TIMEOUT_S = 6.0  # the demo's conversation is released this long after its end
 MIC_RATE = 16000
 NAV_ACTION = "navigate_to_pose"
+NAV_SETTLE_S = 1.0  # other nodes seen: how long their services get to show
 # A slow walk (m/s), so the visitor has time to talk on the way (and to say "¡para!").
 DEMO_BASE_SPEED = 0.2
 
@@ -119,10 +120,15 @@ def private_graph(allow_netns: bool) -> Graph:
     return Graph(f"ROS domain {domain}", domain)
 
 
-def check_graph(node: Any, graph: Graph, wait_s: float) -> None:
-    """Refuse a graph where other nodes (domain mode) or a navigation server answer."""
+def check_graph(node: Any, graph: Graph, wait_s: float, settle_s: float = NAV_SETTLE_S) -> None:
+    """Refuse a graph where other nodes (domain mode) or a navigation server answer.
+
+    A node is discovered before its services: once other nodes show, their services get
+    ``settle_s`` to show too, so a navigation server is named as such (a full test run
+    here once saw ``/real_robot`` before its ``navigate_to_pose``)."""
     deadline = time.monotonic() + wait_s
     me = node.get_fully_qualified_name()
+    others_since: float | None = None
     while True:
         services = [n for n, _ in node.get_service_names_and_types()]
         nav = [s for s in services if s.endswith(f"{NAV_ACTION}/_action/send_goal")]
@@ -137,7 +143,11 @@ def check_graph(node: Any, graph: Graph, wait_s: float) -> None:
             for n, ns in node.get_node_names_and_namespaces()
             if f"{ns.rstrip('/')}/{n}" != me
         ]
-        if others and graph.domain_id is not None:
+        if not others or graph.domain_id is None:
+            others_since = None
+        elif others_since is None:
+            others_since = time.monotonic()
+        if others_since is not None and time.monotonic() >= min(deadline, others_since + settle_s):
             raise StartupError(
                 f"the demo's graph ({graph.how}) is not empty: {', '.join(sorted(others)[:3])}; "
                 "set ROS_DOMAIN_ID to an unused domain"
