@@ -611,28 +611,38 @@ def test_output_frames_are_the_service_shape() -> None:
     assert json.loads(ex.message.payload)["originalStatusCode"] == 500
 
 
+async def open_product_stream(transport: Any, emu: SonicEmulator) -> Any:
+    """The product's transport opened on the stand-in, its audio input started."""
+    st = await transport.open_stream(
+        transport.BedrockSettings(
+            region=emu.region,
+            model_id=E.NOVA_2_SONIC,
+            endpoint_uri=emu.endpoint_uri,
+            ca_bundle=emu.ca_file,
+            access_key_id=emu.access_key,
+            secret_access_key=emu.secret_key,
+        )
+    )
+    try:
+        for ev in (
+            E.session_start(),
+            E.prompt_start(PN, "tiffany"),
+            E.audio_content_start(PN, "audio"),
+        ):
+            await st.send(ev)
+    except BaseException:
+        await st.close()
+        raise
+    return st
+
+
 async def test_product_transport_open_stream_against_the_stand_in() -> None:
     """The product's own transport (sonic_voice.sonic.transport) reaches the stand-in."""
     transport = pytest.importorskip("sonic_voice.sonic.transport")
     sc = {"turns": [{"user": "hi", "say": "Hello.", "audio": TONE}]}
     async with running(sc) as (emu, _connect):
-        st = await transport.open_stream(
-            transport.BedrockSettings(
-                region=emu.region,
-                model_id=E.NOVA_2_SONIC,
-                endpoint_uri=emu.endpoint_uri,
-                ca_bundle=emu.ca_file,
-                access_key_id=emu.access_key,
-                secret_access_key=emu.secret_key,
-            )
-        )
+        st = await open_product_stream(transport, emu)
         try:
-            for ev in (
-                E.session_start(),
-                E.prompt_start(PN, "tiffany"),
-                E.audio_content_start(PN, "audio"),
-            ):
-                await st.send(ev)
             for i in range(0, len(SPEECH + SILENCE), 1024):
                 await st.send(E.audio_input(PN, "audio", (SPEECH + SILENCE)[i : i + 1024]))
             got = []
@@ -656,23 +666,8 @@ async def test_product_transport_closes_a_stream_the_service_ended_promptly(gone
     whole stop budget of a robot told to stop)."""
     transport = pytest.importorskip("sonic_voice.sonic.transport")
     async with running() as (emu, _connect):
-        st = await transport.open_stream(
-            transport.BedrockSettings(
-                region=emu.region,
-                model_id=E.NOVA_2_SONIC,
-                endpoint_uri=emu.endpoint_uri,
-                ca_bundle=emu.ca_file,
-                access_key_id=emu.access_key,
-                secret_access_key=emu.secret_key,
-            )
-        )
+        st = await open_product_stream(transport, emu)
         try:
-            for ev in (
-                E.session_start(),
-                E.prompt_start(PN, "tiffany"),
-                E.audio_content_start(PN, "audio"),
-            ):
-                await st.send(ev)
             await emu.wait_for(lambda: emu.records[0].audio_started)
             emu.inject("drop")
             with contextlib.suppress(Exception):
