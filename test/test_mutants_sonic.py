@@ -105,3 +105,35 @@ async def test_static_keys_are_reused_30_s_then_read_again(
     assert await key_at(59.0) == "AKIDSECOND"  # the period restarts at the re-read
     assert await key_at(61.0) == "AKIDTHIRD"
     assert (await resolver.get_identity()).secret_access_key == "secret-1"
+
+
+@pytest.mark.parametrize("given", ["access_key_id", "secret_access_key"])
+async def test_half_a_static_key_falls_back_to_the_standard_chain(
+    env_only_chain: None, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    """Static keys are used only as a pair: settings that carry one half (a launch file
+    that sets only ``access_key_id``) sign with the standard chain's credentials, which
+    the stand-in accepts. Kills ``access_key_id and secret_access_key`` -> ``or``
+    (transport.open_stream): the request would be signed with a key and no secret."""
+    from sonic_voice.emulators.sonic.server import SonicEmulator
+
+    emu = SonicEmulator({"turns": []}, realtime=False)
+    await emu.start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", emu.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", emu.secret_key)
+    try:
+        settings = transport.BedrockSettings(
+            region=emu.region,
+            endpoint_uri=emu.endpoint_uri,
+            ca_bundle=emu.ca_file,
+            open_timeout_s=10,
+            **{given: "HALF-OF-A-PAIR"},
+        )
+        stream = await transport.open_stream(settings)
+        try:
+            # Signed with the environment's pair, which the stand-in verified.
+            assert [(r.request_signature_ok, r.http_status) for r in emu.records] == [(True, 200)]
+        finally:
+            await stream.close(drain_s=0.5)
+    finally:
+        await emu.stop()

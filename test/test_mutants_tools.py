@@ -152,3 +152,50 @@ def test_goal_cancelled_on_the_robots_side_is_reported_as_cancelled(
     assert r.content["outcome"] == "cancelled"
     assert "cancelled on the robot's side" in r.content["error"]
     assert server.cancels >= 1
+
+
+def test_safety_stop_sends_the_cancel_while_the_session_loop_is_stalled(
+    ros_graph, tmp_path: Path
+) -> None:
+    """The local safety stop (``stop_motion``, called on the safety-stop subscriber's
+    thread) sends the goal's cancel request from that thread: the action server gets it
+    while the session's loop is still busy (here blocked for up to 5 s), not when the loop
+    next runs. Kills deleting ``c.tool.binding.stop_now(c)`` in ``stop_motion``."""
+    from sonic_voice.sonic.tools_seam import ToolUse
+    from sonic_voice.tools import load_provider
+
+    from test.harness.servers import fibonacci_server
+
+    server = fibonacci_server(ros_graph.node("fib_server"), mode="hold")
+    tools = tmp_path / "tools.yaml"
+    tools.write_text(FIB_TOOL)
+    node = ros_graph.node("tools_test", spin=False)
+    provider = load_provider(node, str(tools), LOCATIONS)
+    ros_graph.add(node)
+    seen: dict[str, object] = {}
+
+    def safety_stop() -> None:
+        seen["stopped"] = provider.stop_motion("the safety stop")
+        seen["cancel_seen_while_stalled"] = server.cancel_received.wait(5)
+
+    async def main():
+        task = asyncio.create_task(
+            provider.run(ToolUse("id-fib", "fib", {"order": 5}), lambda _t, _d: None)
+        )
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, server.goal_received.wait, 20)
+        (call,) = provider._active.values()
+        await asyncio.wait_for(call.accepted.wait(), 10)
+        t = threading.Thread(target=safety_stop, name="safety-stop", daemon=True)
+        t.start()
+        t.join(10)  # the loop is stalled: only the stopping thread can reach ROS
+        return await asyncio.wait_for(task, 20)
+
+    try:
+        r = asyncio.run(main())
+    finally:
+        provider.shutdown()
+    assert seen["stopped"] == 1
+    assert seen["cancel_seen_while_stalled"] is True, "the cancel waited for the loop"
+    assert r.status == "cancelled" and "the safety stop" in r.content["error"], r.content
+    assert server.cancels == 1
