@@ -30,6 +30,26 @@ def test_message_matches_one_assembled_by_hand() -> None:
     assert fb.arrivals == (65_000, None, 135_000)
 
 
+def test_a_message_of_another_implementation_parses() -> None:
+    """A message as pion/rtcp's tests carry it (its example 4): one run-length chunk of
+    7 small deltas (19, 9, 9, 4, 3, 3, 4 ms), reference time 1074030, padded by 3."""
+    msg = bytes.fromhex("afcd0007fa17fa17193dd8bb0004000710636e0120074c2424100c0c10000003")
+    fb = parse_feedback(msg)
+    assert (fb.sender_ssrc, fb.media_ssrc, fb.base_seq, fb.fb_count) == (
+        4195875351,
+        423483579,
+        4,
+        1,
+    )
+    t, want = 1074030 * 64_000, []
+    for d_ms in (19, 9, 9, 4, 3, 3, 4):
+        t += d_ms * 1000
+        want.append(t)
+    assert fb.arrivals == tuple(want)
+    # Ours for the same arrivals: the same chunk and deltas (the padding too).
+    assert build_feedback(4195875351, 423483579, 4, 1, want) == msg
+
+
 def test_a_run_of_received_packets_is_one_run_length_chunk() -> None:
     arrivals = [1_000 * k for k in range(20)]
     msg = build_feedback(7, 8, 65530, 0, arrivals)
