@@ -196,3 +196,156 @@ def tap_feedback(sender: RTCRtpSender, on_feedback: Callable[[Feedback], None]) 
 
     sender._send_rtcp = send  # type: ignore[method-assign]
     sender._handle_rtcp_packet = receive  # type: ignore[method-assign]
+
+
+# -- transport-wide congestion control (sonic_voice/kvs/twcc.py) ---------------------------
+# aiortc parses and writes the transport-wide sequence number header extension when it is
+# negotiated, but offers it for video only, never sets it on a packet, never sends the
+# feedback and parses an RTPFB FMT 15 message as if it were a NACK (its lost list is
+# garbage, and a padded one fails its length check, so the whole compound is dropped).
+TWCC_EXT_ID = 5  # ids are shared by audio and video under BUNDLE: 1 mid, 2 level, 3 abs-send
+
+
+def enable_transport_cc() -> None:
+    """Process-wide, idempotent: audio sections offer (and answers accept) the
+    transport-wide sequence number extension, and RTPFB FMT 15 messages parse as
+    transport-cc feedback (``packet._sv_twcc``: a :class:`twcc.Feedback`)."""
+    from aiortc import rtp
+    from aiortc.codecs import HEADER_EXTENSIONS
+    from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
+
+    from sonic_voice.kvs import twcc
+
+    check_hook_points()
+    audio = HEADER_EXTENSIONS["audio"]
+    if not any(x.uri == twcc.URI for x in audio):
+        taken = {x.id for xs in HEADER_EXTENSIONS.values() for x in xs}
+        if TWCC_EXT_ID in taken:
+            raise HookError(f"aiortc already uses header extension id {TWCC_EXT_ID}")
+        audio.append(RTCRtpHeaderExtensionParameters(id=TWCC_EXT_ID, uri=twcc.URI))
+    parse = rtp.RtcpRtpfbPacket.parse
+    if getattr(parse, "_sv_twcc", False):
+        return
+    original = parse.__func__
+
+    def parse_rtpfb(cls: Any, data: bytes, fmt: int) -> Any:
+        if fmt != twcc.FMT:
+            return original(cls, data, fmt)
+        fb = twcc.parse_fci(data)  # ValueError: dropped, as aiortc drops any bad RTCP
+        packet = cls(fmt=fmt, ssrc=fb.sender_ssrc, media_ssrc=fb.media_ssrc)
+        packet._sv_twcc = fb
+        return packet
+
+    parse_rtpfb._sv_twcc = True  # type: ignore[attr-defined]
+    rtp.RtcpRtpfbPacket.parse = classmethod(parse_rtpfb)  # type: ignore[method-assign,assignment]
+
+
+def tap_transport_cc(sender: RTCRtpSender, on_summary: Callable[[Any], None]) -> Any:
+    """Number ``sender``'s packets with transport-wide sequence numbers (once negotiated),
+    note when each left and its size, and call ``on_summary`` with a
+    :class:`twcc.TwccSummary` for every feedback message about them (on the peer's loop).
+    Returns the :class:`twcc.SendHistory`. Call before the offer/answer is made."""
+    import time
+
+    from sonic_voice.kvs import twcc
+
+    enable_transport_cc()
+    ext_map = getattr(sender, "_RTCRtpSender__rtp_header_extensions_map", None)
+    ids = getattr(ext_map, "_HeaderExtensionsMap__ids", None)
+    if ext_map is None or ids is None or not hasattr(ids, "transport_sequence_number"):
+        raise HookError("RTCRtpSender's header extension map is gone")
+    hist = twcc.SendHistory()
+    set_extensions = ext_map.set
+
+    def send_wrapper(transport: Any) -> None:
+        if getattr(transport, "_sv_twcc_send", False):
+            return
+        send_rtp = transport._send_rtp
+
+        async def send(data: bytes) -> None:
+            pending = transport._sv_twcc_pending
+            if pending is not None:
+                transport._sv_twcc_pending = None
+                pending[0].on_send(pending[1], time.monotonic(), len(data))
+            await send_rtp(data)
+
+        transport._sv_twcc_pending = None
+        transport._send_rtp = send
+        transport._sv_twcc_send = True
+
+    def set_with_seq(values: Any) -> Any:
+        # Called by RtpPacket.serialize right before the sender hands the bytes to its
+        # transport (no await between the two): the sequence number is noted there.
+        if ids.transport_sequence_number:
+            seq = hist.take_seq()
+            values.transport_sequence_number = seq
+            transport = sender.transport
+            send_wrapper(transport)
+            transport._sv_twcc_pending = (hist, seq)
+        return set_extensions(values)
+
+    ext_map.set = set_with_seq
+    handle = sender._handle_rtcp_packet
+
+    async def receive(packet: Any) -> None:
+        fb = getattr(packet, "_sv_twcc", None)
+        if fb is not None:
+            on_summary(hist.on_feedback(fb, time.monotonic()))
+            return  # aiortc has nothing to do with it
+        await handle(packet)
+
+    sender._handle_rtcp_packet = receive  # type: ignore[method-assign]
+    return hist
+
+
+class TransportCcFeedback:
+    """Receiver side: note the arrival of every packet with a transport-wide sequence
+    number that reaches ``receiver`` and send the feedback every ``interval_s``
+    (libwebrtc: 50-250 ms, by the bitrate; 100 ms here). :meth:`stop` ends it."""
+
+    def __init__(self, receiver: Any, interval_s: float = 0.1) -> None:
+        import asyncio
+        import time
+
+        from sonic_voice.kvs import twcc
+
+        enable_transport_cc()
+        self.receiver = receiver
+        self.interval_s = interval_s
+        self.sent = 0
+        self.recorder = twcc.ArrivalRecorder(sender_ssrc=0)
+        handle_rtp = receiver._handle_rtp_packet
+        rec = self.recorder
+
+        async def on_rtp(packet: Any, arrival_time_ms: int) -> None:
+            seq = packet.extensions.transport_sequence_number
+            if seq is not None:
+                rec.on_packet(seq, time.monotonic(), packet.ssrc)
+            await handle_rtp(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = on_rtp
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        import asyncio
+
+        class Raw:
+            def __init__(self, data: bytes) -> None:
+                self.data = data
+
+            def __bytes__(self) -> bytes:
+                return self.data
+
+        while getattr(self.receiver.transport, "state", "closed") not in ("closed", "failed"):
+            await asyncio.sleep(self.interval_s)
+            ssrc = getattr(self.receiver, "_RTCRtpReceiver__rtcp_ssrc", None)
+            if ssrc is None:
+                continue
+            self.recorder.sender_ssrc = ssrc
+            msg = self.recorder.feedback()
+            if msg is not None:
+                await self.receiver._send_rtcp(Raw(msg))
+                self.sent += 1
+
+    def stop(self) -> None:
+        self._task.cancel()
