@@ -273,9 +273,16 @@ class TwccSummary:
     at: float  # when it arrived (the sender's clock)
     packets: int  # packets it reports on (received or not)
     lost: int
-    queue_s: float  # newest received packet's one-way delay over the recent minimum
-    delivered_bps: float | None  # wire bit/s the link delivered over the message's span
-    span_s: float  # arrival span of the received packets it covers
+    # The newest received packet's one-way delay over its recent minimum: the queue, plus
+    # how much longer than the fastest packet this one took to serialize (a link that got
+    # slower shows here too).
+    queue_s: float
+    # Wire bit/s the link carried while it was busy: over the last ``rate_window_s``, the
+    # bytes of each packet sent while its predecessor was still in the queue or on the
+    # wire (so the link, not the sender, set its pace), over their arrival gaps. None: no
+    # such pair (the link kept up with the sender).
+    link_bps: float | None
+    busy_pairs: int  # how many such pairs that estimate rests on
 
     @property
     def fraction_lost(self) -> float:
@@ -295,9 +302,15 @@ class SendHistory:
         self._order: deque[int] = deque()
         self._last_seq: int | None = None
         self._fb_last: int | None = None  # last unwrapped base seq of a feedback
-        self._owd: deque[tuple[float, float]] = deque()  # (sent, one-way delay) recent
-        self._delivered: deque[tuple[float, int]] = deque()  # (arrival s, wire bytes)
+        # (sent, one-way delay) of the last window_s, kept as a sliding minimum: each entry
+        # has a smaller delay than every later one, so the first is the window's minimum.
+        self._owd: deque[tuple[float, float]] = deque()
+        self._prev: tuple[float, float] | None = None  # (sent, arrival) of the last received
+        self._busy: deque[tuple[float, int, float]] = deque()  # (arrival, wire bytes, gap)
         self.next_seq = 0
+
+    def _floor(self) -> float:
+        return self._owd[0][1] if self._owd else float("inf")
 
     def take_seq(self) -> int:
         """The next transport-wide sequence number (16 bit) to put on a packet."""
@@ -319,9 +332,9 @@ class SendHistory:
         lost = known = 0
         newest: float | None = None
         for i, arr in enumerate(fb.arrivals):
-            sent = self._sent.get(base + i)
+            sent = self._sent.pop(base + i, None)
             if sent is None:
-                continue  # not ours, or older than the history
+                continue  # not ours, reported already, or older than the history
             known += 1
             if arr is None:
                 lost += 1
@@ -329,22 +342,29 @@ class SendHistory:
             t_sent, size = sent
             arr_s = arr / 1_000_000
             owd = arr_s - t_sent
+            floor = min(owd, self._floor())
+            while self._owd and self._owd[-1][1] >= owd:
+                self._owd.pop()
             self._owd.append((t_sent, owd))
-            self._delivered.append((arr_s, size + WIRE_EXTRA_BYTES))
             newest = owd
+            if self._prev is not None:
+                p_sent, p_arr = self._prev
+                gap = arr_s - p_arr
+                # Sent while its predecessor was still queued or on the wire (that one's
+                # delay over the floor outlasted the send gap): the link was busy from one
+                # arrival to the next, so this packet's bytes over the gap is its rate.
+                if gap > 0 and (p_arr - p_sent) - floor > t_sent - p_sent:
+                    self._busy.append((arr_s, size + WIRE_EXTRA_BYTES, gap))
+            self._prev = (t_sent, arr_s)
         while self._owd and self._owd[0][0] < at - self.window_s:
             self._owd.popleft()
         queue = 0.0
         if newest is not None and self._owd:
-            queue = max(0.0, newest - min(o for _, o in self._owd))
-        rate, span = None, 0.0
-        if self._delivered:
-            last = self._delivered[-1][0]
-            while self._delivered and self._delivered[0][0] < last - self.rate_window_s:
-                self._delivered.popleft()
-            span = last - self._delivered[0][0]
-            if span > 0.05 and len(self._delivered) > 2:
-                # Bytes after the first arrival, over the time since it: the link's rate
-                # while it was busy (a queue behind it); an idle link shows less.
-                rate = sum(b for _, b in list(self._delivered)[1:]) * 8 / span
-        return TwccSummary(at, known, lost, queue, rate, span)
+            queue = max(0.0, newest - self._floor())
+        if self._prev is not None:
+            while self._busy and self._busy[0][0] < self._prev[1] - self.rate_window_s:
+                self._busy.popleft()
+        rate = None
+        if self._busy:
+            rate = sum(b for _, b, _ in self._busy) * 8 / sum(g for _, _, g in self._busy)
+        return TwccSummary(at, known, lost, queue, rate, len(self._busy))

@@ -1,0 +1,162 @@
+"""A bottleneck link simulated in virtual time, to drive sonic_voice.kvs.abr's controller
+the way bench/abr.py's real peers do, in milliseconds of CPU and deterministically.
+
+The model is the bench's ``--link wire``: a FIFO drained at the link rate, whole packets
+counted (Opus payload plus ``overhead_bytes`` of IP, UDP, RTP with its extensions and
+SRTP), tail-drop past ``queue_s`` of queue; sender reports wait in the same queue. The
+receiver sends a receiver report every 0.5-1.5 s (aiortc's interval) and, with
+``twcc=True``, transport-cc feedback every 100 ms; the return path is not limited.
+
+What it does not model: the codec (a frame is the bytes its bitrate gives), FEC (a lost
+packet's frames are lost), the receiver's jitter buffer (latency is the path's: the time
+a packet left the sender until it arrived).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass, field
+
+from sonic_voice.kvs import twcc
+from sonic_voice.kvs.abr import AbrConfig, AbrController, Report
+
+RTP_EXTRA = 26  # RTP header 12 + header extensions 14: with twcc.WIRE_EXTRA_BYTES, 64
+
+
+@dataclass
+class PhaseResult:
+    kbps: float
+    frames: int = 0
+    lost: int = 0
+    delays: list[float] = field(default_factory=list)
+    follow_s: float | None = None
+
+    @property
+    def lost_pct(self) -> float:
+        return 100.0 * self.lost / self.frames if self.frames else 0.0
+
+    def p95_ms(self) -> float:
+        if not self.delays:
+            return float("nan")
+        d = sorted(self.delays)
+        return 1000 * d[min(len(d) - 1, int(0.95 * len(d)))]
+
+
+def simulate(
+    steps: tuple[float, ...] = (64.0, 12.0, 64.0),
+    phase_s: float = 20.0,
+    twcc_feedback: bool = True,
+    config: AbrConfig | None = None,
+    seed: int = 3,
+    queue_s: float = 0.2,
+    prop_s: float = 0.01,
+    fb_interval_s: float = 0.1,
+) -> tuple[list[PhaseResult], AbrController]:
+    cfg = config or AbrConfig()
+    abr = AbrController(cfg)
+    rng = random.Random(seed)
+    hist = twcc.SendHistory()
+    rec = twcc.ArrivalRecorder(sender_ssrc=1)
+    results = [PhaseResult(k) for k in steps]
+    end = phase_s * len(steps)
+    events: list[tuple[float, int, str, object]] = []
+    n = 0
+
+    def at(t: float, kind: str, data: object = None) -> None:
+        nonlocal n
+        n += 1
+        heapq.heappush(events, (t, n, kind, data))
+
+    busy = 0.0
+    # Receiver report state: packets expected/received since the last report, and the
+    # send time of the newest sender report that got through (for the RTT).
+    rr_expected = rr_received = 0
+    last_sr: tuple[float, float] | None = None  # (sent, arrived)
+    at(0.0, "frame")
+    at(1.0, "sr")
+    at(rng.uniform(0.5, 1.5), "rr")
+    if twcc_feedback:
+        at(fb_interval_s, "fb")
+    pending_frames = 0
+    follow = {i: None for i in range(len(steps))}
+
+    def phase_of(t: float) -> int:
+        return min(len(steps) - 1, int(t // phase_s))
+
+    def link_bps(t: float) -> float:
+        return steps[phase_of(t)] * 1000
+
+    def enqueue(t: float, wire_bytes: int) -> float | None:
+        """When the packet arrives, or None if tail-dropped."""
+        nonlocal busy
+        start = max(t, busy)
+        if start - t > queue_s:
+            return None
+        busy = start + wire_bytes * 8 / link_bps(start)
+        return busy + prop_s
+
+    while events:
+        t, _, kind, data = heapq.heappop(events)
+        if t >= end:
+            break
+        ph = phase_of(t)
+        if kind == "frame":
+            pending_frames += 1
+            at(t + 0.02, "frame")
+            if pending_frames * 20 >= abr.ptime_ms:
+                frames, pending_frames = pending_frames, 0
+                opus = int(abr.bitrate * frames * 0.02 / 8)
+                rtp = opus + RTP_EXTRA
+                wire = rtp + twcc.WIRE_EXTRA_BYTES
+                seq = hist.take_seq()
+                hist.on_send(seq, t, rtp)
+                arrive = enqueue(t, wire)
+                rr_expected += 1
+                res = results[ph]
+                res.frames += frames
+                if arrive is None:
+                    res.lost += frames
+                else:
+                    rr_received += 1
+                    res.delays += [arrive - t] * frames
+                    at(arrive, "arrive", seq)
+            # follow: down = the wire rate fits the link; up = near the maximum again
+            if follow[ph] is None and ph > 0:
+                fits = (
+                    abr.wire <= link_bps(t)
+                    if steps[ph] < steps[ph - 1]
+                    else abr.bitrate >= 0.9 * cfg.max_bps and abr.ptime_ms == 20
+                )
+                if fits:
+                    follow[ph] = t - ph * phase_s
+        elif kind == "arrive":
+            rec.on_packet(int(data), t)  # type: ignore[arg-type]
+        elif kind == "sr":
+            arrive = enqueue(t, 96)
+            if arrive is not None:
+                last_sr = (t, arrive)
+            at(t + 1.0, "sr")
+        elif kind == "rr":
+            lost = 1 - rr_received / rr_expected if rr_expected else 0.0
+            rr_expected = rr_received = 0
+            rtt = None
+            back = t + prop_s
+            if last_sr is not None:
+                rtt = back - last_sr[0] - (t - last_sr[1])
+                last_sr = None
+            _apply(abr, abr.update(Report(back, max(0.0, lost), rtt_s=rtt)))
+            at(t + rng.uniform(0.5, 1.5), "rr")
+        elif kind == "fb":
+            msg = rec.feedback()
+            if msg is not None:
+                s = hist.on_feedback(twcc.parse_feedback(msg), t + prop_s)
+                _apply(abr, abr.update_twcc(s))
+            at(t + fb_interval_s, "fb")
+    for i, r in enumerate(results):
+        r.follow_s = follow[i]
+    return results, abr
+
+
+def _apply(abr: AbrController, decision: object) -> None:
+    """Decisions apply from the next frame on (the simulated sender reads abr's state)."""
