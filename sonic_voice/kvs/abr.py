@@ -51,6 +51,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -92,6 +93,12 @@ class AbrConfig:
     min_loss_pct: int = 5
     max_loss_pct: int = 30
     loss_smoothing: float = 0.5
+    # Transport-cc (update_twcc): a queue this far over one packet's duration is congestion.
+    twcc_queue_s: float = 0.05
+    twcc_min_gap_s: float = 0.08  # cuts while the queue grows: at most this often
+    twcc_settle_s: float = 0.4  # a queue that stopped growing: cut again after this long
+    twcc_min_pairs: int = 1  # busy packet pairs the link's rate must rest on
+    twcc_cut: float = 0.7  # no rate and no loss to go by: this share of the rate
 
     def __post_init__(self) -> None:
         if not 500 <= self.min_bps <= self.start_bps <= self.max_bps <= 510000:
@@ -156,6 +163,7 @@ class AbrController:
         self.good: float | None = None  # the wire rate before the last step up
         self.history: list[tuple[float, int, int, str]] = []  # (at, bitrate, loss %, why)
         self.reports: list[Report] = []  # every report seen (diagnostics, benches)
+        self._twcc_queue: float | None = None
 
     @property
     def max_wire(self) -> float:
@@ -300,11 +308,50 @@ class AbrController:
             if self.wire > cap:
                 self.wire = cap
                 why = f"remb cap {r.remb_bps} bit/s"
+        return self._decide(r.at, old_wire, old_pct, why)
+
+    def _decide(self, at: float, old_wire: float, old_pct: int, why: str) -> Decision:
+        cfg = self.cfg
         self.wire = min(self.max_wire, self.wire)
         self.loss_pct = int(min(cfg.max_loss_pct, max(cfg.min_loss_pct, round(self.loss * 150))))
         old_plan = (self.bitrate, self.ptime_ms)
         self.bitrate, self.ptime_ms = self.plan(self.wire)
         changed = (self.bitrate, self.ptime_ms, self.loss_pct) != (*old_plan, old_pct)
         if changed or self.wire != old_wire:
-            self.history.append((r.at, self.bitrate, self.loss_pct, why))
+            self.history.append((at, self.bitrate, self.loss_pct, why))
         return Decision(self.bitrate, self.loss_pct, changed, why, self.ptime_ms, int(self.wire))
+
+    def update_twcc(self, s: Any) -> Decision:
+        """Transport-cc feedback (:class:`sonic_voice.kvs.twcc.TwccSummary`, every ~100 ms):
+        the fast way down. When the queue builds (the newest packet's delay over its floor,
+        less one packet's duration: our own packet's serialization on a link we fill) or
+        packets are lost, cut to what the link carried while busy (``link_bps``), else by
+        the loss, else by ``twcc_cut``. Again at the next message while the queue still
+        grows; once it stopped growing, only after ``twcc_settle_s`` (what was sent before
+        the cut drains meanwhile). Going up stays with the receiver reports' rules."""
+        cfg = self.cfg
+        old_wire, old_pct = self.wire, self.loss_pct
+        why = "hold"
+        queued = s.queue_s - self.ptime_ms / 1000
+        growing = self._twcc_queue is not None and s.queue_s > self._twcc_queue + 0.005
+        self._twcc_queue = s.queue_s
+        lossy = s.packets > 0 and s.fraction_lost > cfg.loss_high
+        if queued > cfg.twcc_queue_s or lossy:
+            since = s.at - self.last_down
+            if (growing and since > cfg.twcc_min_gap_s) or since > cfg.twcc_settle_s:
+                self.clean_since = None
+                if s.link_bps is not None and s.busy_pairs >= cfg.twcc_min_pairs:
+                    to, how = s.link_bps * cfg.backoff, f"to the link's {s.link_bps:.0f} bit/s"
+                elif s.fraction_lost > 0:
+                    to = self.wire * (1 - s.fraction_lost) * cfg.backoff
+                    how = f"lost {s.fraction_lost:.0%}"
+                else:
+                    to, how = self.wire * cfg.twcc_cut, f"x{cfg.twcc_cut}"
+                to = min(to, self.wire * cfg.backoff)
+                if self.ceiling is None or s.at - self.last_down > cfg.episode_s:
+                    self.ceiling = max(self.min_wire, to / cfg.backoff)
+                else:
+                    self.ceiling = min(self.ceiling, max(self.min_wire, to / cfg.backoff))
+                what = f"queue +{queued * 1000:.0f} ms" if queued > cfg.twcc_queue_s else "loss"
+                why = self._cut(s.at, to, s.fraction_lost, f"down: {what}, {how} (twcc)")
+        return self._decide(s.at, old_wire, old_pct, why)

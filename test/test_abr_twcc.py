@@ -1,0 +1,67 @@
+"""The rate controller with transport-cc feedback (AbrController.update_twcc) against a
+bottleneck simulated in virtual time (test/harness/abr_sim.py: bench/abr.py's wire model,
+64 -> 12 -> 64 kbit/s), in milliseconds: the feedback every 100 ms gets it under the fallen
+link in a few hundred ms, where receiver reports alone take a second or more."""
+
+from __future__ import annotations
+
+import pytest
+
+from sonic_voice.kvs.abr import AbrConfig, AbrController
+from sonic_voice.kvs.twcc import TwccSummary
+
+from test.harness.abr_sim import simulate
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_transport_cc_gets_under_a_fallen_link_in_a_few_hundred_ms(seed: int) -> None:
+    rr, _ = simulate(twcc_feedback=False, seed=seed)
+    tw, abr = simulate(twcc_feedback=True, seed=seed)
+    assert tw[1].follow_s is not None and tw[1].follow_s < 0.5, tw[1]
+    assert rr[1].follow_s is not None and rr[1].follow_s > 1.0, rr[1]
+    assert tw[1].lost_pct <= 2.0, tw[1].lost_pct
+    assert rr[1].lost_pct > 2 * tw[1].lost_pct, (rr[1].lost_pct, tw[1].lost_pct)
+    assert any("(twcc)" in h[3] for h in abr.history)
+    # And back up when the link returns (the receiver reports' rules, unchanged).
+    assert tw[2].follow_s is not None and tw[2].follow_s < 8.0, tw[2]
+    assert tw[0].lost_pct == tw[2].lost_pct == 0.0
+
+
+def test_a_link_that_keeps_up_is_never_cut() -> None:
+    results, abr = simulate(steps=(64.0, 64.0), phase_s=10.0, twcc_feedback=True)
+    assert [h for h in abr.history if h[3].startswith("down")] == []
+    assert abr.bitrate == 32000 and abr.ptime_ms == 20
+    assert all(r.lost == 0 for r in results)
+
+
+def _summary(
+    at: float, queue_s: float, link_bps: float | None = None, lost: int = 0
+) -> TwccSummary:
+    return TwccSummary(at, 5, lost, queue_s, link_bps, 3 if link_bps else 0)
+
+
+def test_cut_goes_to_the_links_rate_and_waits_while_the_queue_drains() -> None:
+    abr = AbrController(AbrConfig())
+    start = abr.wire
+    assert not abr.update_twcc(_summary(1.0, 0.004)).changed  # a calm link
+    d = abr.update_twcc(_summary(1.1, 0.150, link_bps=20_000))
+    assert d.changed and "to the link's 20000 bit/s (twcc)" in d.reason
+    assert d.wire_bps == int(20_000 * abr.cfg.backoff) < start
+    # The queue still high but no longer growing: what was sent before the cut drains.
+    assert abr.update_twcc(_summary(1.2, 0.150, link_bps=20_000)).reason == "hold"
+    # Still growing 100 ms later: the cut was not enough, cut again.
+    d = abr.update_twcc(_summary(1.3, 0.190, link_bps=9_000))
+    assert d.reason.startswith("down") and d.wire_bps <= int(abr.min_wire) + 1
+
+
+def test_without_a_rate_the_cut_goes_by_the_loss_or_a_fixed_share() -> None:
+    abr = AbrController(AbrConfig())
+    w = abr.wire
+    d = abr.update_twcc(_summary(1.0, 0.0, lost=2))  # 2 of 5 lost, no queue reading
+    assert "lost 40%" in d.reason
+    assert d.wire_bps == int(w * 0.6 * abr.cfg.backoff)
+    abr = AbrController(AbrConfig())
+    d = abr.update_twcc(_summary(1.0, 0.2))
+    assert f"x{abr.cfg.twcc_cut}" in d.reason and d.wire_bps == int(abr.max_wire * abr.cfg.twcc_cut)
