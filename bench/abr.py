@@ -40,6 +40,7 @@ setup_path()
 
 from sonic_voice.kvs.abr import AbrConfig, AbrController  # noqa: E402
 from sonic_voice.kvs.jitter import install_receiver  # noqa: E402
+from sonic_voice.kvs.net_hooks import TransportCcFeedback, enable_transport_cc  # noqa: E402
 from sonic_voice.kvs.opus_send import OpusFecTrack, OpusSendConfig, munge_sdp, run_abr  # noqa: E402
 
 from test.harness.netimpair import Impairment, UdpImpairRelay, connect_through  # noqa: E402
@@ -56,7 +57,11 @@ async def run(
     receiver: str = "ours",
     link: str = "wire",
     min_bps: int = 6000,
+    feedback: str = "rr",
 ) -> dict:
+    twcc = adaptive and feedback == "twcc"
+    if twcc:
+        enable_transport_cc()  # before the offer: the header extension is negotiated
     relay = UdpImpairRelay(Impairment(rate_kbps=STEPS[0], seed=3, count=link))
     cfg = OpusSendConfig(bitrate=32000, packet_loss_pct=5, adaptive=adaptive)
     track = OpusFecTrack(cfg)
@@ -78,6 +83,9 @@ async def run(
                     out.setdefault(f.rtp_ts & 0xFFFFFFFF, (time.monotonic(), f.kind))
 
             state["rx"] = install_receiver(pc, t, on_frame=on_frame)
+            if twcc:
+                rx = next(tr.receiver for tr in pc.getTransceivers() if tr.receiver.track is t)
+                state["twcc"] = TransportCcFeedback(rx)
             return
 
         async def pull() -> None:
@@ -90,7 +98,10 @@ async def run(
 
         tasks.append(asyncio.ensure_future(pull()))
 
-    pc_a, pc_b = await connect_through(relay, track, on_track, munge=munge_sdp)
+    def munge(sdp: str) -> str:
+        return munge_sdp(sdp, transport_cc=twcc)
+
+    pc_a, pc_b = await connect_through(relay, track, on_track, munge=munge)
     abr_task = None
     if adaptive:
         sender = pc_a.getSenders()[0]
@@ -106,6 +117,7 @@ async def run(
                 on_decision=lambda d: rates.append(
                     (time.monotonic(), d.bitrate, d.ptime_ms, d.wire_bps)
                 ),
+                transport_cc=twcc,
             )
         )
     t_start = time.monotonic()
@@ -128,6 +140,11 @@ async def run(
     relay.close()
     if "rx" in state:
         state["rx"].stop()
+    if "twcc" in state:
+        state["twcc"].stop()
+        res_twcc = state["twcc"].sent
+    else:
+        res_twcc = 0
 
     seen = relay.first_seen["a_to_b"]
     if receiver == "stock":  # aiortc's frames count from the first RTP timestamp
@@ -196,6 +213,9 @@ async def run(
             for r in ctl.reports
         ]
     res["queue_dropped"] = relay.stats["a_to_b"].queue_dropped
+    res["twcc_messages"] = res_twcc
+    if adaptive:
+        res["twcc_cuts"] = sum(1 for h in ctl.history if "(twcc)" in h[3])
     return res
 
 
@@ -222,13 +242,20 @@ async def main() -> None:
         default=6000,
         help="the adaptive sender's Opus floor (KvsSettings.abr_min_bps; 6000 by default)",
     )
+    ap.add_argument(
+        "--feedback",
+        choices=("rr", "twcc"),
+        default="rr",
+        help="the adaptive sender hears receiver reports only (default), or transport-cc "
+        "feedback every 100 ms too (kvs/twcc.py; the receiver sends it)",
+    )
     ap.add_argument("--verbose", action="store_true", help="print every receiver report")
     args = ap.parse_args()
     results = {}
     ap_kinds = (False, True) if args.only is None else (args.only == "adaptive",)
     for adaptive in ap_kinds:
         name = "adaptive" if adaptive else "fixed32k"
-        r = await run(adaptive, args.phase, args.receiver, args.link, args.min_bps)
+        r = await run(adaptive, args.phase, args.receiver, args.link, args.min_bps, args.feedback)
         results[name] = r
         for i in range(len(STEPS)):
             p = r[i]
@@ -241,6 +268,12 @@ async def main() -> None:
                 flush=True,
             )
         print(f"{name:9} bitrate changes (s, bit/s): {r['rates']}", flush=True)
+        if adaptive:
+            print(
+                f"{name:9} feedback {args.feedback}: {r['twcc_messages']} transport-cc "
+                f"messages sent, {r['twcc_cuts']} cuts on them",
+                flush=True,
+            )
         if args.verbose and "reports" in r:
             print(f"{name:9} reports (s, lost, rtt ms): {r['reports']}", flush=True)
     if len(results) < 2:

@@ -193,3 +193,16 @@ def test_sender_sees_the_queue_and_the_links_rate() -> None:
     assert sum(s.lost for s in thin) > 50
     assert thin[1].link_bps is not None and abs(thin[1].link_bps - 12_000) < 100
     assert all(s.link_bps is not None and abs(s.link_bps - 12_000) < 100 for s in thin[1:])
+
+
+def test_munge_sdp_asks_for_transport_cc_feedback_on_opus_only_when_told() -> None:
+    from sonic_voice.kvs.opus_send import munge_sdp
+
+    sdp = (
+        "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96 0\r\n"
+        "a=rtpmap:96 opus/48000/2\r\na=rtpmap:0 PCMU/8000\r\n"
+    )
+    plain, cc = munge_sdp(sdp), munge_sdp(sdp, transport_cc=True)
+    assert "transport-cc" not in plain
+    assert cc.count("a=rtcp-fb:96 transport-cc") == 1 and "a=rtcp-fb:0" not in cc
+    assert munge_sdp(cc, transport_cc=True) == cc  # idempotent
