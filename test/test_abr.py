@@ -360,3 +360,55 @@ async def test_chromium_plays_the_long_packets_of_a_thin_link() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.timeout(120)
+async def test_chromium_sends_transport_cc_about_the_robots_audio() -> None:
+    """With abr on, the robot's answer accepts Chromium's transport-wide sequence numbers
+    on audio and asks for transport-cc feedback: Chromium then reports every packet of the
+    robot's speech about every 100 ms, and the adaptive sender's controller hears it (the
+    fast way down; a receiver report about audio comes only every ~5 s from a browser)."""
+    from sonic_voice import web
+    from sonic_voice.emulators.kvs import KvsEmulatorThread
+    from sonic_voice.kvs import twcc
+    from sonic_voice.kvs.master import KvsMaster
+    from sonic_voice.kvs.settings import KvsSettings
+
+    from test import test_web_viewer as page
+    from test.harness.chromium import Chromium
+
+    server, url = web.serve_in_thread()
+    wav = await page._speech_wav()
+    try:
+        with KvsEmulatorThread(
+            channels=[page.CHANNEL], region=page.REGION, verify_secret=page.SECRET
+        ) as kvs:
+            settings = KvsSettings(
+                channel_name=page.CHANNEL,
+                region=page.REGION,
+                endpoint_url=kvs.endpoint_url,
+                access_key_id="AKIDEXAMPLE",
+                secret_access_key=page.SECRET,
+                ice_servers_override=[],
+                abr=True,
+            )
+            master = KvsMaster(settings, on_audio=lambda _c, _p: None)
+            await master.start()
+            try:
+                async with Chromium(fake_mic=wav) as browser:
+                    await page.open_viewer(browser, url, kvs.endpoint_url, "v1", capture=True)
+                    await browser.wait_for("kvsViewer.connectionState === 'connected'", 40)
+                    peer = master.peers["v1"]
+                    answer = peer.pc.localDescription.sdp.split("m=audio", 1)[1]
+                    assert twcc.URI in answer.split("m=", 1)[0]
+                    master.play(speech_like(3.0, 24000, seed=11, level=0.3))
+                    await asyncio.sleep(3.0)  # ~30 messages at Chromium's 100 ms
+                    assert peer.abr.twcc_seen >= 20, peer.abr.twcc_seen
+                    assert peer.abr.twcc_lost == 0
+                    # a clean loopback link: no transport-cc cut
+                    assert not any("(twcc)" in h[3] for h in peer.abr.history), peer.abr.history
+            finally:
+                await master.stop()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -164,6 +164,8 @@ class AbrController:
         self.history: list[tuple[float, int, int, str]] = []  # (at, bitrate, loss %, why)
         self.reports: list[Report] = []  # every report seen (diagnostics, benches)
         self._twcc_queue: float | None = None
+        self.twcc_seen = 0  # transport-cc messages seen (diagnostics, tests)
+        self.twcc_lost = 0  # packets they reported lost
 
     @property
     def max_wire(self) -> float:
@@ -330,6 +332,8 @@ class AbrController:
         grows; once it stopped growing, only after ``twcc_settle_s`` (what was sent before
         the cut drains meanwhile). Going up stays with the receiver reports' rules."""
         cfg = self.cfg
+        self.twcc_seen += 1
+        self.twcc_lost += s.lost
         old_wire, old_pct = self.wire, self.loss_pct
         why = "hold"
         queued = s.queue_s - self.ptime_ms / 1000

@@ -29,7 +29,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
-from sonic_voice.kvs import aiortc_hooks
+from sonic_voice.kvs import aiortc_hooks, net_hooks
 from sonic_voice.kvs.abr import AbrConfig, AbrController
 from sonic_voice.kvs.audio import PacedAudioTrack, RemoteBlocker, consume_remote
 from sonic_voice.kvs.frames import validate_candidate
@@ -155,6 +155,11 @@ class ViewerPeer:
         self, offer: dict[str, Any], take_pending: Callable[[], list[dict[str, Any]]]
     ) -> str:
         """Apply the offer and early candidates; returns our answer SDP (with candidates)."""
+        if self.settings.abr:
+            # Accept the viewer's transport-wide sequence numbers on audio (the answer's
+            # extensions are chosen when the offer is applied): its feedback every ~100 ms
+            # is the adaptive sender's fast way down (kvs/twcc.py).
+            net_hooks.enable_transport_cc()
         await self.pc.setRemoteDescription(RTCSessionDescription(offer["sdp"], "offer"))
         self.remote_set = True
         if self.pc.sctp is not None:  # a data channel was offered
@@ -165,7 +170,7 @@ class ViewerPeer:
             sender = self.pc.addTrack(self.out)  # reuses the offered audio transceiver
             if self.settings.abr and isinstance(self.out, OpusFecTrack):
                 self.abr.limit_ptime(max_ptime_ms(offer["sdp"]))  # long packets: thin links
-                self.spawn(run_abr(self.out, sender, self.abr), "abr")
+                self.spawn(run_abr(self.out, sender, self.abr, transport_cc=True), "abr")
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         sdp = self.pc.localDescription.sdp
         if self.settings.resilient_receive or self.settings.opus_fec:
@@ -178,6 +183,7 @@ class ViewerPeer:
                     bitrate=self.settings.opus_bitrate, fec=self.settings.resilient_receive
                 ),
                 nack=self.settings.resilient_receive,
+                transport_cc=self.settings.abr,
             )
         return sdp
 
