@@ -252,7 +252,7 @@ class AbrController:
         if old >= 0.999:
             loss, rtt_rise = 0.0, 0.0
         elif old > 0:
-            loss = max(0.0, (loss - old * self.down_loss) / (1 - old))
+            loss = min(1.0, max(0.0, (loss - old * self.down_loss) / (1 - old)))
         old_wire, old_pct = self.wire, self.loss_pct
         why = "hold"
         if r.source == "remb":
