@@ -57,6 +57,17 @@ def check_hook_points(pc: RTCPeerConnection | None = None) -> None:
     for name in ("_handle_rtcp_packet", "_send_rtcp"):
         if not callable(getattr(RTCRtpSender, name, None)):
             problems.append(f"RTCRtpSender.{name} is gone")
+    for name in ("_handle_rtp_packet", "_send_rtcp"):  # transport-cc, receiver side
+        if not callable(getattr(aiortc.RTCRtpReceiver, name, None)):
+            problems.append(f"RTCRtpReceiver.{name} is gone")
+    from aiortc import codecs, rtp
+
+    if not isinstance(getattr(codecs, "HEADER_EXTENSIONS", None), dict):
+        problems.append("aiortc.codecs.HEADER_EXTENSIONS is gone")
+    if not callable(getattr(rtp.RtcpRtpfbPacket, "parse", None)):
+        problems.append("aiortc.rtp.RtcpRtpfbPacket.parse is gone")
+    if not hasattr(rtp.HeaderExtensions(), "transport_sequence_number"):
+        problems.append("aiortc no longer writes transport-wide sequence numbers")
     if pc is not None:
         ice = _ice_transport(pc)
         conn = getattr(ice, "_connection", None) if ice is not None else None
