@@ -88,6 +88,9 @@ COVERAGE: dict[str, list[str]] = {
         "test_kvs_link.py",
     ],
     "kvs/ice.py": _KVS,
+    "kvs/twcc.py": ["test_twcc.py"],
+    # The controller's fast tests (test_abr.py also starts real peers and Chromium).
+    "kvs/abr.py": ["test_abr_twcc.py"],
     "tools/config.py": _TOOLS,
     "tools/mapping.py": _TOOLS,
     "tools/provider.py": _TOOLS,

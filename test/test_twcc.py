@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sonic_voice.kvs import twcc as twcc_mod
 from sonic_voice.kvs.twcc import (
     ArrivalRecorder,
     SendHistory,
@@ -206,3 +207,11 @@ def test_munge_sdp_asks_for_transport_cc_feedback_on_opus_only_when_told() -> No
     assert "transport-cc" not in plain
     assert cc.count("a=rtcp-fb:96 transport-cc") == 1 and "a=rtcp-fb:0" not in cc
     assert munge_sdp(cc, transport_cc=True) == cc  # idempotent
+
+
+def test_sequence_numbers_count_up_and_wrap_at_16_bits() -> None:
+    hist = twcc_mod.SendHistory()
+    hist.next_seq = 65534
+    assert [hist.take_seq() for _ in range(4)] == [65534, 65535, 0, 1]
+    fresh = twcc_mod.SendHistory()
+    assert [fresh.take_seq() for _ in range(3)] == [0, 1, 2]
