@@ -251,11 +251,16 @@ def enable_transport_cc() -> None:
     rtp.RtcpRtpfbPacket.parse = classmethod(parse_rtpfb)  # type: ignore[method-assign,assignment]
 
 
-def tap_transport_cc(sender: RTCRtpSender, on_summary: Callable[[Any], None]) -> Any:
+def tap_transport_cc(
+    sender: RTCRtpSender, on_summary: Callable[[Any], None], payload_only: bool = False
+) -> Any:
     """Number ``sender``'s packets with transport-wide sequence numbers (once negotiated),
     note when each left and its size, and call ``on_summary`` with a
     :class:`twcc.TwccSummary` for every feedback message about them (on the peer's loop).
-    Returns the :class:`twcc.SendHistory`. Call before the offer/answer is made."""
+    Returns the :class:`twcc.SendHistory`. Call before the offer/answer is made.
+
+    ``payload_only``: sizes are the codec payload alone (a link model that counts only
+    that, bench/abr.py ``--link payload``); else the RTP packet plus IPv4, UDP and SRTP."""
     import time
 
     from sonic_voice.kvs import twcc
@@ -265,7 +270,7 @@ def tap_transport_cc(sender: RTCRtpSender, on_summary: Callable[[Any], None]) ->
     ids = getattr(ext_map, "_HeaderExtensionsMap__ids", None)
     if ext_map is None or ids is None or not hasattr(ids, "transport_sequence_number"):
         raise HookError("RTCRtpSender's header extension map is gone")
-    hist = twcc.SendHistory()
+    hist = twcc.SendHistory(extra_bytes=0 if payload_only else twcc.WIRE_EXTRA_BYTES)
     set_extensions = ext_map.set
 
     def send_wrapper(transport: Any) -> None:
@@ -277,7 +282,13 @@ def tap_transport_cc(sender: RTCRtpSender, on_summary: Callable[[Any], None]) ->
             pending = transport._sv_twcc_pending
             if pending is not None:
                 transport._sv_twcc_pending = None
-                pending[0].on_send(pending[1], time.monotonic(), len(data))
+                size = len(data)
+                if payload_only and size >= 12:
+                    size -= 12 + 4 * (data[0] & 0x0F)  # header and CSRCs
+                    if data[0] & 0x10 and len(data) >= 16 + 4 * (data[0] & 0x0F):
+                        at = 12 + 4 * (data[0] & 0x0F)
+                        size -= 4 + 4 * int.from_bytes(data[at + 2 : at + 4], "big")
+                pending[0].on_send(pending[1], time.monotonic(), max(0, size))
             await send_rtp(data)
 
         transport._sv_twcc_pending = None

@@ -295,7 +295,15 @@ class SendHistory:
     :class:`TwccSummary`. One-way delays use the receiver's clock for arrivals and ours for
     sends; only their changes matter, so the offset of the clocks cancels."""
 
-    def __init__(self, window_s: float = 10.0, rate_window_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        window_s: float = 10.0,
+        rate_window_s: float = 0.5,
+        extra_bytes: int = WIRE_EXTRA_BYTES,
+    ) -> None:
+        # Bytes a packet costs on the link besides the size given to on_send (IPv4, UDP
+        # and SRTP's tag for RTP bytes; 0 for a link that counts only what is given).
+        self.extra_bytes = extra_bytes
         self.window_s = window_s
         self.rate_window_s = rate_window_s
         self._sent: dict[int, tuple[float, int]] = {}  # unwrapped seq -> (sent s, bytes)
@@ -354,7 +362,7 @@ class SendHistory:
                 # delay over the floor outlasted the send gap): the link was busy from one
                 # arrival to the next, so this packet's bytes over the gap is its rate.
                 if gap > 0 and (p_arr - p_sent) - floor > t_sent - p_sent:
-                    self._busy.append((arr_s, size + WIRE_EXTRA_BYTES, gap))
+                    self._busy.append((arr_s, size + self.extra_bytes, gap))
             self._prev = (t_sent, arr_s)
         while self._owd and self._owd[0][0] < at - self.window_s:
             self._owd.popleft()

@@ -52,11 +52,15 @@ def simulate(
     queue_s: float = 0.2,
     prop_s: float = 0.01,
     fb_interval_s: float = 0.1,
+    link: str = "wire",
 ) -> tuple[list[PhaseResult], AbrController]:
-    cfg = config or AbrConfig()
+    """``link="payload"``: the link counts only Opus payload (RTCP free), and the
+    controller is told so (no per-packet overhead), as bench/abr.py ``--link payload``."""
+    payload = link == "payload"
+    cfg = config or (AbrConfig(overhead_bytes=0, rtcp_bps=0) if payload else AbrConfig())
     abr = AbrController(cfg)
     rng = random.Random(seed)
-    hist = twcc.SendHistory()
+    hist = twcc.SendHistory(extra_bytes=0 if payload else twcc.WIRE_EXTRA_BYTES)
     rec = twcc.ArrivalRecorder(sender_ssrc=1)
     results = [PhaseResult(k) for k in steps]
     end = phase_s * len(steps)
@@ -108,9 +112,9 @@ def simulate(
                 frames, pending_frames = pending_frames, 0
                 opus = int(abr.bitrate * frames * 0.02 / 8)
                 rtp = opus + RTP_EXTRA
-                wire = rtp + twcc.WIRE_EXTRA_BYTES
+                wire = opus if payload else rtp + twcc.WIRE_EXTRA_BYTES
                 seq = hist.take_seq()
-                hist.on_send(seq, t, rtp)
+                hist.on_send(seq, t, opus if payload else rtp)
                 arrive = enqueue(t, wire)
                 rr_expected += 1
                 res = results[ph]
@@ -133,7 +137,7 @@ def simulate(
         elif kind == "arrive":
             rec.on_packet(int(data), t)  # type: ignore[arg-type]
         elif kind == "sr":
-            arrive = enqueue(t, 96)
+            arrive = enqueue(t, 0 if payload else 96)
             if arrive is not None:
                 last_sr = (t, arrive)
             at(t + 1.0, "sr")
