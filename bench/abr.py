@@ -118,6 +118,7 @@ async def run(
                     (time.monotonic(), d.bitrate, d.ptime_ms, d.wire_bps)
                 ),
                 transport_cc=twcc,
+                payload_only_link=link == "payload",
             )
         )
     t_start = time.monotonic()

@@ -336,6 +336,7 @@ async def run_abr(
     poll_s: float = 0.1,
     on_decision: Any = None,
     transport_cc: bool = False,
+    payload_only_link: bool = False,
 ) -> None:
     """Adapt ``track`` to what the viewer reports about ``sender`` (an RTCRtpSender), for as
     long as the track lives. ``controller``: a :class:`sonic_voice.kvs.abr.AbrController`.
@@ -350,7 +351,8 @@ async def run_abr(
 
     With ``transport_cc`` (negotiated: :func:`sonic_voice.kvs.net_hooks.enable_transport_cc`
     before the offer), every transport-cc feedback message goes to
-    ``controller.update_twcc`` too: the way down in ~100 ms instead of a report's 0.5-5 s."""
+    ``controller.update_twcc`` too: the way down in ~100 ms instead of a report's 0.5-5 s.
+    ``payload_only_link``: a bench's link model that counts only codec payload."""
     from sonic_voice.kvs.abr import Report
     from sonic_voice.kvs.net_hooks import Feedback, tap_feedback, tap_remb, tap_transport_cc
 
@@ -369,7 +371,9 @@ async def run_abr(
     tap_remb(sender)
     tap_feedback(sender, on_feedback)
     if transport_cc:
-        tap_transport_cc(sender, lambda s: apply(controller.update_twcc(s)))
+        tap_transport_cc(
+            sender, lambda s: apply(controller.update_twcc(s)), payload_only=payload_only_link
+        )
     while track.readyState == "live":  # noqa: ASYNC110 - the track has no "ended" event to await
         await asyncio.sleep(poll_s)
 
