@@ -286,23 +286,8 @@ class AbrController:
                 self.ceiling = None  # well past it and calm: the link got better
             if faster and self.ceiling is not None:
                 self.ceiling, self.clean_since = None, r.at - cfg.hold_up_s
-            if r.at - self.clean_since >= cfg.hold_up_s and self.wire < self.max_wire:
-                target = self.wire
-                near = self.ceiling * cfg.ceiling_share if self.ceiling is not None else None
-                if near is None:
-                    target, why = self.wire * cfg.up_factor, "up: clean link"
-                elif self.wire < near:
-                    target, why = min(near, self.wire * cfg.up_factor), "up: under the ceiling"
-                elif calm and r.at - self.last_up >= cfg.probe_after_s * max(
-                    1.0, self.ptime_ms / 40
-                ):
-                    target = self.wire + self.step * self.ceiling
-                    why = f"up: probing the ceiling (+{self.step:.0%})"
-                    self.step = min(cfg.max_probe_step, self.step * 2)
-                if target > self.wire and calm:
-                    self.good = self.wire
-                    self.wire = min(self.max_wire, target)
-                    self.last_up = r.at
+            if r.at - self.clean_since >= cfg.hold_up_s:
+                why = self._up(r.at, calm, cfg.probe_after_s * max(1.0, self.ptime_ms / 40)) or why
         elif r.source == "rr":
             self.clean_since = None  # between the thresholds: stay
         if r.remb_bps:
@@ -311,6 +296,30 @@ class AbrController:
                 self.wire = cap
                 why = f"remb cap {r.remb_bps} bit/s"
         return self._decide(r.at, old_wire, old_pct, why)
+
+    def _up(self, at: float, calm: bool, probe_gap_s: float) -> str | None:
+        """One step up after clean feedback (the reason, or None for no step): x up_factor
+        with no ceiling, to ``ceiling_share`` of it fast, then probe it by ``step`` at most
+        every ``probe_gap_s``; only while ``calm``."""
+        cfg = self.cfg
+        if self.wire >= self.max_wire:
+            return None
+        target, why = self.wire, None
+        near = self.ceiling * cfg.ceiling_share if self.ceiling is not None else None
+        if near is None:
+            target, why = self.wire * cfg.up_factor, "up: clean link"
+        elif self.wire < near:
+            target, why = min(near, self.wire * cfg.up_factor), "up: under the ceiling"
+        elif calm and at - self.last_up >= probe_gap_s:
+            target = self.wire + self.step * self.ceiling
+            why = f"up: probing the ceiling (+{self.step:.0%})"
+            self.step = min(cfg.max_probe_step, self.step * 2)
+        if target > self.wire and calm:
+            self.good = self.wire
+            self.wire = min(self.max_wire, target)
+            self.last_up = at
+            return why
+        return None
 
     def _decide(self, at: float, old_wire: float, old_pct: int, why: str) -> Decision:
         cfg = self.cfg
