@@ -5,6 +5,8 @@ link in a few hundred ms, where receiver reports alone take a second or more."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from sonic_voice.kvs.abr import AbrConfig, AbrController
@@ -24,8 +26,8 @@ def test_transport_cc_gets_under_a_fallen_link_in_a_few_hundred_ms(seed: int) ->
     assert tw[1].lost_pct <= 2.0, tw[1].lost_pct
     assert rr[1].lost_pct > 2 * tw[1].lost_pct, (rr[1].lost_pct, tw[1].lost_pct)
     assert any("(twcc)" in h[3] for h in abr.history)
-    # And back up when the link returns (the receiver reports' rules, unchanged).
-    assert tw[2].follow_s is not None and tw[2].follow_s < 8.0, tw[2]
+    # And back up when the link returns: the up rules, checked at every message.
+    assert tw[2].follow_s is not None and tw[2].follow_s < 4.0, tw[2]
     assert tw[0].lost_pct == tw[2].lost_pct == 0.0
 
 
@@ -65,3 +67,25 @@ def test_without_a_rate_the_cut_goes_by_the_loss_or_a_fixed_share() -> None:
     abr = AbrController(AbrConfig())
     d = abr.update_twcc(_summary(1.0, 0.2))
     assert f"x{abr.cfg.twcc_cut}" in d.reason and d.wire_bps == int(abr.max_wire * abr.cfg.twcc_cut)
+
+
+def test_clean_messages_step_up_after_the_hold_and_no_faster_than_allowed() -> None:
+    cfg = AbrConfig()
+    abr = AbrController(cfg)
+    abr.update_twcc(_summary(1.0, 0.150, link_bps=20_000))  # cut
+    low = abr.wire
+    ups = []
+    t = 1.0
+    while t < 1.0 + cfg.hold_up_s + 1.05:
+        t = round(t + 0.1, 3)
+        d = abr.update_twcc(_summary(t, 0.0))
+        if d.reason.startswith("up"):
+            ups.append((t, d.reason))
+    assert ups, "clean transport-cc feedback never stepped up"
+    assert ups[0][0] >= 1.0 + cfg.hold_up_s  # not before the hold
+    assert all(b - a >= cfg.twcc_up_every_s - 1e-9 for (a, _), (b, _) in pairwise(ups))
+    assert all(r.endswith("(twcc)") for _, r in ups) and abr.wire > low
+    # A message with a loss is not clean: no step, and the clean time starts again.
+    before = abr.wire
+    abr.update_twcc(TwccSummary(t + 0.1, 5, 1, 0.0, None, 0))
+    assert abr.wire <= before

@@ -99,6 +99,8 @@ class AbrConfig:
     twcc_settle_s: float = 0.4  # a queue that stopped growing: cut again after this long
     twcc_min_pairs: int = 1  # busy packet pairs the link's rate must rest on
     twcc_cut: float = 0.7  # no rate and no loss to go by: this share of the rate
+    twcc_calm_s: float = 0.01  # a queue under this (over one packet's duration) is none
+    twcc_up_every_s: float = 0.3  # steps up on transport-cc: at most this often
 
     def __post_init__(self) -> None:
         if not 500 <= self.min_bps <= self.start_bps <= self.max_bps <= 510000:
@@ -164,6 +166,7 @@ class AbrController:
         self.history: list[tuple[float, int, int, str]] = []  # (at, bitrate, loss %, why)
         self.reports: list[Report] = []  # every report seen (diagnostics, benches)
         self._twcc_queue: float | None = None
+        self._twcc_clean_since: float | None = None
         self.twcc_seen = 0  # transport-cc messages seen (diagnostics, tests)
         self.twcc_lost = 0  # packets they reported lost
 
@@ -367,4 +370,19 @@ class AbrController:
                     self.ceiling = min(self.ceiling, max(self.min_wire, to / cfg.backoff))
                 what = f"queue +{queued * 1000:.0f} ms" if queued > cfg.twcc_queue_s else "loss"
                 why = self._cut(s.at, to, s.fraction_lost, f"down: {what}, {how} (twcc)")
+            self._twcc_clean_since = None
+        elif s.packets and not s.lost and queued < cfg.twcc_calm_s:
+            # Clean and no queue: the receiver reports' rules for going up, but checked at
+            # every message (at most every twcc_up_every_s), not once a report.
+            if self._twcc_clean_since is None:
+                self._twcc_clean_since = s.at
+            if (
+                s.at - self._twcc_clean_since >= cfg.hold_up_s
+                and s.at - self.last_down >= cfg.hold_up_s
+                and s.at - self.last_up >= cfg.twcc_up_every_s
+            ):
+                step = self._up(s.at, True, cfg.probe_after_s * max(1.0, self.ptime_ms / 40))
+                why = f"{step} (twcc)" if step else why
+        else:
+            self._twcc_clean_since = None
         return self._decide(s.at, old_wire, old_pct, why)
