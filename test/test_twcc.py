@@ -215,3 +215,50 @@ def test_sequence_numbers_count_up_and_wrap_at_16_bits() -> None:
     assert [hist.take_seq() for _ in range(4)] == [65534, 65535, 0, 1]
     fresh = twcc_mod.SendHistory()
     assert [fresh.take_seq() for _ in range(3)] == [0, 1, 2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 40_000)), min_size=1, max_size=300),
+    st.integers(0, 0xFFFF),
+    st.integers(1, 40),
+)
+def test_both_ends_agree_on_what_was_lost(
+    fate: list[tuple[bool, int]], first_seq: int, every: int
+) -> None:
+    """Packets sent 20 ms apart (sequence numbers from anywhere, wrapping), each arriving
+    after a delay of up to 40 ms (so out of order) or never; the receiver sends feedback
+    after every ``every`` arrivals. What the sender learns matches a model by send index:
+    each message covers from the first packet not yet reported to the highest arrived,
+    the ones not there yet are lost (a later arrival is not reported again), and packets
+    before the first one the receiver saw are never reported."""
+    hist = twcc_mod.SendHistory()
+    rec = ArrivalRecorder(sender_ssrc=9)
+    arrivals = []
+    for i, (arrives, delay_us) in enumerate(fate):
+        hist.on_send((first_seq + i) & 0xFFFF, i * 0.02, 100)
+        if arrives:
+            arrivals.append((i * 0.02 + delay_us / 1e6, i))
+    arrivals.sort()
+    got = [0, 0]  # packets reported, of which lost
+    want = [0, 0]
+    nxt: int | None = None
+    pending: set[int] = set()
+    for k, (t, i) in enumerate(arrivals, 1):
+        rec.on_packet((first_seq + i) & 0xFFFF, t)
+        if nxt is None:
+            nxt = i
+        if i >= nxt:
+            pending.add(i)
+        if k % every == 0 or k == len(arrivals):
+            msg = rec.feedback()
+            assert (msg is None) == (not pending)
+            if msg is not None:
+                s = hist.on_feedback(parse_feedback(msg), t)
+                got[0] += s.packets
+                got[1] += s.lost
+                hi = max(pending)
+                want[0] += hi - nxt + 1
+                want[1] += hi - nxt + 1 - len(pending)
+                nxt, pending = hi + 1, set()
+    assert got == want
