@@ -149,18 +149,15 @@ def simulate(
             if last_sr is not None:
                 rtt = back - last_sr[0] - (t - last_sr[1])
                 last_sr = None
-            _apply(abr, abr.update(Report(back, max(0.0, lost), rtt_s=rtt)))
+            # Decisions apply from the next frame on: the simulated sender reads abr's state.
+            abr.update(Report(back, max(0.0, lost), rtt_s=rtt))
             at(t + rng.uniform(0.5, 1.5), "rr")
         elif kind == "fb":
             msg = rec.feedback()
             if msg is not None:
                 s = hist.on_feedback(twcc.parse_feedback(msg), t + prop_s)
-                _apply(abr, abr.update_twcc(s))
+                abr.update_twcc(s)
             at(t + fb_interval_s, "fb")
     for i, r in enumerate(results):
         r.follow_s = follow[i]
     return results, abr
-
-
-def _apply(abr: AbrController, decision: object) -> None:
-    """Decisions apply from the next frame on (the simulated sender reads abr's state)."""
