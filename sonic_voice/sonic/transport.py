@@ -292,6 +292,7 @@ def _make_http_client(settings: BedrockSettings) -> Any:
             # itself reports that only when its output future times out, 11-29 s later.
             self.failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.failure.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self.crt_streams: list[Any] = []
 
         async def _create_connection(self, url: Any) -> Any:
             try:
@@ -300,6 +301,12 @@ def _make_http_client(settings: BedrockSettings) -> Any:
                 if not self.failure.done():
                     self.failure.set_exception(exc)
                 raise
+
+        async def _await_response(self, stream: Any) -> Any:
+            # Each awscrt HTTP/2 stream runs its request body in a task of its own
+            # (``stream._writer``); kept here so the stream's owner can end it.
+            self.crt_streams.append(stream)
+            return await super()._await_response(stream)
 
         async def _build_new_connection(self, url: Any) -> Any:
             conn = await super()._build_new_connection(url)
@@ -402,6 +409,8 @@ class SonicStream:
             if self._output is not None:
                 await self._output.close()
         with contextlib.suppress(Exception):
+            await _end_body_writers(self._http)
+        with contextlib.suppress(Exception):
             await self._http.close()
 
     async def _drain(self) -> None:
@@ -409,14 +418,25 @@ class SonicStream:
             pass
 
 
-def _quiet_body_writer() -> None:
-    """awscrt's request-body writer task fails with AWS_ERROR_HTTP_STREAM_HAS_COMPLETED when
-    the service ends the stream first (a normal sessionEnd, or an error frame); nobody awaits
-    that task, so asyncio would log "Task exception was never retrieved" at shutdown. The
-    stream's end is reported through ``receive()``; retrieve the writer's error quietly."""
-    for task in asyncio.all_tasks():
-        if task.get_coro().__qualname__.endswith("_set_request_body_generator"):
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+async def _end_body_writers(http: Any, limit_s: float = 0.25) -> None:
+    """End the request-body writer tasks of ``http``'s streams (awscrt's
+    ``AIOHttp2ClientStream._set_request_body_generator``), ``limit_s`` at most.
+
+    Nobody awaits them. Once the service has ended a stream (or refused it with an HTTP
+    error), a writer either fails with AWS_ERROR_HTTP_STREAM_HAS_COMPLETED ("Task exception
+    was never retrieved" at shutdown) or waits forever for input that never comes; the
+    event loop holds tasks only weakly, so once the stream is released such a task is
+    garbage-collected half-run and Python prints "Exception ignored in: <coroutine object
+    ..._set_request_body_generator>" with a traceback. Cancelled here it ends now (its
+    ``finally`` tries the end-of-stream write, which fails quietly: the error is retrieved).
+    The stream's end itself is reported through ``receive()``."""
+    tasks = [w for st in getattr(http, "crt_streams", ()) if (w := getattr(st, "_writer", None))]
+    for t in tasks:
+        t.add_done_callback(lambda t: t.cancelled() or t.exception())
+        t.cancel()
+    pending = [t for t in tasks if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=limit_s)
 
 
 async def open_stream(settings: BedrockSettings) -> SonicStream:
@@ -461,13 +481,14 @@ async def open_stream(settings: BedrockSettings) -> SonicStream:
             ready.cancel()
             http.failure.result()  # raises the connection failure
         ready.result()
-        _quiet_body_writer()
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
+            await _end_body_writers(http)
             await http.close()
         raise
     except BaseException as exc:
         with contextlib.suppress(Exception):
+            await _end_body_writers(http)
             await http.close()
         if isinstance(exc, TimeoutError):
             raise SonicStreamError(
