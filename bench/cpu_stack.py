@@ -312,6 +312,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 "endpoint_url": kvs_info["endpoint_url"],
                 "region": kvs_info["region"],
                 "ice_servers": "[]",  # host candidates only: all on this machine
+                **({"opus_pause_in_silence": True} if args.pause_in_silence else {}),
             },
         }
         robot = start(
@@ -402,6 +403,12 @@ def main() -> None:
         help="who speaks: a visitor at the robot's microphone while the viewer listens "
         "(default), or the viewer (fails while kvs/jitter.py can stay stuck calling every "
         "packet late: the viewer's speech then reaches the model as silence)",
+    )
+    ap.add_argument(
+        "--pause-in-silence",
+        action="store_true",
+        help="kvs_webrtc's opus_pause_in_silence: nothing is sent to the viewer while the "
+        "robot is silent",
     )
     ap.add_argument("--robot", help=argparse.SUPPRESS)  # the child: its overrides as JSON
     args = ap.parse_args()

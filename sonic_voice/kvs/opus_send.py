@@ -74,6 +74,14 @@ class OpusSendConfig:
     # Adaptive bitrate (sonic_voice/kvs/abr.py): encode with opuslib, whose bitrate and
     # expected loss can change between two frames (PyAV's encoder is fixed once open).
     adaptive: bool = False
+    # Send nothing between utterances (after ``pause_after`` silent frames, so the packet
+    # after the last word still carries its FEC copy): the RTP timestamp then jumps over
+    # the pause with the sequence numbers continuous, which a receiver takes as the
+    # sender's DTX. Saves encoding, SRTP and a send 50 times a second while the robot is
+    # quiet, and the bandwidth. Off by default: the browser's buffer then restarts at each
+    # utterance, where a steady silent stream keeps it settled.
+    pause_in_silence: bool = False
+    pause_after: int = 3
 
     def __post_init__(self) -> None:
         if self.input_rate not in ENCODER_RATES:
@@ -177,6 +185,9 @@ class OpusFecTrack(MediaStreamTrack):
         self.padded_frames = 0  # frames completed with silence (ends of utterances)
         self.send_times: dict[int, float] = {}  # pts (48 kHz) -> monotonic time sent (benches)
         self.record_send_times = False
+        self._silent_run = 0  # silent frames encoded since the last one with audio
+        self.paused_frames = 0  # frame slots not sent (pause_in_silence)
+        self._pts_shift: int | None = None  # frame pts - its packet's pts (the pre-skip)
 
     def set_target(self, bitrate: int, packet_loss_pct: int, ptime_ms: int | None = None) -> None:
         """Encode from the next frame on at ``bitrate`` with FEC for ``packet_loss_pct``, in
@@ -281,6 +292,32 @@ class OpusFecTrack(MediaStreamTrack):
                 return np.concatenate((buf, np.zeros(f - have, np.int16))), True
             return np.zeros(f, np.int16), False
 
+    async def _pause(self) -> None:
+        """Nothing to say: wait, without a timer, until audio is queued, then move the
+        clock to now (the frames of the pause are never sent)."""
+        assert self._pushed is not None
+        while self.readyState == "live":
+            with self._lock:
+                have = self._queued + len(self._pending)
+            if have:
+                break
+            self._pushed.clear()
+            await self._pushed.wait()
+        if self.readyState != "live":
+            raise MediaStreamError
+        assert self._start is not None
+        slot = self.frame / self.rate
+        behind = time.monotonic() - (self._start + self._pts / self.rate)
+        skipped = 1 + max(0, int(behind / slot))  # the silent frame just taken, and the pause
+        self._pts += skipped * self.frame
+        self.paused_frames += skipped
+        # The next frame leaves now, not at the next slot of the old clock.
+        self._start = time.monotonic() - self._pts / self.rate
+
+    def stop(self) -> None:
+        super().stop()
+        self._wake()  # a recv() paused in silence ends now
+
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
@@ -314,6 +351,10 @@ class OpusFecTrack(MediaStreamTrack):
             if self.readyState != "live":
                 raise MediaStreamError
             pcm, speech = self._next_pcm()
+            self._silent_run = 0 if speech else self._silent_run + 1
+            if self._silent_run > self.cfg.pause_after and self.cfg.pause_in_silence:
+                await self._pause()
+                continue
             frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
             frame.sample_rate = self.rate
             frame.time_base = self._time_base
@@ -321,8 +362,16 @@ class OpusFecTrack(MediaStreamTrack):
             self._pts += self.frame
             self._n += 1
             self.speech_frames += speech
-            for p in self._enc.encode(frame):
-                self._packets.append(p)
+            packets = self._enc.encode(frame)
+            if self.cfg.pause_in_silence and len(packets) == 1:
+                # libavcodec's encoder dates its packets from its own queue, which does not
+                # see a pause: the first packet after one would carry the old clock. One
+                # packet per frame: date it by the frame (same offset as before the pause).
+                p = packets[0]
+                if self._pts_shift is None:
+                    self._pts_shift = frame.pts - int(p.pts)
+                p.pts = p.dts = frame.pts - self._pts_shift
+            self._packets.extend(packets)
         self.sent_frames += 1
         if self.record_send_times:
             self.send_times[int(pkt.pts) * (RATE // self.rate)] = time.monotonic()

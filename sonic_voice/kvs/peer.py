@@ -80,6 +80,7 @@ def opus_config(settings: KvsSettings) -> OpusSendConfig:
         packet_loss_pct=settings.opus_packet_loss_pct,
         adaptive=settings.abr,
         input_rate=settings.out_rate if settings.out_rate in ENCODER_RATES else 48000,
+        pause_in_silence=settings.opus_pause_in_silence,
     )
 
 

@@ -75,6 +75,9 @@ class KvsSettings:
     opus_fec: bool = True
     opus_bitrate: int = 32000  # bit/s; FEC needs headroom, libopus adds it from ~24 kbit/s
     opus_packet_loss_pct: int = 10  # the loss libopus provisions its FEC for
+    # Send nothing while the robot is silent (OpusSendConfig.pause_in_silence): the viewer
+    # takes the pause as DTX. Saves the encoding and sending of 50 silent packets a second.
+    opus_pause_in_silence: bool = False
     # Adaptive bitrate on the robot -> viewer stream (sonic_voice/kvs/abr.py): from each
     # viewer's RTCP receiver reports, between abr_min_bps and opus_bitrate. Off by default.
     abr: bool = False

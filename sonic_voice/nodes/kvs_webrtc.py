@@ -96,6 +96,11 @@ class KvsParams:
     opus_packet_loss_pct: int = param(
         10, "Packet loss the Opus FEC is provisioned for, %.", range=(0, 100)
     )
+    opus_pause_in_silence: bool = param(
+        False,
+        "Send viewers nothing while the robot is silent (they take the pause as DTX); saves "
+        "encoding and sending 50 silent packets a second.",
+    )
     abr: bool = param(
         False,
         "Adapt the Opus bitrate and FEC to each viewer's receiver reports (docs/kvs.md), "
@@ -156,6 +161,7 @@ class KvsWebrtcNode(VoiceNode):
             opus_fec=p.opus_fec,
             opus_bitrate=p.opus_bitrate,
             opus_packet_loss_pct=p.opus_packet_loss_pct,
+            opus_pause_in_silence=p.opus_pause_in_silence,
             abr=p.abr,
             abr_min_bps=p.abr_min_bps,
         )
