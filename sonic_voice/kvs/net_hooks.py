@@ -69,6 +69,10 @@ def check_hook_points(pc: RTCPeerConnection | None = None) -> None:
     if not hasattr(rtp.HeaderExtensions(), "transport_sequence_number"):
         problems.append("aiortc no longer writes transport-wide sequence numbers")
     if pc is not None:
+        for t in pc.getTransceivers():
+            if not isinstance(getattr(t, "_headerExtensions", None), list):
+                problems.append("RTCRtpTransceiver._headerExtensions (list) is gone")
+                break
         ice = _ice_transport(pc)
         conn = getattr(ice, "_connection", None) if ice is not None else None
         if conn is None or not isinstance(getattr(conn, "_nominated", None), dict):
@@ -249,6 +253,28 @@ def enable_transport_cc() -> None:
 
     parse_rtpfb._sv_twcc = True  # type: ignore[attr-defined]
     rtp.RtcpRtpfbPacket.parse = classmethod(parse_rtpfb)  # type: ignore[method-assign,assignment]
+
+
+def decline_transport_cc(pc: RTCPeerConnection) -> int:
+    """Take transport-cc out of ``pc``'s negotiated audio extensions (call between
+    setRemoteDescription and createAnswer). :func:`enable_transport_cc` is process-wide, so
+    without this every later peer of the process would accept a viewer's transport-wide
+    sequence numbers, and that viewer would then wait for feedback no one sends: only the
+    peers that run the adaptive sender take part. Returns how many were removed."""
+    from aiortc.codecs import HEADER_EXTENSIONS
+
+    from sonic_voice.kvs import twcc
+
+    if not any(x.uri == twcc.URI for x in HEADER_EXTENSIONS.get("audio", [])):
+        return 0  # never enabled in this process: nothing to take out
+    check_hook_points(pc)
+
+    removed = 0
+    for t in pc.getTransceivers():
+        keep = [x for x in t._headerExtensions if x.uri != twcc.URI]
+        removed += len(t._headerExtensions) - len(keep)
+        t._headerExtensions = keep
+    return removed
 
 
 def tap_transport_cc(

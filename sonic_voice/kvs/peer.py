@@ -163,6 +163,8 @@ class ViewerPeer:
             net_hooks.enable_transport_cc()
         await self.pc.setRemoteDescription(RTCSessionDescription(offer["sdp"], "offer"))
         self.remote_set = True
+        if not self.settings.abr:
+            net_hooks.decline_transport_cc(self.pc)  # another peer may have enabled it
         if self.pc.sctp is not None:  # a data channel was offered
             aiortc_hooks.quiet_sctp_sends(self.pc.sctp)
         for c in take_pending():

@@ -1,0 +1,57 @@
+"""Transport-cc is negotiated only by the peers that use it (sonic_voice/kvs/peer.py,
+net_hooks.decline_transport_cc): ``enable_transport_cc`` is process-wide, so once a peer
+with adaptive bitrate has enabled it, a later peer without it must still answer without
+the extension (else its viewer numbers its packets and waits for feedback no one sends)."""
+
+from __future__ import annotations
+
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
+
+from sonic_voice.kvs import twcc
+from sonic_voice.kvs.net_hooks import enable_transport_cc
+from sonic_voice.kvs.peer import ViewerPeer
+from sonic_voice.kvs.settings import KvsSettings
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _audio_extmaps(sdp: str) -> list[str]:
+    audio = sdp.split("m=audio", 1)[1].split("m=", 1)[0]
+    return [line for line in audio.splitlines() if line.startswith("a=extmap:")]
+
+
+async def _answer(abr: bool) -> str:
+    viewer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    viewer.addTransceiver("audio", direction="sendrecv")
+    await viewer.setLocalDescription(await viewer.createOffer())
+    offer = viewer.localDescription.sdp
+    assert any(twcc.URI in x for x in _audio_extmaps(offer))  # the viewer offers it
+    peer = ViewerPeer(
+        "v-abr" if abr else "v-plain",
+        KvsSettings(channel_name="robot", abr=abr),
+        RTCConfiguration(iceServers=[]),
+        on_audio=lambda *_: None,
+        on_inbound=lambda *_: None,
+        on_state=lambda *_: None,
+    )
+    try:
+        return await peer.answer({"type": "offer", "sdp": offer}, list)
+    finally:
+        for t in list(peer.tasks):
+            t.cancel()
+        peer.out.stop()
+        await peer.pc.close()
+        await viewer.close()
+
+
+async def test_only_the_adaptive_peer_accepts_transport_cc() -> None:
+    enable_transport_cc()  # as an adaptive peer earlier in this process did
+    with_abr, without = await _answer(abr=True), await _answer(abr=False)
+    assert any(twcc.URI in x for x in _audio_extmaps(with_abr)), _audio_extmaps(with_abr)
+    plain = _audio_extmaps(without)
+    assert not any(twcc.URI in x for x in plain), plain
+    # the other extensions are untouched (aiortc's audio defaults: mid and audio level)
+    assert {x.split()[1] for x in plain} == {
+        x.split()[1] for x in _audio_extmaps(with_abr) if twcc.URI not in x
+    }
