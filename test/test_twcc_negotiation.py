@@ -1,15 +1,20 @@
 """Transport-cc is negotiated only by the peers that use it (sonic_voice/kvs/peer.py,
 net_hooks.decline_transport_cc): ``enable_transport_cc`` is process-wide, so once a peer
 with adaptive bitrate has enabled it, a later peer without it must still answer without
-the extension (else its viewer numbers its packets and waits for feedback no one sends)."""
+the extension (else its viewer numbers its packets and waits for feedback no one sends).
+A peer that accepts it feeds back about the viewer's audio."""
 
 from __future__ import annotations
 
+import asyncio
+
+import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from sonic_voice.kvs import twcc
-from sonic_voice.kvs.net_hooks import enable_transport_cc
+from sonic_voice.kvs.net_hooks import enable_transport_cc, tap_transport_cc
+from sonic_voice.kvs.opus_send import OpusFecTrack, OpusSendConfig
 from sonic_voice.kvs.peer import ViewerPeer
 from sonic_voice.kvs.settings import KvsSettings
 
@@ -55,3 +60,38 @@ async def test_only_the_adaptive_peer_accepts_transport_cc() -> None:
     assert {x.split()[1] for x in plain} == {
         x.split()[1] for x in _audio_extmaps(with_abr) if twcc.URI not in x
     }
+
+
+async def test_the_adaptive_peer_feeds_back_about_the_viewers_audio() -> None:
+    """A viewer numbering its audio (as Chromium does once the answer accepts the
+    extension) gets transport-cc feedback from the robot about every packet."""
+    enable_transport_cc()
+    viewer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    voice = OpusFecTrack(OpusSendConfig(bitrate=24000))
+    voice.push(np.full(48000 * 4, 800, np.int16))
+    viewer.addTrack(voice)
+    summaries: list = []
+    history = tap_transport_cc(viewer.getSenders()[0], summaries.append)
+    await viewer.setLocalDescription(await viewer.createOffer())
+    peer = ViewerPeer(
+        "v-abr",
+        KvsSettings(channel_name="robot", abr=True),
+        RTCConfiguration(iceServers=[]),
+        on_audio=lambda *_: None,
+        on_inbound=lambda *_: None,
+        on_state=lambda *_: None,
+    )
+    try:
+        answer = await peer.answer({"type": "offer", "sdp": viewer.localDescription.sdp}, list)
+        await viewer.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        for _ in range(100):
+            if sum(s.packets for s in summaries) >= 50:
+                break
+            await asyncio.sleep(0.05)
+        reported = sum(s.packets for s in summaries)
+        assert reported >= 50, (reported, history.next_seq)  # 1 s of 20 ms packets
+        assert sum(s.lost for s in summaries) == 0
+    finally:
+        await peer.close("test over")
+        voice.stop()
+        await viewer.close()

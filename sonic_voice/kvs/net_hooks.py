@@ -372,7 +372,7 @@ class TransportCcFeedback:
             await handle_rtp(packet, arrival_time_ms)
 
         receiver._handle_rtp_packet = on_rtp
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         import asyncio
@@ -396,4 +396,4 @@ class TransportCcFeedback:
                 self.sent += 1
 
     def stop(self) -> None:
-        self._task.cancel()
+        self.task.cancel()

@@ -239,17 +239,34 @@ class ViewerPeer:
             blocker = RemoteBlocker(
                 deliver, self.settings.remote_rate, self.settings.remote_block_ms
             )
+            self._feed_back_transport_cc(track)
             self.rx = install_receiver(self.pc, track, on_pcm48k=blocker.push)
             self.rx.task.set_name(f"kvs-peer-{self.client_id}-audio-in")
             self.tasks.add(self.rx.task)
             self.rx.task.add_done_callback(self.tasks.discard)
             return
+        self._feed_back_transport_cc(track)
         self.spawn(
             consume_remote(
                 track, deliver, self.settings.remote_rate, self.settings.remote_block_ms
             ),
             "audio-in",
         )
+
+    def _feed_back_transport_cc(self, track: Any) -> None:
+        """With ``abr`` the answer accepted the viewer's transport-wide sequence numbers, so
+        the viewer's own sender waits for feedback about its audio: send it (every 100 ms;
+        net_hooks.TransportCcFeedback). Without ``abr`` the extension was declined."""
+        if not self.settings.abr:
+            return
+        receiver = next(
+            (t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track), None
+        )
+        if receiver is None:
+            return
+        feedback = net_hooks.TransportCcFeedback(receiver)
+        self.tasks.add(feedback.task)
+        feedback.task.add_done_callback(self.tasks.discard)
 
     def _on_datachannel(self, channel: Any) -> None:
         self.channels.append(channel)
