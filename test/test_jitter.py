@@ -342,3 +342,71 @@ def test_delay_step_grows_the_depth_and_plays_again() -> None:
     waits = [f.due - arrived[f.rtp_ts // FRAME] for f in frames
              if f.kind == "normal" and f.rtp_ts // FRAME >= step_at + 30]  # fmt: skip
     assert 0 <= min(waits) and max(waits) <= 0.06, (min(waits), max(waits))
+
+
+def _run_clock(jb: AdaptiveJitterBuffer, arrivals: list[tuple[float, int, int, bytes]]) -> list:
+    """Push ``(arrival, seq, ts, payload)`` in time order with the playout clock ticking
+    every 5 ms in between; every frame played."""
+    events = [(t, 0, (s, ts, p)) for t, s, ts, p in arrivals]
+    t0, end = arrivals[0][0], arrivals[-1][0] + 0.5
+    events += [(t0 + k * 0.005, 1, None) for k in range(int((end - t0) / 0.005))]
+    frames = []
+    for t, what, pkt in sorted(events, key=lambda e: (e[0], e[1])):
+        if what == 0:
+            jb.push(pkt[0], pkt[1], pkt[2], t)
+        else:
+            frames += jb.pop_due(t)
+    return frames
+
+
+@pytest.mark.parametrize("step_s", [0.2, 0.3])
+def test_a_delay_step_loses_no_frame_whose_packet_came(step_s: float) -> None:
+    """Every packet from 2 s on arrives 200 or 300 ms later (a bottleneck queue filling:
+    when bench/abr.py's link falls to 12 kbit/s, its 200 ms queue plus a longer packet's
+    serialization delay packets by up to ~300 ms), none is lost: every frame plays from
+    its packet. The buffer waits for the packet due while nothing later has come (as
+    NetEq expands without moving on) instead of concealing its frame and then throwing the
+    packet away as late: before, the 200 ms step cost ~10 frames (plc/silence, the packets
+    'late'), every one a frame the bench counted as lost; and a depth capped at 240 ms
+    could not take the 300 ms one."""
+    packets = encode(speech_like(6.0, RATE, seed=7))
+    jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
+    step_at = 100
+    arrivals = [
+        (1000.0 + i * 0.02 + (step_s if i >= step_at else 0.0), i, i * FRAME, p)
+        for i, p in enumerate(packets)
+    ]
+    frames = _run_clock(jb, arrivals)
+    by_ts = {f.rtp_ts // FRAME: f.kind for f in frames if f.kind != "stretch"}
+    kinds = [by_ts.get(i) for i in range(5, len(packets))]
+    assert kinds.count("normal") == len(kinds), (kinds.count("normal"), vars(jb.stats))
+    assert jb.stats.late == 0, vars(jb.stats)
+    # Nothing concealed in place of a frame until the stream ends (then the clock runs on).
+    concealed = [f.rtp_ts // FRAME for f in frames if f.kind in ("plc", "silence", "fec")]
+    assert min(concealed) >= len(packets), concealed
+    # The step (less the depth there was) inserted as concealment while waiting, then
+    # shed again as the depth fell back: the stream ends no deeper than the jitter needs.
+    assert jb.stats.stretched >= (step_s - 0.04) / 0.02, vars(jb.stats)
+    # (one delay per frame not stretched, in order: frame 290's is the 291st)
+    assert jb.stats.delays_ms[len(packets) - 10] <= 60, jb.stats.delays_ms[-40:]
+
+
+def test_a_pause_after_waiting_keeps_the_depth() -> None:
+    """The sender pauses 0.5 s (pause_in_silence: nothing sent, the RTP clock jumps over
+    the pause). The buffer waits for the next frame at first (it cannot know a pause from
+    a delay), and the wait then stands for part of the pause: the packet after it plays
+    as early as before the pause, not 200 ms deeper."""
+    packets = encode(speech_like(3.0, RATE, seed=8))
+    jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
+    gap = 25  # frames of the pause (0.5 s)
+    arrivals = []
+    for i, p in enumerate(packets):
+        k = i + (gap if i >= 60 else 0)  # the frame slot: the clock jumps over the pause
+        arrivals.append((1000.0 + k * 0.02, i, k * FRAME, p))
+    frames = _run_clock(jb, arrivals)
+    played = [f for f in frames if f.kind == "normal"]
+    assert len(played) >= len(packets) - 2, vars(jb.stats)
+    arrived = {ts: t for t, _, ts, _ in arrivals}
+    before = [f.due - arrived[f.rtp_ts] for f in played if f.rtp_ts // FRAME in range(40, 60)]
+    after = [f.due - arrived[f.rtp_ts] for f in played if f.rtp_ts // FRAME >= 60 + gap]
+    assert max(after[:10]) <= max(before) + 0.021, (before, after[:10])

@@ -6,7 +6,11 @@ This buffer plays on its own clock instead, the way a browser's NetEq does:
 
 - **Playout clock.** A frame is due at ``(rtp_ts / 48000) + base + target``, where ``base``
   is the fastest transit seen recently and ``target`` the jitter allowance. When a frame is
-  due it is played, whatever has or has not arrived: the buffer never stalls.
+  due something is played, whatever has or has not arrived: the buffer never stalls. When
+  nothing at or after the frame due has arrived, its packet is more likely late than lost
+  (a queue filling delays every packet at once): the buffer conceals and waits for it
+  (NetEq's expand), up to ``max_delay_ms``; when what comes next is later (a pause, or a
+  loss), the time waited counts against the gap.
 - **Adaptive depth.** ``target`` is the ``quantile`` of recent transit variation plus a
   margin, clamped to ``[min_delay_ms, max_delay_ms]``. It grows at once when packets come
   late (one concealed frame inserted = +20 ms) and shrinks slowly (one frame dropped,
@@ -232,7 +236,10 @@ class JitterConfig:
     """Tuning. Defaults suit speech over the Internet; every value in milliseconds."""
 
     min_delay_ms: float = 20.0
-    max_delay_ms: float = 240.0
+    # A bottleneck queue filling (200 ms in bench/abr.py) plus a longer packet's
+    # serialization (100 ms for 120 ms of Opus at 12 kbit/s) delays packets by ~300 ms
+    # at once: at 240 ms every frame of such a spike was lost (NetEq has no such cap).
+    max_delay_ms: float = 400.0
     initial_delay_ms: float = 30.0
     margin_ms: float = 4.0
     quantile: float = 0.97
@@ -299,6 +306,10 @@ class AdaptiveJitterBuffer:
         self._highest_seq: int | None = None
         self._last_arrival = 0.0
         self._plc_run = 0
+        # Samples of output inserted while waiting, on an empty buffer, for the frame due
+        # (a delay spike: its packet is probably late, not lost); a packet that then comes
+        # with a later timestamp (a sender's pause, or a loss) skips this much of the gap.
+        self._waited = 0
         self._nack: dict[int, tuple[float, int]] = {}  # ext seq -> (next send time, tries)
         self._nacked: dict[int, float] = {}  # ext seq -> when first NACKed
         self._last_frame = FRAME
@@ -334,6 +345,16 @@ class AdaptiveJitterBuffer:
             horizon = arrival - self.cfg.window_s
             self._nacked = {k: v for k, v in self._nacked.items() if v > horizon}
         self._nack.pop(eseq, None)
+        if self._waited and self._next_ts is not None and ets > self._next_ts:
+            # We waited for the frame due, and what came is later: the wait stands for
+            # (part of) the gap, which is not played a second time (a pause after it would
+            # otherwise keep the whole wait as extra delay).
+            if not any(k < ets for k in self._by_ts):
+                skip = min(ets - self._next_ts, self._waited)
+                self._next_ts += skip
+                if self._next_ts == ets and self._last_seq is not None:
+                    self._last_seq = eseq - 1
+            self._waited = 0
         self._by_ts[ets] = (eseq, payload)
         if self._next_ts is None:
             # First packet (or first after an idle stop): start the clock.
@@ -425,18 +446,33 @@ class AdaptiveJitterBuffer:
         delay = due - (self._base + ts / RATE)
         frame = self._last_frame
         entry = self._by_ts.pop(ts, None)
-        if entry is None and delay < self._target - 0.002:
+        # Nothing at or after this frame has come: its packet may be late rather than
+        # lost (a bottleneck queue filling delays every packet at once: +100-300 ms in
+        # bench/abr.py when the link falls to 12 kbit/s). Wait for it, as a browser's NetEq
+        # expands without moving on, while the delay stays under max_delay_ms: conceal
+        # now and play the packet when it comes, instead of concealing its frame and
+        # throwing the packet away as late (which lost every frame of the spike).
+        wait = (
+            entry is None
+            and not self._by_ts
+            and self._last_seq is not None
+            and delay + frame / RATE <= self.cfg.max_delay_ms / 1000
+        )
+        if entry is None and (wait or delay < self._target - 0.002):
             # The buffer runs too shallow for the measured jitter: grow it by one frame
             # before the frame would have to be concealed. Also in the middle of a
             # concealment run: after a delay step (a queue filling: +200 ms in
             # bench/abr.py) the first frames are concealed before any late packet shows
             # the new delay, and growing is then the only way back to playing packets
             # (without it every packet stayed "late" and the buffer played silence).
-            silent = self._plc_run * frame / RATE * 1000 >= self.cfg.max_plc_ms
+            run = self._plc_run + self._waited // frame
+            silent = run * frame / RATE * 1000 >= self.cfg.max_plc_ms
             if self._last_seq is None or silent:
                 pcm = np.zeros(frame, np.int16)
             else:
-                pcm = self._fade(self.decoder.conceal(frame))
+                pcm = self._fade(self.decoder.conceal(frame), run)
+            if wait:
+                self._waited += frame
             st.stretched += 1
             self._next_due += frame / RATE
             return [Frame(pcm, "stretch", ts, due)]
@@ -447,6 +483,7 @@ class AdaptiveJitterBuffer:
             self._last_frame = frame
             self._last_seq = eseq
             self._plc_run = 0
+            self._waited = 0
             kind = "normal"
             st.normal += 1
         else:
@@ -496,11 +533,13 @@ class AdaptiveJitterBuffer:
                     st.shrunk += 1
         return frames
 
-    def _fade(self, pcm: np.ndarray) -> np.ndarray:
-        """Attenuate long concealment runs so PLC tails off instead of droning."""
-        if self._plc_run < 3:
+    def _fade(self, pcm: np.ndarray, run: int | None = None) -> np.ndarray:
+        """Attenuate long concealment runs (``run`` frames; the PLC run by default) so
+        PLC tails off instead of droning."""
+        run = self._plc_run if run is None else run
+        if run < 3:
             return pcm
-        g = max(0.0, 1.0 - (self._plc_run - 2) * 0.2)
+        g = max(0.0, 1.0 - (run - 2) * 0.2)
         return (pcm.astype(np.float32) * g).astype(np.int16)
 
 
