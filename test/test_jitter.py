@@ -410,3 +410,26 @@ def test_a_pause_after_waiting_keeps_the_depth() -> None:
     before = [f.due - arrived[f.rtp_ts] for f in played if f.rtp_ts // FRAME in range(40, 60)]
     after = [f.due - arrived[f.rtp_ts] for f in played if f.rtp_ts // FRAME >= 60 + gap]
     assert max(after[:10]) <= max(before) + 0.021, (before, after[:10])
+
+
+def test_concealment_stops_at_the_next_packet_when_the_packet_length_changes() -> None:
+    """40 ms packets, then 60 ms ones (the sender's abr lengthening them on a thin link),
+    the first 60 ms packet lost. Concealing in steps of the last packet (40 ms) stepped
+    over the next packet's timestamp (20 ms off the grid): it was never played, nor any
+    after it until a concealment step happened to land on one."""
+    import opuslib
+
+    enc = opuslib.Encoder(RATE, 1, opuslib.APPLICATION_VOIP)
+    pcm = speech_like(3.0, RATE, seed=9)
+    pkts, ts = [], 0
+    while ts + 2880 <= len(pcm):
+        n = 1920 if ts < 40 * FRAME else 2880
+        pkts.append((ts, enc.encode(pcm[ts : ts + n].astype("<i2").tobytes(), n)))
+        ts += n
+    first60 = next(i for i, (ts, _) in enumerate(pkts) if ts >= 40 * FRAME)
+    arrivals = [(1000.0 + ts / RATE, i, ts, p) for i, (ts, p) in enumerate(pkts) if i != first60]
+    jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
+    frames = _run_clock(jb, arrivals)
+    normal = {f.rtp_ts for f in frames if f.kind == "normal"}
+    missed = [i for i, (ts, _) in enumerate(pkts) if i not in (0, first60) and ts not in normal]
+    assert missed == [], (missed, first60, vars(jb.stats))

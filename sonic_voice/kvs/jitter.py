@@ -487,8 +487,12 @@ class AdaptiveJitterBuffer:
             kind = "normal"
             st.normal += 1
         else:
-            nxt = self._by_ts.get(ts + frame)
             later = min(self._by_ts) if self._by_ts else None
+            if later is not None and ts < later < ts + frame:
+                # The packets got longer or shorter (abr on a thin link): conceal only up
+                # to the next packet, or the step would pass its timestamp and never play it.
+                frame = later - ts
+            nxt = self._by_ts.get(ts + frame)
             dtx = (
                 later is not None
                 and self._last_seq is not None
