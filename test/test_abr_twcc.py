@@ -106,3 +106,15 @@ def test_long_packets_are_cut_before_their_queue_overflows() -> None:
     assert abr.update_twcc(_summary(t + 0.1, 0.064)).reason == "hold"
     d = abr.update_twcc(_summary(t + 0.2, 0.110))  # a probe's queue, growing
     assert d.reason.startswith("down: queue"), d.reason
+
+
+def test_with_the_receiver_frames_lost_are_the_links_and_few_more() -> None:
+    """abr_sim with real Opus into the real jitter buffer (receiver=True), 64 -> 12 -> 64
+    kbit/s of 8 s each: what the link dropped at the fall is lost, and the receiver adds
+    little to it (a late packet waited for, not concealed and thrown away); latency is
+    the path's plus the buffer's, far under the 200 ms queue + 400 ms."""
+    res, _ = simulate(phase_s=8.0, seed=1, receiver=True)
+    assert res[0].rx_lost == 0 and res[0].frames > 350
+    assert res[1].lost > 0  # the fall costs what the queue dropped before the cut
+    assert res[1].rx_lost <= res[1].lost + 6, (res[1].lost, res[1].rx_lost)
+    assert 100 < res[1].rx_p95_ms() < 400, res[1].rx_p95_ms()
