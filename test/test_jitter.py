@@ -433,3 +433,26 @@ def test_concealment_stops_at_the_next_packet_when_the_packet_length_changes() -
     normal = {f.rtp_ts for f in frames if f.kind == "normal"}
     missed = [i for i, (ts, _) in enumerate(pkts) if i not in (0, first60) and ts not in normal]
     assert missed == [], (missed, first60, vars(jb.stats))
+
+
+def test_waiting_on_long_packets_goes_in_20_ms_steps() -> None:
+    """120 ms packets, one of them 30 ms late: the buffer waits 40 ms for it (two 20 ms
+    steps), not a whole 120 ms packet's worth, which added 90 ms of delay for nothing."""
+    import opuslib
+
+    enc = opuslib.Encoder(RATE, 1, opuslib.APPLICATION_VOIP)
+    pcm = speech_like(4.0, RATE, seed=12)
+    n = 6 * FRAME
+    pkts = [
+        enc.encode(pcm[i : i + n].astype("<i2").tobytes(), n) for i in range(0, len(pcm) - n, n)
+    ]
+    arrivals = [
+        (1000.0 + i * 0.12 + (0.05 if i >= 10 else 0.0), i, i * n, p) for i, p in enumerate(pkts)
+    ]
+    jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
+    frames = _run_clock(jb, arrivals)
+    waited = sum(len(f.pcm) for f in frames if f.kind == "stretch" and f.rtp_ts == 10 * n)
+    assert 0 < waited <= 3 * FRAME, waited
+    assert all(
+        f.kind == "normal" for f in frames if f.rtp_ts < (len(pkts) - 1) * n and f.kind != "stretch"
+    )

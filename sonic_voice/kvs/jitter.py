@@ -456,8 +456,10 @@ class AdaptiveJitterBuffer:
             entry is None
             and not self._by_ts
             and self._last_seq is not None
-            and delay + frame / RATE <= self.cfg.max_delay_ms / 1000
+            and delay + FRAME / RATE <= self.cfg.max_delay_ms / 1000
         )
+        if wait:
+            frame = min(frame, FRAME)  # wait in 20 ms steps, not a long packet's 120
         if entry is None and (wait or delay < self._target - 0.002):
             # The buffer runs too shallow for the measured jitter: grow it by one frame
             # before the frame would have to be concealed. Also in the middle of a
