@@ -122,6 +122,42 @@ def packet_has_fec(payload: bytes) -> bool:
     return False
 
 
+def accelerate(pcm: np.ndarray, max_cut: int) -> tuple[np.ndarray, int]:
+    """``pcm`` (48 kHz) played faster by at most ``max_cut`` samples, with its pitch and
+    content kept: in each 20 ms block the best-matching period (2.5-10 ms) is cross-faded
+    into the next and one copy removed, as NetEq's accelerate does; a block with no
+    period that matches (correlation under 0.7) and some level is left alone. Returns
+    the new PCM and the samples removed."""
+    lo, hi = RATE // 400, RATE // 100  # 2.5 .. 10 ms
+    out: list[np.ndarray] = []
+    cut = 0
+    for b in range(0, len(pcm), FRAME):
+        seg = pcm[b : b + FRAME]
+        room = max_cut - cut
+        if room < lo or len(seg) < 2 * lo:
+            out.append(seg)
+            continue
+        x = seg.astype(np.float64)
+        top = min(hi, room, len(seg) // 2)
+        best, best_l = -1.0, 0
+        quiet = float(np.sqrt(np.mean(x**2))) < 300
+        for lag in range(lo, top + 1, 4):
+            a, c = x[:lag], x[lag : 2 * lag]
+            den = np.sqrt(np.dot(a, a) * np.dot(c, c))
+            r = np.dot(a, c) / den if den > 0 else 1.0
+            if r > best:
+                best, best_l = r, lag
+        if best < 0.7 and not quiet:
+            out.append(seg)
+            continue
+        lag = best_l
+        w = np.linspace(0.0, 1.0, lag, endpoint=False)
+        mixed = x[:lag] * (1 - w) + x[lag : 2 * lag] * w
+        out.append(np.concatenate([mixed, x[2 * lag :]]).round().astype(np.int16))
+        cut += lag
+    return (np.concatenate(out) if out else pcm), cut
+
+
 class OpusDecoder:
     """libopus decoder (via opuslib) giving mono int16 at 48 kHz, with FEC and PLC."""
 
@@ -251,6 +287,9 @@ class JitterConfig:
     # When frames had to be concealed recently (more than this fraction in the window),
     # hold one more frame: FEC for frame n travels in packet n+1, which must be there.
     fec_hold_loss: float = 0.01
+    # Deeper than the target by more than this: play frames faster (a pitch period less
+    # per 20 ms) until it is half this over again.
+    accelerate_over_ms: float = 20.0
 
 
 @dataclass
@@ -275,7 +314,8 @@ class JitterStats:
     dtx: int = 0
     silence: int = 0
     stretched: int = 0  # frames inserted to grow the delay
-    shrunk: int = 0  # frames dropped to cut the delay
+    shrunk: int = 0  # frames played faster to cut the delay (accelerate)
+    accelerated_ms: float = 0.0  # the time that cut
     nacks_sent: int = 0
     nack_recovered: int = 0
     target_ms: float = 0.0
@@ -525,19 +565,21 @@ class AdaptiveJitterBuffer:
         st.delays_ms.append(delay * 1000)
         if len(st.delays_ms) > 100000:
             del st.delays_ms[:50000]
-        frames = [Frame(pcm, kind, ts, due)]
-        # Too deep for the measured jitter: drop one frame (a quiet one when possible).
+        # Too deep for the measured jitter: play this frame faster (NetEq's accelerate),
+        # a pitch period less per 20 ms, rather than drop one: a dropped frame is audio
+        # the listener never hears (a 120 ms packet on a thin link, six frames: after a
+        # delay spike bench/abr.py lost 6-20 frames to drops as the depth came back).
+        # Only past a whole frame over (as the drop it replaces): a depth just waited up
+        # to for late packets is not excess while the target has not caught up yet.
         excess = delay - self._target
-        if kind == "normal" and excess > frame / RATE + 0.002:
-            quiet = float(np.sqrt(np.mean(pcm.astype(np.float32) ** 2))) < 300
-            if quiet or excess > 0.040:
-                nxt_entry = self._by_ts.pop(self._next_ts, None)
-                if nxt_entry is not None:
-                    self.decoder.decode(nxt_entry[1])  # keep the decoder state continuous
-                    self._last_seq = nxt_entry[0]
-                    self._next_ts += frame
-                    st.shrunk += 1
-        return frames
+        over = max(self.cfg.accelerate_over_ms / 1000, frame / RATE + 0.002)
+        if kind == "normal" and excess > over:
+            pcm, cut = accelerate(pcm, int((excess - over / 2) * RATE))
+            if cut:
+                self._next_due -= cut / RATE
+                st.shrunk += 1
+                st.accelerated_ms += cut * 1000 / RATE
+        return [Frame(pcm, kind, ts, due)]
 
     def _fade(self, pcm: np.ndarray, run: int | None = None) -> np.ndarray:
         """Attenuate long concealment runs (``run`` frames; the PLC run by default) so

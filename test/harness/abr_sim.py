@@ -204,10 +204,13 @@ def simulate(
         r.follow_s = follow[i]
     if rx is not None:
         for ts, (sent, frames, ph) in sent_at.items():
+            whole = rx.packets.get(ts)  # decoded from its packet: all its frames played
             for k in range(frames):
-                played = rx.played.get(ts + k * 960)
+                played = whole if whole is not None else rx.played.get(ts + k * 960)
                 if played is None:
                     results[ph].rx_lost += 1
+                elif whole is not None:  # (played faster, maybe: shorter than its frames)
+                    results[ph].rx_delays.append(played - sent)
                 else:  # a packet's k-th frame is due k frames after its first
                     results[ph].rx_delays.append(played - sent - k * 0.02)
     return results, abr
@@ -233,6 +236,7 @@ class _Receiver:
         opuslib.api.encoder.encoder_ctl(self.enc.encoder_state, opuslib.api.ctl.set_inband_fec, 1)
         self.jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
         self.played: dict[int, float] = {}  # 20 ms frame ts -> when it played
+        self.packets: dict[int, float] = {}  # packet ts -> when it played from its packet
 
     def encode(self, ts: int, frames: int, bitrate: int, loss_pct: int) -> bytes:
         self.enc.bitrate = int(bitrate)
@@ -242,6 +246,8 @@ class _Receiver:
 
     def play(self, now: float) -> None:
         for f in self.jb.pop_due(now):
+            if f.kind == "normal":
+                self.packets.setdefault(f.rtp_ts, f.due)
             if f.kind in ("normal", "fec"):
                 for k in range(0, len(f.pcm), 960):
                     self.played.setdefault(f.rtp_ts + k, f.due + k / 48000)
