@@ -13,8 +13,9 @@ This buffer plays on its own clock instead, the way a browser's NetEq does:
   loss), the time waited counts against the gap.
 - **Adaptive depth.** ``target`` is the ``quantile`` of recent transit variation plus a
   margin, clamped to ``[min_delay_ms, max_delay_ms]``. It grows at once when packets come
-  late (one concealed frame inserted = +20 ms) and shrinks slowly (one frame dropped,
-  preferably a quiet one) when the link calms down. On a clean link it settles near
+  late (one concealed frame inserted = +20 ms) and shrinks by playing faster when the
+  link calms down (:func:`accelerate`: a pitch period less per 20 ms, no frame dropped).
+  On a clean link it settles near
   ``min_delay_ms`` (20 ms), well under aiortc's fixed ~80 ms.
 - **Concealment with Opus's own tools.** A missing frame is rebuilt from the in-band FEC
   (LBRR) data of the next packet when it is there and carries FEC (``opus_decode`` with
