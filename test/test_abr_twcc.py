@@ -89,3 +89,34 @@ def test_clean_messages_step_up_after_the_hold_and_no_faster_than_allowed() -> N
     before = abr.wire
     abr.update_twcc(TwccSummary(t + 0.1, 5, 1, 0.0, None, 0))
     assert abr.wire <= before
+
+
+def test_long_packets_are_cut_before_their_queue_overflows() -> None:
+    """At the floor of a 12 kbit/s link (120 ms packets) a probe fills the 200 ms queue
+    slowly; the queue readings must cut it well before it overflows. With a whole
+    packet's duration (120 ms) of slack the cut came only past a 170 ms reading, and
+    bench/abr.py lost a 120 ms packet (6 frames) to a probe most runs."""
+    abr = AbrController(AbrConfig())
+    abr.update_twcc(_summary(1.0, 0.200, link_bps=12_000))  # the fall: to the floor
+    assert abr.ptime_ms == 120
+    t = 1.0
+    for q in (0.0, 0.0, 0.0):  # calm: a sender report's 64 ms is no congestion either
+        t += 0.1
+        assert abr.update_twcc(_summary(t, q)).reason == "hold"
+    assert abr.update_twcc(_summary(t + 0.1, 0.064)).reason == "hold"
+    d = abr.update_twcc(_summary(t + 0.2, 0.110))  # a probe's queue, growing
+    assert d.reason.startswith("down: queue"), d.reason
+
+
+def test_with_the_receiver_frames_lost_are_the_links_and_few_more() -> None:
+    """abr_sim with real Opus into the real jitter buffer (receiver=True), 64 -> 12 -> 64
+    kbit/s of 8 s each: what the link dropped at the fall is lost, and the receiver adds
+    little to it (a late packet waited for, not concealed and thrown away), on either
+    step (the depth a spike left sheds by playing faster, not by dropping frames);
+    latency is the path's plus the buffer's, far under the 200 ms queue + 400 ms."""
+    res, _ = simulate(phase_s=8.0, seed=1, receiver=True)
+    assert res[0].rx_lost == 0 and res[0].frames > 350
+    assert res[1].lost > 0  # the fall costs what the queue dropped before the cut
+    assert res[1].rx_lost <= res[1].lost + 6, (res[1].lost, res[1].rx_lost)
+    assert res[2].rx_lost <= 6, res[2].rx_lost
+    assert 100 < res[1].rx_p95_ms() < 400, res[1].rx_p95_ms()

@@ -19,6 +19,7 @@ from sonic_voice.kvs.jitter import (
     AdaptiveJitterBuffer,
     JitterConfig,
     TransitWindow,
+    accelerate,
     install_receiver,
     opus_packet_samples,
     packet_has_fec,
@@ -342,3 +343,154 @@ def test_delay_step_grows_the_depth_and_plays_again() -> None:
     waits = [f.due - arrived[f.rtp_ts // FRAME] for f in frames
              if f.kind == "normal" and f.rtp_ts // FRAME >= step_at + 30]  # fmt: skip
     assert 0 <= min(waits) and max(waits) <= 0.06, (min(waits), max(waits))
+
+
+def _run_clock(jb: AdaptiveJitterBuffer, arrivals: list[tuple[float, int, int, bytes]]) -> list:
+    """Push ``(arrival, seq, ts, payload)`` in time order with the playout clock ticking
+    every 5 ms in between; every frame played."""
+    events = [(t, 0, (s, ts, p)) for t, s, ts, p in arrivals]
+    t0, end = arrivals[0][0], arrivals[-1][0] + 0.5
+    events += [(t0 + k * 0.005, 1, None) for k in range(int((end - t0) / 0.005))]
+    frames = []
+    for t, what, pkt in sorted(events, key=lambda e: (e[0], e[1])):
+        if what == 0:
+            jb.push(pkt[0], pkt[1], pkt[2], t)
+        else:
+            frames += jb.pop_due(t)
+    return frames
+
+
+@pytest.mark.parametrize("step_s", [0.2, 0.3])
+def test_a_delay_step_loses_no_frame_whose_packet_came(step_s: float) -> None:
+    """Every packet from 2 s on arrives 200 or 300 ms later (a bottleneck queue filling:
+    when bench/abr.py's link falls to 12 kbit/s, its 200 ms queue plus a longer packet's
+    serialization delay packets by up to ~300 ms), none is lost: every frame plays from
+    its packet. The buffer waits for the packet due while nothing later has come (as
+    NetEq expands without moving on) instead of concealing its frame and then throwing the
+    packet away as late: before, the 200 ms step cost ~10 frames (plc/silence, the packets
+    'late'), every one a frame the bench counted as lost; and a depth capped at 240 ms
+    could not take the 300 ms one."""
+    packets = encode(speech_like(6.0, RATE, seed=7))
+    jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
+    step_at = 100
+    arrivals = [
+        (1000.0 + i * 0.02 + (step_s if i >= step_at else 0.0), i, i * FRAME, p)
+        for i, p in enumerate(packets)
+    ]
+    frames = _run_clock(jb, arrivals)
+    by_ts = {f.rtp_ts // FRAME: f.kind for f in frames if f.kind != "stretch"}
+    kinds = [by_ts.get(i) for i in range(5, len(packets))]
+    assert kinds.count("normal") == len(kinds), (kinds.count("normal"), vars(jb.stats))
+    assert jb.stats.late == 0, vars(jb.stats)
+    # Nothing concealed in place of a frame until the stream ends (then the clock runs on).
+    concealed = [f.rtp_ts // FRAME for f in frames if f.kind in ("plc", "silence", "fec")]
+    assert min(concealed) >= len(packets), concealed
+    # The step (less the depth there was) inserted as concealment while waiting, then
+    # shed again as the depth fell back: the stream ends no deeper than the jitter needs.
+    assert jb.stats.stretched >= (step_s - 0.04) / 0.02, vars(jb.stats)
+    # (one delay per frame not stretched, in order: frame 290's is the 291st)
+    assert jb.stats.delays_ms[len(packets) - 10] <= 60, jb.stats.delays_ms[-40:]
+
+
+def test_a_pause_after_waiting_keeps_the_depth() -> None:
+    """The sender pauses 0.5 s (pause_in_silence: nothing sent, the RTP clock jumps over
+    the pause). The buffer waits for the next frame at first (it cannot know a pause from
+    a delay), and the wait then stands for part of the pause: the packet after it plays
+    as early as before the pause, not 200 ms deeper."""
+    packets = encode(speech_like(3.0, RATE, seed=8))
+    jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
+    gap = 25  # frames of the pause (0.5 s)
+    arrivals = []
+    for i, p in enumerate(packets):
+        k = i + (gap if i >= 60 else 0)  # the frame slot: the clock jumps over the pause
+        arrivals.append((1000.0 + k * 0.02, i, k * FRAME, p))
+    frames = _run_clock(jb, arrivals)
+    played = [f for f in frames if f.kind == "normal"]
+    assert len(played) >= len(packets) - 2, vars(jb.stats)
+    arrived = {ts: t for t, _, ts, _ in arrivals}
+    before = [f.due - arrived[f.rtp_ts] for f in played if f.rtp_ts // FRAME in range(40, 60)]
+    after = [f.due - arrived[f.rtp_ts] for f in played if f.rtp_ts // FRAME >= 60 + gap]
+    assert max(after[:10]) <= max(before) + 0.021, (before, after[:10])
+
+
+def test_concealment_stops_at_the_next_packet_when_the_packet_length_changes() -> None:
+    """40 ms packets, then 60 ms ones (the sender's abr lengthening them on a thin link),
+    the first 60 ms packet lost. Concealing in steps of the last packet (40 ms) stepped
+    over the next packet's timestamp (20 ms off the grid): it was never played, nor any
+    after it until a concealment step happened to land on one."""
+    import opuslib
+
+    enc = opuslib.Encoder(RATE, 1, opuslib.APPLICATION_VOIP)
+    pcm = speech_like(3.0, RATE, seed=9)
+    pkts, ts = [], 0
+    while ts + 2880 <= len(pcm):
+        n = 1920 if ts < 40 * FRAME else 2880
+        pkts.append((ts, enc.encode(pcm[ts : ts + n].astype("<i2").tobytes(), n)))
+        ts += n
+    first60 = next(i for i, (ts, _) in enumerate(pkts) if ts >= 40 * FRAME)
+    arrivals = [(1000.0 + ts / RATE, i, ts, p) for i, (ts, p) in enumerate(pkts) if i != first60]
+    jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
+    frames = _run_clock(jb, arrivals)
+    normal = {f.rtp_ts for f in frames if f.kind == "normal"}
+    missed = [i for i, (ts, _) in enumerate(pkts) if i not in (0, first60) and ts not in normal]
+    assert missed == [], (missed, first60, vars(jb.stats))
+
+
+def test_accelerate_keeps_the_pitch_and_cuts_whole_periods() -> None:
+    """A 200 Hz tone (240-sample period) loses whole periods, still a 200 Hz tone; a
+    block with nothing periodic in it and some level is left alone."""
+    t = np.arange(960 * 3) / RATE
+    tone = (8000 * np.sin(2 * np.pi * 200 * t)).astype(np.int16)
+    out, cut = accelerate(tone, 480)
+    assert cut == 480 and len(out) == len(tone) - 480
+    assert cut % 240 == 0 or cut % 240 in (4, 236)  # the lag grid is 4 samples
+    ref = (8000 * np.sin(2 * np.pi * 200 * np.arange(len(out)) / RATE + np.pi / 2)).astype(float)
+    _, ncc = best_alignment(ref[:960], out.astype(np.int16))
+    assert ncc > 0.95, ncc
+    noise = np.random.default_rng(3).normal(0, 5000, 960).astype(np.int16)
+    out, cut = accelerate(noise, 480)
+    assert cut == 0 and np.array_equal(out, noise)
+
+
+def test_the_depth_comes_back_after_a_spike_without_dropping_a_frame() -> None:
+    """Packets 300 ms late for 2 s (a full bottleneck queue), then on time again (the link
+    came back): the buffer waited for them, and now sheds the extra depth by playing
+    frames faster, not by dropping them: every frame plays from its packet, and the depth
+    is back under 60 ms once the spike has left the 4 s window. Dropping a frame each
+    time the depth was a frame over lost 14 frames here (abr_sim with the receiver:
+    16-21 a run as 64 kbit/s returned)."""
+    packets = encode(speech_like(12.0, RATE, seed=11))
+    jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
+    arrivals = [
+        (1000.0 + i * 0.02 + (0.3 if 100 <= i < 200 else 0.0), i, i * FRAME, p)
+        for i, p in enumerate(packets)
+    ]
+    frames = _run_clock(jb, sorted(arrivals))
+    by_ts = {f.rtp_ts // FRAME: f.kind for f in frames if f.kind != "stretch"}
+    kinds = [by_ts.get(i) for i in range(5, len(packets))]
+    assert kinds.count("normal") == len(kinds), (kinds.count("normal"), vars(jb.stats))
+    assert jb.stats.accelerated_ms > 200, vars(jb.stats)
+    assert jb.stats.delays_ms[len(packets) - 10] <= 60, jb.stats.delays_ms[-60:]
+
+
+def test_waiting_on_long_packets_goes_in_20_ms_steps() -> None:
+    """120 ms packets, one of them 30 ms late: the buffer waits 40 ms for it (two 20 ms
+    steps), not a whole 120 ms packet's worth, which added 90 ms of delay for nothing."""
+    import opuslib
+
+    enc = opuslib.Encoder(RATE, 1, opuslib.APPLICATION_VOIP)
+    pcm = speech_like(4.0, RATE, seed=12)
+    n = 6 * FRAME
+    pkts = [
+        enc.encode(pcm[i : i + n].astype("<i2").tobytes(), n) for i in range(0, len(pcm) - n, n)
+    ]
+    arrivals = [
+        (1000.0 + i * 0.12 + (0.05 if i >= 10 else 0.0), i, i * n, p) for i, p in enumerate(pkts)
+    ]
+    jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
+    frames = _run_clock(jb, arrivals)
+    waited = sum(len(f.pcm) for f in frames if f.kind == "stretch" and f.rtp_ts == 10 * n)
+    assert 0 < waited <= 3 * FRAME, waited
+    assert all(
+        f.kind == "normal" for f in frames if f.rtp_ts < (len(pkts) - 1) * n and f.kind != "stretch"
+    )

@@ -262,3 +262,25 @@ def test_both_ends_agree_on_what_was_lost(
                 want[1] += hi - nxt + 1 - len(pending)
                 nxt, pending = hi + 1, set()
     assert got == want
+
+
+def test_the_first_packet_into_a_fallen_link_gives_its_rate() -> None:
+    """The link falls 64 -> 12 kbit/s just after a packet went through (the first after
+    the fall waits behind a 96-byte sender report, then crosses slowly): its predecessor
+    was not queued, so by the old rule there was no busy pair and the first cut was a
+    blind x0.7 (58.6 -> 41 kbit/s), the real one 100 ms later. The packet's own wait
+    (over busy_wait_s and its send gap) shows the link was busy: its rate is read at
+    once, at most ~12 kbit/s (the report's bytes are not counted: less, never more)."""
+    hist = SendHistory()
+    t = 0.0
+    for i in range(50):  # 1 s at 64 kbit/s: 144 wire bytes every 20 ms, 18 ms across
+        hist.on_send(i, t + i * 0.02, 106)
+    arrivals: list[int | None] = [int((i * 0.02 + 0.028) * 1e6) for i in range(50)]
+    calm = hist.on_feedback(twcc_mod.Feedback(1, 0, 0, 0, tuple(arrivals)), at=1.0)
+    assert calm.link_bps is None and calm.queue_s < 0.001
+    # Packet 50 sent at 1.0 s: the report (64 ms at 12 kbit/s), then itself (96 ms).
+    hist.on_send(50, 1.0, 106)
+    fb = twcc_mod.Feedback(1, 0, 50, 1, (int((1.0 + 0.010 + 0.064 + 0.096) * 1e6),))
+    s = hist.on_feedback(fb, at=1.2)
+    assert s.queue_s > 0.1
+    assert s.link_bps is not None and 6_000 < s.link_bps <= 12_000, s.link_bps

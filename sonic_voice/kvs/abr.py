@@ -95,6 +95,9 @@ class AbrConfig:
     loss_smoothing: float = 0.5
     # Transport-cc (update_twcc): a queue this far over one packet's duration is congestion.
     twcc_queue_s: float = 0.05
+    # ... over one packet's duration, but at most this much (a 120 ms packet: the 200 ms
+    # queue of bench/abr.py would overflow before a reading reached 170 ms).
+    twcc_packet_slack_s: float = 0.04
     twcc_min_gap_s: float = 0.08  # cuts while the queue grows: at most this often
     twcc_settle_s: float = 0.4  # a queue that stopped growing: cut again after this long
     twcc_min_pairs: int = 1  # busy packet pairs the link's rate must rest on
@@ -338,7 +341,9 @@ class AbrController:
     def update_twcc(self, s: Any) -> Decision:
         """Transport-cc feedback (:class:`sonic_voice.kvs.twcc.TwccSummary`, every ~100 ms):
         the fast way down. When the queue builds (the newest packet's delay over its floor,
-        less one packet's duration: our own packet's serialization on a link we fill) or
+        less one packet's duration, at most ``twcc_packet_slack_s``: our own packet's
+        serialization on a link we fill; a whole 120 ms packet's slack put the cut at a
+        170 ms queue, which a probe on a 12 kbit/s link overflowed before it was read) or
         packets are lost, cut to what the link carried while busy (``link_bps``), else by
         the loss, else by ``twcc_cut``. Again at the next message while the queue still
         grows; once it stopped growing, only after ``twcc_settle_s`` (what was sent before
@@ -348,7 +353,7 @@ class AbrController:
         self.twcc_lost += s.lost
         old_wire, old_pct = self.wire, self.loss_pct
         why = "hold"
-        queued = s.queue_s - self.ptime_ms / 1000
+        queued = s.queue_s - min(self.ptime_ms / 1000, cfg.twcc_packet_slack_s)
         growing = self._twcc_queue is not None and s.queue_s > self._twcc_queue + 0.005
         self._twcc_queue = s.queue_s
         lossy = s.packets > 0 and s.fraction_lost > cfg.loss_high

@@ -6,11 +6,16 @@ This buffer plays on its own clock instead, the way a browser's NetEq does:
 
 - **Playout clock.** A frame is due at ``(rtp_ts / 48000) + base + target``, where ``base``
   is the fastest transit seen recently and ``target`` the jitter allowance. When a frame is
-  due it is played, whatever has or has not arrived: the buffer never stalls.
+  due something is played, whatever has or has not arrived: the buffer never stalls. When
+  nothing at or after the frame due has arrived, its packet is more likely late than lost
+  (a queue filling delays every packet at once): the buffer conceals and waits for it
+  (NetEq's expand), up to ``max_delay_ms``; when what comes next is later (a pause, or a
+  loss), the time waited counts against the gap.
 - **Adaptive depth.** ``target`` is the ``quantile`` of recent transit variation plus a
   margin, clamped to ``[min_delay_ms, max_delay_ms]``. It grows at once when packets come
-  late (one concealed frame inserted = +20 ms) and shrinks slowly (one frame dropped,
-  preferably a quiet one) when the link calms down. On a clean link it settles near
+  late (one concealed frame inserted = +20 ms) and shrinks by playing faster when the
+  link calms down (:func:`accelerate`: a pitch period less per 20 ms, no frame dropped).
+  On a clean link it settles near
   ``min_delay_ms`` (20 ms), well under aiortc's fixed ~80 ms.
 - **Concealment with Opus's own tools.** A missing frame is rebuilt from the in-band FEC
   (LBRR) data of the next packet when it is there and carries FEC (``opus_decode`` with
@@ -116,6 +121,42 @@ def packet_has_fec(payload: bytes) -> bool:
         if first[0] & (0x80 >> ((ch + 1) * (silk_frames + 1) - 1)):
             return True
     return False
+
+
+def accelerate(pcm: np.ndarray, max_cut: int) -> tuple[np.ndarray, int]:
+    """``pcm`` (48 kHz) played faster by at most ``max_cut`` samples, with its pitch and
+    content kept: in each 20 ms block the best-matching period (2.5-10 ms) is cross-faded
+    into the next and one copy removed, as NetEq's accelerate does; a block with no
+    period that matches (correlation under 0.7) and some level is left alone. Returns
+    the new PCM and the samples removed."""
+    lo, hi = RATE // 400, RATE // 100  # 2.5 .. 10 ms
+    out: list[np.ndarray] = []
+    cut = 0
+    for b in range(0, len(pcm), FRAME):
+        seg = pcm[b : b + FRAME]
+        room = max_cut - cut
+        if room < lo or len(seg) < 2 * lo:
+            out.append(seg)
+            continue
+        x = seg.astype(np.float64)
+        top = min(hi, room, len(seg) // 2)
+        best, best_l = -1.0, 0
+        quiet = float(np.sqrt(np.mean(x**2))) < 300
+        for lag in range(lo, top + 1, 4):
+            a, c = x[:lag], x[lag : 2 * lag]
+            den = np.sqrt(np.dot(a, a) * np.dot(c, c))
+            r = np.dot(a, c) / den if den > 0 else 1.0
+            if r > best:
+                best, best_l = r, lag
+        if best < 0.7 and not quiet:
+            out.append(seg)
+            continue
+        lag = best_l
+        w = np.linspace(0.0, 1.0, lag, endpoint=False)
+        mixed = x[:lag] * (1 - w) + x[lag : 2 * lag] * w
+        out.append(np.concatenate([mixed, x[2 * lag :]]).round().astype(np.int16))
+        cut += lag
+    return (np.concatenate(out) if out else pcm), cut
 
 
 class OpusDecoder:
@@ -232,7 +273,10 @@ class JitterConfig:
     """Tuning. Defaults suit speech over the Internet; every value in milliseconds."""
 
     min_delay_ms: float = 20.0
-    max_delay_ms: float = 240.0
+    # A bottleneck queue filling (200 ms in bench/abr.py) plus a longer packet's
+    # serialization (100 ms for 120 ms of Opus at 12 kbit/s) delays packets by ~300 ms
+    # at once: at 240 ms every frame of such a spike was lost (NetEq has no such cap).
+    max_delay_ms: float = 400.0
     initial_delay_ms: float = 30.0
     margin_ms: float = 4.0
     quantile: float = 0.97
@@ -244,6 +288,9 @@ class JitterConfig:
     # When frames had to be concealed recently (more than this fraction in the window),
     # hold one more frame: FEC for frame n travels in packet n+1, which must be there.
     fec_hold_loss: float = 0.01
+    # Deeper than the target by more than this: play frames faster (a pitch period less
+    # per 20 ms) until it is half this over again.
+    accelerate_over_ms: float = 20.0
 
 
 @dataclass
@@ -268,7 +315,8 @@ class JitterStats:
     dtx: int = 0
     silence: int = 0
     stretched: int = 0  # frames inserted to grow the delay
-    shrunk: int = 0  # frames dropped to cut the delay
+    shrunk: int = 0  # frames played faster to cut the delay (accelerate)
+    accelerated_ms: float = 0.0  # the time that cut
     nacks_sent: int = 0
     nack_recovered: int = 0
     target_ms: float = 0.0
@@ -299,6 +347,10 @@ class AdaptiveJitterBuffer:
         self._highest_seq: int | None = None
         self._last_arrival = 0.0
         self._plc_run = 0
+        # Samples of output inserted while waiting, on an empty buffer, for the frame due
+        # (a delay spike: its packet is probably late, not lost); a packet that then comes
+        # with a later timestamp (a sender's pause, or a loss) skips this much of the gap.
+        self._waited = 0
         self._nack: dict[int, tuple[float, int]] = {}  # ext seq -> (next send time, tries)
         self._nacked: dict[int, float] = {}  # ext seq -> when first NACKed
         self._last_frame = FRAME
@@ -334,6 +386,16 @@ class AdaptiveJitterBuffer:
             horizon = arrival - self.cfg.window_s
             self._nacked = {k: v for k, v in self._nacked.items() if v > horizon}
         self._nack.pop(eseq, None)
+        if self._waited and self._next_ts is not None and ets > self._next_ts:
+            # We waited for the frame due, and what came is later: the wait stands for
+            # (part of) the gap, which is not played a second time (a pause after it would
+            # otherwise keep the whole wait as extra delay).
+            if not any(k < ets for k in self._by_ts):
+                skip = min(ets - self._next_ts, self._waited)
+                self._next_ts += skip
+                if self._next_ts == ets and self._last_seq is not None:
+                    self._last_seq = eseq - 1
+            self._waited = 0
         self._by_ts[ets] = (eseq, payload)
         if self._next_ts is None:
             # First packet (or first after an idle stop): start the clock.
@@ -425,18 +487,35 @@ class AdaptiveJitterBuffer:
         delay = due - (self._base + ts / RATE)
         frame = self._last_frame
         entry = self._by_ts.pop(ts, None)
-        if entry is None and delay < self._target - 0.002:
+        # Nothing at or after this frame has come: its packet may be late rather than
+        # lost (a bottleneck queue filling delays every packet at once: +100-300 ms in
+        # bench/abr.py when the link falls to 12 kbit/s). Wait for it, as a browser's NetEq
+        # expands without moving on, while the delay stays under max_delay_ms: conceal
+        # now and play the packet when it comes, instead of concealing its frame and
+        # throwing the packet away as late (which lost every frame of the spike).
+        wait = (
+            entry is None
+            and not self._by_ts
+            and self._last_seq is not None
+            and delay + FRAME / RATE <= self.cfg.max_delay_ms / 1000
+        )
+        if wait:
+            frame = min(frame, FRAME)  # wait in 20 ms steps, not a long packet's 120
+        if entry is None and (wait or delay < self._target - 0.002):
             # The buffer runs too shallow for the measured jitter: grow it by one frame
             # before the frame would have to be concealed. Also in the middle of a
             # concealment run: after a delay step (a queue filling: +200 ms in
             # bench/abr.py) the first frames are concealed before any late packet shows
             # the new delay, and growing is then the only way back to playing packets
             # (without it every packet stayed "late" and the buffer played silence).
-            silent = self._plc_run * frame / RATE * 1000 >= self.cfg.max_plc_ms
+            run = self._plc_run + self._waited // frame
+            silent = run * frame / RATE * 1000 >= self.cfg.max_plc_ms
             if self._last_seq is None or silent:
                 pcm = np.zeros(frame, np.int16)
             else:
-                pcm = self._fade(self.decoder.conceal(frame))
+                pcm = self._fade(self.decoder.conceal(frame), run)
+            if wait:
+                self._waited += frame
             st.stretched += 1
             self._next_due += frame / RATE
             return [Frame(pcm, "stretch", ts, due)]
@@ -447,11 +526,16 @@ class AdaptiveJitterBuffer:
             self._last_frame = frame
             self._last_seq = eseq
             self._plc_run = 0
+            self._waited = 0
             kind = "normal"
             st.normal += 1
         else:
-            nxt = self._by_ts.get(ts + frame)
             later = min(self._by_ts) if self._by_ts else None
+            if later is not None and ts < later < ts + frame:
+                # The packets got longer or shorter (abr on a thin link): conceal only up
+                # to the next packet, or the step would pass its timestamp and never play it.
+                frame = later - ts
+            nxt = self._by_ts.get(ts + frame)
             dtx = (
                 later is not None
                 and self._last_seq is not None
@@ -482,25 +566,29 @@ class AdaptiveJitterBuffer:
         st.delays_ms.append(delay * 1000)
         if len(st.delays_ms) > 100000:
             del st.delays_ms[:50000]
-        frames = [Frame(pcm, kind, ts, due)]
-        # Too deep for the measured jitter: drop one frame (a quiet one when possible).
+        # Too deep for the measured jitter: play this frame faster (NetEq's accelerate),
+        # a pitch period less per 20 ms, rather than drop one: a dropped frame is audio
+        # the listener never hears (a 120 ms packet on a thin link, six frames: after a
+        # delay spike bench/abr.py lost 6-20 frames to drops as the depth came back).
+        # Only past a whole frame over (as the drop it replaces): a depth just waited up
+        # to for late packets is not excess while the target has not caught up yet.
         excess = delay - self._target
-        if kind == "normal" and excess > frame / RATE + 0.002:
-            quiet = float(np.sqrt(np.mean(pcm.astype(np.float32) ** 2))) < 300
-            if quiet or excess > 0.040:
-                nxt_entry = self._by_ts.pop(self._next_ts, None)
-                if nxt_entry is not None:
-                    self.decoder.decode(nxt_entry[1])  # keep the decoder state continuous
-                    self._last_seq = nxt_entry[0]
-                    self._next_ts += frame
-                    st.shrunk += 1
-        return frames
+        over = max(self.cfg.accelerate_over_ms / 1000, frame / RATE + 0.002)
+        if kind == "normal" and excess > over:
+            pcm, cut = accelerate(pcm, int((excess - over / 2) * RATE))
+            if cut:
+                self._next_due -= cut / RATE
+                st.shrunk += 1
+                st.accelerated_ms += cut * 1000 / RATE
+        return [Frame(pcm, kind, ts, due)]
 
-    def _fade(self, pcm: np.ndarray) -> np.ndarray:
-        """Attenuate long concealment runs so PLC tails off instead of droning."""
-        if self._plc_run < 3:
+    def _fade(self, pcm: np.ndarray, run: int | None = None) -> np.ndarray:
+        """Attenuate long concealment runs (``run`` frames; the PLC run by default) so
+        PLC tails off instead of droning."""
+        run = self._plc_run if run is None else run
+        if run < 3:
             return pcm
-        g = max(0.0, 1.0 - (self._plc_run - 2) * 0.2)
+        g = max(0.0, 1.0 - (run - 2) * 0.2)
         return (pcm.astype(np.float32) * g).astype(np.int16)
 
 

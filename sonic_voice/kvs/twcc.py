@@ -300,7 +300,10 @@ class SendHistory:
         window_s: float = 10.0,
         rate_window_s: float = 0.5,
         extra_bytes: int = WIRE_EXTRA_BYTES,
+        busy_wait_s: float = 0.05,
     ) -> None:
+        # A packet that waited this long behind others counts as sent into a busy link.
+        self.busy_wait_s = busy_wait_s
         # Bytes a packet costs on the link besides the size given to on_send (IPv4, UDP
         # and SRTP's tag for RTP bytes; 0 for a link that counts only what is given).
         self.extra_bytes = extra_bytes
@@ -359,9 +362,17 @@ class SendHistory:
                 p_sent, p_arr = self._prev
                 gap = arr_s - p_arr
                 # Sent while its predecessor was still queued or on the wire (that one's
-                # delay over the floor outlasted the send gap): the link was busy from one
-                # arrival to the next, so this packet's bytes over the gap is its rate.
-                if gap > 0 and (p_arr - p_sent) - floor > t_sent - p_sent:
+                # delay over the floor outlasted the send gap), or itself waited longer
+                # than that gap and over ``busy_wait_s`` (behind RTCP, or the first packet
+                # into a link that just fell: its predecessor had gone through at the old
+                # rate): the link was busy from one arrival to the next, so this packet's
+                # bytes over the gap is its rate (or less: what else it served is not
+                # counted, which on a thin link is our own RTCP, that must fit too).
+                wait = max((p_arr - p_sent) - floor, 0.0)
+                own = owd - floor
+                if own > self.busy_wait_s:
+                    wait = max(wait, own)
+                if gap > 0 and wait > t_sent - p_sent:
                     self._busy.append((arr_s, size + self.extra_bytes, gap))
             self._prev = (t_sent, arr_s)
         while self._owd and self._owd[0][0] < at - self.window_s:
