@@ -49,8 +49,9 @@ def _pyav_packets(cfg: OpusSendConfig, pcm: np.ndarray) -> list[bytes]:
         OpusSendConfig(),
         OpusSendConfig(input_rate=RATE, complexity=5, bitrate=24000, packet_loss_pct=20),
         OpusSendConfig(input_rate=RATE, fec=False, dtx=True),
+        OpusSendConfig(bitrate=96000),  # CELT/hybrid: VBR constraint and more matter
     ],
-    ids=["24k", "48k", "c5-24kbps-20pct", "nofec-dtx"],
+    ids=["24k", "48k", "c5-24kbps-20pct", "nofec-dtx", "48k-96kbps"],
 )
 def test_direct_libopus_gives_pyavs_packets_bit_for_bit(cfg: OpusSendConfig) -> None:
     speech = speech_like(3.0, cfg.input_rate, seed=5)
