@@ -32,13 +32,17 @@ of null sinks), and its work is mostly the device clock; ``cpu_stack_plus_pulsea
 gives the sum. A run whose viewer does not hear the robot answer at least twice in the
 window fails instead of printing figures.
 
-Run: ``.venv/bin/python bench/cpu_stack.py [--window 20] [--idle-window 10]`` (~1 min).
+Run: ``.venv/bin/python bench/cpu_stack.py [--window 20] [--idle-window 10] [--threads]``
+(~1 min). ``--threads`` also prints the stack's CPU by thread name (Python threads get their
+name as OS name in the child; ``main`` is also the native threads started from the main
+thread, e.g. PortAudio's callbacks; ``threaded-ml`` is libpulse's).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -95,28 +99,88 @@ def read_until(proc: subprocess.Popen, pred: Any, what: str, timeout: float = 60
     raise SystemExit(f"{what} not ready in {timeout:.0f} s")
 
 
-class Usage:
-    """CPU seconds of some processes between :meth:`start` and :meth:`stop`."""
+def thread_seconds(pid: int) -> dict[str, float]:
+    """utime + stime so far of each thread of ``pid``, summed by thread name (threads of one
+    name, e.g. an executor's workers, are one line)."""
+    out: dict[str, float] = {}
+    tck = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, tail = f.read().rsplit(")", 1)
+        except OSError:
+            continue  # ended meanwhile
+        name = head.split("(", 1)[1]
+        fields = tail.split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tck
+    return out
 
-    def __init__(self, pids: dict[str, int]) -> None:
+
+class Usage:
+    """CPU seconds of some processes between :meth:`start` and :meth:`stop`, and of the
+    threads of one of them (``threads_of``) by thread name."""
+
+    def __init__(self, pids: dict[str, int], threads_of: str = "") -> None:
         self.pids = pids
+        self.threads_of = threads_of
         self.t0 = 0.0
         self.c0: dict[str, float] = {}
+        self.th0: dict[str, float] = {}
         self.share: dict[str, float] = {}
+        self.threads: dict[str, float] = {}
 
     def start(self) -> None:
         self.c0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        if self.threads_of:
+            self.th0 = thread_seconds(self.pids[self.threads_of])
         self.t0 = time.monotonic()
 
     def stop(self) -> dict[str, float]:
         wall = time.monotonic() - self.t0
         self.share = {k: (cpu_seconds(p) - self.c0[k]) / wall * 100 for k, p in self.pids.items()}
+        if self.threads_of:
+            now = thread_seconds(self.pids[self.threads_of])
+            self.threads = {
+                k: (v - self.th0.get(k, 0.0)) / wall * 100 for k, v in now.items()
+            }  # threads that ended inside the window are not counted here
         return self.share
+
+
+def print_threads(label: str, threads: dict[str, float]) -> None:
+    """The stack's threads by CPU, largest first (those under 0.1 % summed)."""
+    rows = sorted(threads.items(), key=lambda kv: -kv[1])
+    small = sum(v for _, v in rows if v < 0.1)
+    text = ", ".join(f"{k} {v:.1f}" for k, v in rows if v >= 0.1)
+    print(f"cpu_stack threads, {label} (% of one core): {text}, others {small:.1f}")
+
+
+def name_os_threads() -> None:
+    """Give each Python thread started from now on its Python name as its OS name (first 15
+    bytes; /proc/<pid>/task/<tid>/comm), so the per-thread figures say which is which
+    (Python 3.12 does not; threads of C libraries keep the names they set)."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    inner = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+
+    def named(self: threading.Thread) -> None:
+        libc.prctl(15, self.name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        inner(self)
+
+    threading.Thread._bootstrap_inner = named  # type: ignore[attr-defined]
+    libc.prctl(15, b"main", 0, 0, 0)
 
 
 def robot(overrides: dict[str, dict[str, Any]]) -> int:
     """Child process: the stack as ``run_online`` builds it, until SIGINT."""
     import logging
+
+    name_os_threads()
 
     from sonic_voice.app.monitor import RunLog, make_monitor
     from sonic_voice.app.stack import Stack
@@ -325,11 +389,12 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         graph, states = state_watch(domain)
         if not wait_for(lambda: "listening" in states, 60):
             raise SystemExit(f"the robot did not start listening: states {states}")
-        usage = Usage({"stack": robot.pid, "pulseaudio": audio.proc.pid})
+        usage = Usage({"stack": robot.pid, "pulseaudio": audio.proc.pid}, "stack")
         await asyncio.sleep(3.0)  # start-up work done
         usage.start()
         await asyncio.sleep(args.idle_window)
         idle = usage.stop()
+        idle_threads = usage.threads
 
         viewer = await Viewer(kvs_info["endpoint_url"], CHANNEL, "cpu-bench-viewer").join()
         if args.visitor == "viewer":
@@ -351,6 +416,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         usage.start()
         heard = await converse(say, viewer, speech, time.monotonic() + args.window)
         talk = usage.stop()
+        if args.threads:
+            print_threads("idle listening", idle_threads)
+            print_threads("conversation", usage.threads)
         if heard < 2:
             raise SystemExit(f"only {heard} answer(s) heard by the viewer in the window")
         print(
@@ -389,6 +457,10 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         if len(procs) == 3 and procs[-1].returncode not in (0, None):
             print(f"robot exited {procs[-1].returncode}; log in {tmp}/robot.log", file=sys.stderr)
         elif ok:
+            if args.threads:  # what flowed (a run whose viewer audio stalled costs less)
+                with contextlib.suppress(OSError):
+                    lines = (tmp / "robot.log").read_text(errors="replace").splitlines()
+                    print(next((x for x in reversed(lines) if x.startswith("bench:")), ""))
             shutil.rmtree(tmp, ignore_errors=True)  # kept (logs) when the run failed
 
 
@@ -409,6 +481,9 @@ def main() -> None:
         action="store_true",
         help="kvs_webrtc's opus_pause_in_silence: nothing is sent to the viewer while the "
         "robot is silent",
+    )
+    ap.add_argument(
+        "--threads", action="store_true", help="also print the stack's CPU by thread name"
     )
     ap.add_argument("--robot", help=argparse.SUPPRESS)  # the child: its overrides as JSON
     args = ap.parse_args()

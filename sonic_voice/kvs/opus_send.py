@@ -2,7 +2,7 @@
 
 aiortc's own Opus encoder runs at a fixed 96 kbit/s with no FEC, no expected-loss setting
 and no pacing of its own (kvs-signaling.md §6.2). Here the robot's speech is encoded by
-libopus (PyAV's ``libopus`` encoder) with
+libopus (called directly: :class:`LibOpusEncoder`, the libopus PyAV bundles) with
 
 - ``fec=1`` and ``packet_loss=<expected %>``: every packet carries a low-bitrate copy of
   the previous frame (LBRR), so the browser's NetEq rebuilds any single lost packet;
@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import fractions
+import functools
 import re
 import threading
 import time
@@ -82,8 +85,21 @@ class OpusSendConfig:
     # utterance, where a steady silent stream keeps it settled.
     pause_in_silence: bool = False
     pause_after: int = 3
+    # Complexity for the frames of silence the track makes up between utterances (after
+    # ``pause_after`` of them, so the packet after the last word, which carries its FEC
+    # copy, is encoded as before); None: ``complexity`` throughout. libopus takes the
+    # change between two frames. Digital silence decodes to the same silence either way
+    # (|x| <= 1) in 7-byte packets instead of 21, and costs 90 us a frame at 0 instead of
+    # 298 us at 10 (libopus 1.6.1 here): ~1 % of a core while the robot is quiet. The
+    # speech after a pause decodes with the same NCC against its source (0.9588 both,
+    # test_opus_send.py).
+    silence_complexity: int | None = 0
 
     def __post_init__(self) -> None:
+        for name in ("complexity", "silence_complexity"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 10:
+                raise ValueError(f"{name} must be 0..10, not {value}")
         if self.input_rate not in ENCODER_RATES:
             raise ValueError(f"input_rate must be one of {ENCODER_RATES}, not {self.input_rate}")
 
@@ -109,6 +125,120 @@ def make_opus_encoder(cfg: OpusSendConfig) -> av.CodecContext:
     return ctx
 
 
+# libopus CTL requests (opus_defines.h) and the VoIP application.
+_SET_BITRATE = 4002
+_SET_VBR = 4006
+_SET_COMPLEXITY = 4010
+_SET_INBAND_FEC = 4012
+_SET_PACKET_LOSS_PERC = 4014
+_SET_DTX = 4016
+_SET_VBR_CONSTRAINT = 4020
+_APPLICATION_VOIP = 2048
+
+
+@functools.cache
+def libopus() -> ctypes.CDLL:
+    """The libopus PyAV's libavcodec is linked with (the wheel bundles a recent one:
+    libopus 1.6.1 in av 19.0.2), else the system's (``libopus0``; 1.3.1 on Ubuntu 22.04,
+    ~40 % slower at complexity 10: 411/549 us per silent/speech frame here, 1.6.1
+    298/405)."""
+    import av.codec  # noqa: F401 - maps libavcodec, and with it its libopus
+
+    path = None
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:  # the mapped one from the wheel (opuslib maps the system's too)
+            file = line.split(None, 5)[-1].strip()
+            name = file.rsplit("/", 1)[-1]
+            if name.startswith("libopus") and ".so" in name and "/av.libs/" in file:
+                path = file
+                break
+    lib = ctypes.CDLL(path or ctypes.util.find_library("opus") or "libopus.so.0")
+    lib.opus_encoder_create.restype = ctypes.c_void_p
+    lib.opus_encoder_create.argtypes = [
+        ctypes.c_int32,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_int),
+    ]
+    lib.opus_encoder_ctl.restype = ctypes.c_int
+    lib.opus_encoder_ctl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.opus_encode.restype = ctypes.c_int32
+    lib.opus_encode.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int32,
+    ]
+    lib.opus_encoder_destroy.restype = None
+    lib.opus_encoder_destroy.argtypes = [ctypes.c_void_p]
+    lib.opus_get_version_string.restype = ctypes.c_char_p
+    return lib
+
+
+class LibOpusEncoder:
+    """libopus called directly (ctypes), with the settings :func:`make_opus_encoder` gives
+    libavcodec's ``libopus`` encoder, and the same library: the same packets, bit for bit
+    (test_opus_send.py checks it), for less CPU. PyAV's ``encode()`` sends every frame
+    through a libavfilter graph (its AudioResampler re-chunks audio to the encoder's frame
+    size) and wraps it in AVFrame/AVPacket objects: 115-150 us of a 410-555 us frame at
+    complexity 10 (silence/speech), ~0.7 % of a core at 50 frames a second. Here a frame is
+    one ``opus_encode`` on the int16 samples.
+
+    :meth:`set_complexity` may change the complexity between two frames (libopus allows
+    it at any time; WebRTC does it under CPU load)."""
+
+    MAX_PACKET = 4000  # bytes: libopus's recommended output buffer
+
+    def __init__(self, cfg: OpusSendConfig) -> None:
+        self._lib = lib = libopus()
+        err = ctypes.c_int(0)
+        self._st = lib.opus_encoder_create(cfg.input_rate, 1, _APPLICATION_VOIP, ctypes.byref(err))
+        if not self._st or err.value != 0:
+            raise RuntimeError(f"opus_encoder_create failed ({err.value})")
+        self.complexity = -1
+        for request, value in (
+            (_SET_BITRATE, cfg.bitrate),
+            (_SET_VBR, 1),
+            (_SET_VBR_CONSTRAINT, 0),  # libavcodec's vbr=on
+            (_SET_PACKET_LOSS_PERC, int(cfg.packet_loss_pct)),
+            (_SET_INBAND_FEC, 1 if cfg.fec else 0),
+            (_SET_DTX, 1 if cfg.dtx else 0),
+        ):
+            self._ctl(request, value)
+        self.set_complexity(int(cfg.complexity))
+        self.rate = cfg.input_rate
+        self._out = ctypes.create_string_buffer(self.MAX_PACKET)
+        self._time_base = fractions.Fraction(1, cfg.input_rate)
+
+    def _ctl(self, request: int, value: int) -> None:
+        rc = self._lib.opus_encoder_ctl(self._st, request, int(value))
+        if rc != 0:
+            raise ValueError(f"opus_encoder_ctl({request}, {value}) failed ({rc})")
+
+    def set_complexity(self, complexity: int) -> None:
+        """0-10, from the next frame on."""
+        if complexity != self.complexity:
+            self._ctl(_SET_COMPLEXITY, complexity)
+            self.complexity = complexity
+
+    def encode_pcm(self, pcm: np.ndarray, pts: int) -> av.Packet:
+        """One frame of mono int16 samples (2.5-120 ms) -> its packet, dated ``pts``."""
+        pcm = np.ascontiguousarray(pcm, dtype=np.int16)
+        n = self._lib.opus_encode(self._st, pcm.ctypes.data, len(pcm), self._out, self.MAX_PACKET)
+        if n < 0:
+            raise RuntimeError(f"opus_encode failed ({n})")
+        pkt = av.Packet(self._out.raw[:n])
+        pkt.pts = pkt.dts = pts
+        pkt.time_base = self._time_base
+        return pkt
+
+    def __del__(self) -> None:
+        st, self._st = getattr(self, "_st", None), None
+        if st:
+            self._lib.opus_encoder_destroy(st)
+
+
 class _OpuslibEncoder:
     """libopus through opuslib: same settings as :func:`make_opus_encoder`, plus
     :meth:`retarget` between frames. Packets carry the frame's pts (no pre-skip shift)."""
@@ -126,7 +256,7 @@ class _OpuslibEncoder:
             self.enc.encoder_state, opuslib.api.ctl.set_inband_fec, 1 if cfg.fec else 0
         )
         self.enc.packet_loss_perc = int(cfg.packet_loss_pct)
-        self.enc.complexity = int(cfg.complexity)
+        self.enc.complexity = self.complexity = int(cfg.complexity)
         self.rate = cfg.input_rate
         if cfg.dtx:
             raise ValueError("dtx is not supported with adaptive=True")
@@ -135,12 +265,15 @@ class _OpuslibEncoder:
         self.enc.bitrate = int(bitrate)
         self.enc.packet_loss_perc = int(packet_loss_pct)
 
-    def encode(self, frame: av.AudioFrame) -> list[av.Packet]:
-        pcm = frame.to_ndarray().reshape(-1).astype("<i2").tobytes()
-        pkt = av.Packet(self.enc.encode(pcm, frame.samples))
-        pkt.pts = pkt.dts = frame.pts
-        pkt.time_base = frame.time_base
-        return [pkt]
+    def set_complexity(self, complexity: int) -> None:
+        if complexity != self.complexity:
+            self.enc.complexity = self.complexity = int(complexity)
+
+    def encode_pcm(self, pcm: np.ndarray, pts: int) -> av.Packet:
+        pkt = av.Packet(self.enc.encode(pcm.astype("<i2", copy=False).tobytes(), len(pcm)))
+        pkt.pts = pkt.dts = pts
+        pkt.time_base = fractions.Fraction(1, self.rate)
+        return pkt
 
 
 class OpusFecTrack(MediaStreamTrack):
@@ -162,8 +295,7 @@ class OpusFecTrack(MediaStreamTrack):
         self.frame = self.rate // 50  # 20 ms; adaptive: set_target(ptime_ms=) changes it
         self.ptime_ms = 20
         self._pts = 0  # input-rate samples handed to the encoder (the next frame's pts)
-        self._time_base = fractions.Fraction(1, self.rate)
-        self._enc = _OpuslibEncoder(self.cfg) if self.cfg.adaptive else make_opus_encoder(self.cfg)
+        self._enc = _OpuslibEncoder(self.cfg) if self.cfg.adaptive else LibOpusEncoder(self.cfg)
         # (bit/s, loss %, ptime ms) for the next frame
         self._target: tuple[int, int, int] | None = None
         self.bitrate = self.cfg.bitrate
@@ -187,7 +319,6 @@ class OpusFecTrack(MediaStreamTrack):
         self.record_send_times = False
         self._silent_run = 0  # silent frames encoded since the last one with audio
         self.paused_frames = 0  # frame slots not sent (pause_in_silence)
-        self._pts_shift: int | None = None  # frame pts - its packet's pts (the pre-skip)
 
     def set_target(self, bitrate: int, packet_loss_pct: int, ptime_ms: int | None = None) -> None:
         """Encode from the next frame on at ``bitrate`` with FEC for ``packet_loss_pct``, in
@@ -352,26 +483,19 @@ class OpusFecTrack(MediaStreamTrack):
                 raise MediaStreamError
             pcm, speech = self._next_pcm()
             self._silent_run = 0 if speech else self._silent_run + 1
-            if self._silent_run > self.cfg.pause_after and self.cfg.pause_in_silence:
+            quiet = self._silent_run > self.cfg.pause_after
+            if quiet and self.cfg.pause_in_silence:
                 await self._pause()
                 continue
-            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate = self.rate
-            frame.time_base = self._time_base
-            frame.pts = self._pts
+            if self.cfg.silence_complexity is not None:
+                self._enc.set_complexity(
+                    self.cfg.silence_complexity if quiet else self.cfg.complexity
+                )
+            # Packets are dated by their frame (the clock jumps over a pause with it).
+            self._packets.append(self._enc.encode_pcm(pcm, self._pts))
             self._pts += self.frame
             self._n += 1
             self.speech_frames += speech
-            packets = self._enc.encode(frame)
-            if self.cfg.pause_in_silence and len(packets) == 1:
-                # libavcodec's encoder dates its packets from its own queue, which does not
-                # see a pause: the first packet after one would carry the old clock. One
-                # packet per frame: date it by the frame (same offset as before the pause).
-                p = packets[0]
-                if self._pts_shift is None:
-                    self._pts_shift = frame.pts - int(p.pts)
-                p.pts = p.dts = frame.pts - self._pts_shift
-            self._packets.extend(packets)
         self.sent_frames += 1
         if self.record_send_times:
             self.send_times[int(pkt.pts) * (RATE // self.rate)] = time.monotonic()
