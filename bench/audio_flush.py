@@ -1,18 +1,20 @@
 """Flush to silence at the device: how long the speaker keeps sounding after a barge-in.
 
-A private PulseAudio server (the test harness's) plays a continuous tone through our
-PlaybackStream (PortAudio, the audio_io settings); the sink's monitor is captured through
-PortAudio too, so both sides are timed on PortAudio's stream clock. At a random moment
-``flush()`` is called; the figure is the time from that call to the first silent sample
-seen on the monitor (what a listener at the speaker would hear), and, for comparison,
-PortAudio's own estimate (DAC time of the last non-silent block).
+A private PulseAudio server (the test harness's) plays a continuous tone through the
+speaker backend audio_io picks by default (``speaker_backend`` ``auto``: libpulse's own
+API, sonic_voice/audio/pulse.py, with this server) or the one named by ``--backend``
+(``portaudio``: PlaybackStream through ALSA's pulse plugin, the former path). The sink's
+monitor is captured through PortAudio, and the flush is timed on that capture stream's
+clock. At a random moment ``flush()`` is called; the figure is the time from that call to
+the first silent sample seen on the monitor (what a listener at the speaker would hear),
+and, for PortAudio, PortAudio's own estimate (DAC time of the last non-silent block).
 
-The stream settings are audio_io's defaults (``output_block_ms``, ``latency``, read from
-the node's parameter dataclass). Both phases by default (``--load both|off|on``,
-bench/_common.py): quiet, then under the standard background load (one busy process per
-core). Goal: flush -> silence p99 <= 20 ms (issue 10), in both.
+The stream settings are audio_io's defaults (``output_block_ms``, ``latency``,
+``speaker_backend``, read from the node's parameter dataclass). Both phases by default
+(``--load both|off|on``, bench/_common.py): quiet, then under the standard background load
+(one busy process per core). Goal: flush -> silence p99 <= 20 ms (issue 10), in both.
 
-    python bench/audio_flush.py [--trials 40] [--load both]
+    python bench/audio_flush.py [--trials 40] [--load both] [--backend auto|pulse|portaudio]
 """
 
 from __future__ import annotations
@@ -30,21 +32,26 @@ RATE = 24000
 GOAL = "<= 20 ms"
 
 
-def audio_io_defaults() -> tuple[float, float]:
-    """(output_block_ms, latency s) as audio_io starts by default."""
+def audio_io_defaults() -> tuple[float, float, str]:
+    """(output_block_ms, latency s, speaker_backend) as audio_io starts by default."""
     import dataclasses
 
     from sonic_voice.nodes.audio_io import AudioParams
 
     d = {f.name: f.default for f in dataclasses.fields(AudioParams)}
-    return float(d["output_block_ms"]), float(d["latency"])
+    return float(d["output_block_ms"]), float(d["latency"]), str(d["speaker_backend"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=40, help="flushes per phase")
     ap.add_argument("--block-ms", type=float, help="speaker block (default: audio_io's)")
-    ap.add_argument("--latency", type=float, help="PortAudio latency, s (default: audio_io's)")
+    ap.add_argument("--latency", type=float, help="device latency, s (default: audio_io's)")
+    ap.add_argument(
+        "--backend",
+        choices=("auto", "pulse", "portaudio"),
+        help="speaker backend (default: audio_io's speaker_backend)",
+    )
     add_load_option(ap)
     args = ap.parse_args()
     setup_path()
@@ -53,9 +60,10 @@ def main() -> None:
     server = PulseServer()
     try:
         os.environ.update(server.env)  # before PortAudio starts (sounddevice's import)
-        block_ms, latency = audio_io_defaults()
+        block_ms, latency, backend = audio_io_defaults()
         args.block_ms = args.block_ms or block_ms
         args.latency = args.latency or latency
+        args.backend = args.backend or backend
         measure(args)
     finally:
         server.close()
@@ -64,30 +72,31 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> None:
     import sounddevice as sd
 
-    from sonic_voice.audio.devices import PlaybackStream, StreamSettings, quiet_alsa
+    from sonic_voice.audio.devices import StreamSettings, open_playback, quiet_alsa
 
     quiet_alsa()  # underrun lines are counted (pb.status_flags), not printed
-    pb = PlaybackStream(StreamSettings(rate=RATE, block_ms=args.block_ms, latency=args.latency))
-    # Wrap the callback to learn PortAudio's DAC estimate of every block.
+    settings = StreamSettings(rate=RATE, block_ms=args.block_ms, latency=args.latency)
+    pb = open_playback(settings, args.backend)
     dac_log: list[tuple[float, int]] = []
-    orig = pb._callback
+    if pb.backend == "portaudio":
+        # Wrap the callback to learn PortAudio's DAC estimate of every block.
+        orig = pb._callback
 
-    def cb(outdata, frames, time_info, status) -> None:
-        before = pb.buffer.played_samples
-        orig(outdata, frames, time_info, status)
-        dac_log.append((time_info.outputBufferDacTime, pb.buffer.played_samples - before))
+        def cb(outdata, frames, time_info, status) -> None:
+            before = pb.buffer.played_samples
+            orig(outdata, frames, time_info, status)
+            dac_log.append((time_info.outputBufferDacTime, pb.buffer.played_samples - before))
 
-    pb._stream._callback = None  # keep the original stream object; replace its callback
-    pb._stream.close()
-    pb._stream = sd.OutputStream(
-        device=pb.device_index,
-        samplerate=RATE,
-        channels=1,
-        dtype="int16",
-        blocksize=int(RATE * args.block_ms / 1000),
-        latency=args.latency,
-        callback=cb,
-    )
+        pb._stream.close()
+        pb._stream = sd.OutputStream(
+            device=pb.device_index,
+            samplerate=RATE,
+            channels=1,
+            dtype="int16",
+            blocksize=int(RATE * args.block_ms / 1000),
+            latency=args.latency,
+            callback=cb,
+        )
     # The monitor of the speaker, captured on the same clock.
     os.environ["PULSE_SOURCE"] = "speaker.monitor"
     mon: list[tuple[float, np.ndarray]] = []
@@ -98,7 +107,7 @@ def measure(args: argparse.Namespace) -> None:
             mon.append((time_info.inputBufferAdcTime, indata[:, 0].copy()))
 
     cap = sd.InputStream(
-        device=pb.device_index,
+        device="pulse",
         samplerate=RATE,
         channels=1,
         dtype="int16",
@@ -119,12 +128,20 @@ def measure(args: argparse.Namespace) -> None:
         for _ in range(args.trials):
             pb.write(tone)
             time.sleep(0.4 + rng.uniform(0, 0.2))
-            t_flush = pb._stream.time
+            t_flush = cap.time  # the clock of the monitor's timestamps
             dac_mark = len(dac_log)
             c0 = time.perf_counter()
             pb.flush()
             call_ms.append((time.perf_counter() - c0) * 1000)
             time.sleep(0.3)
+            # Under load the monitor's callbacks may lag: wait until it has delivered what
+            # was played up to 0.2 s after the flush (its timestamps are capture times).
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                with lock:
+                    if mon and mon[-1][0] >= t_flush + 0.2:
+                        break
+                time.sleep(0.02)
             with lock:
                 blocks = list(mon)
                 mon.clear()
@@ -156,11 +173,13 @@ def measure(args: argparse.Namespace) -> None:
         figs.add(name, "flush_to_silence_p50", pct(measured, 50), "ms", GOAL)
         figs.add(name, "flush_to_silence_p99", pct(measured, 99), "ms", GOAL)
         figs.add(name, "flush_call_p50", pct(call_ms, 50), "ms")
-        figs.add(name, "flush_to_silence_portaudio_estimate_p50", pct(estimated, 50), "ms")
+        if estimated:
+            figs.add(name, "flush_to_silence_portaudio_estimate_p50", pct(estimated, 50), "ms")
     cap.close()
     pb.close()
     print(
-        f"audio_flush: speaker block {args.block_ms:g} ms, latency {args.latency:g} s; trials "
+        f"audio_flush: {pb.backend} speaker ({args.backend}), block {args.block_ms:g} ms, "
+        f"latency {args.latency:g} s, underflows {pb.status_flags}; trials "
         + ", ".join(f"{n}: {k} measured of {args.trials}" for n, k in counts.items())
     )
     figs.print()
