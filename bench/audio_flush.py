@@ -8,6 +8,8 @@ monitor is captured through PortAudio, and the flush is timed on that capture st
 clock. At a random moment ``flush()`` is called; the figure is the time from that call to
 the first silent sample seen on the monitor (what a listener at the speaker would hear),
 and, for PortAudio, PortAudio's own estimate (DAC time of the last non-silent block).
+Also the CPU while it plays (4 s, before the phases): this process (speaker and monitor
+capture) and the PulseAudio daemon, in % of one core.
 
 The stream settings are audio_io's defaults (``output_block_ms``, ``latency``,
 ``speaker_backend``, read from the node's parameter dataclass). Both phases by default
@@ -15,6 +17,7 @@ The stream settings are audio_io's defaults (``output_block_ms``, ``latency``,
 (one busy process per core). Goal: flush -> silence p99 <= 20 ms (issue 10), in both.
 
     python bench/audio_flush.py [--trials 40] [--load both] [--backend auto|pulse|portaudio]
+                                [--rt PRIO]
 """
 
 from __future__ import annotations
@@ -26,7 +29,17 @@ import time
 
 import numpy as np
 
-from _common import Figures, add_load_option, isolate, pct, phase, phases, setup_path
+from _common import (
+    Figures,
+    add_load_option,
+    add_rt_option,
+    isolate,
+    pct,
+    phase,
+    phases,
+    real_time,
+    setup_path,
+)
 
 RATE = 24000
 GOAL = "<= 20 ms"
@@ -53,7 +66,9 @@ def main() -> None:
         help="speaker backend (default: audio_io's speaker_backend)",
     )
     add_load_option(ap)
+    add_rt_option(ap)
     args = ap.parse_args()
+    real_time(args.rt)  # before any stream starts its threads
     setup_path()
     from test.harness.pulse import PulseServer
 
@@ -64,12 +79,19 @@ def main() -> None:
         args.block_ms = args.block_ms or block_ms
         args.latency = args.latency or latency
         args.backend = args.backend or backend
-        measure(args)
+        measure(args, server.proc.pid)
     finally:
         server.close()
 
 
-def measure(args: argparse.Namespace) -> None:
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(args: argparse.Namespace, daemon_pid: int) -> None:
     import sounddevice as sd
 
     from sonic_voice.audio.devices import StreamSettings, open_playback, quiet_alsa
@@ -122,6 +144,17 @@ def measure(args: argparse.Namespace) -> None:
     tone = (0.5 * 32767 * np.sin(2 * np.pi * 440 * np.arange(RATE * 2) / RATE)).astype(np.int16)
     figs = Figures()
     counts = {}
+    # CPU while the speaker plays (before the phases, whatever the machine is doing): this
+    # process (the speaker and the monitor's capture) and the PulseAudio daemon.
+    pb.write(np.tile(tone, 3))
+    time.sleep(0.5)
+    c0, d0, w0 = cpu_seconds(), cpu_seconds(daemon_pid), time.monotonic()
+    time.sleep(4.0)
+    wall = time.monotonic() - w0
+    cpu_process = (cpu_seconds() - c0) / wall * 100
+    cpu_daemon = (cpu_seconds(daemon_pid) - d0) / wall * 100
+    pb.flush()
+    time.sleep(0.3)
 
     def trials() -> tuple[list[float], list[float], list[float]]:
         measured, estimated, call_ms = [], [], []
@@ -160,6 +193,11 @@ def measure(args: argparse.Namespace) -> None:
                     break
             if silent_at is not None:
                 measured.append((silent_at - t_flush) * 1000)
+                if os.environ.get("FLUSH_DEBUG") and measured[-1] > 15:
+                    print(
+                        f"slow: {measured[-1]:.1f} ms, call {call_ms[-1]:.2f} ms, "
+                        f"underflows {pb.status_flags}"
+                    )
             last_audio = [t + n / RATE for t, n in dac_log[max(0, dac_mark - 50) :] if n > 0]
             if last_audio:
                 estimated.append((max(last_audio) - t_flush) * 1000)
@@ -173,6 +211,7 @@ def measure(args: argparse.Namespace) -> None:
         figs.add(name, "flush_to_silence_p50", pct(measured, 50), "ms", GOAL)
         figs.add(name, "flush_to_silence_p99", pct(measured, 99), "ms", GOAL)
         figs.add(name, "flush_call_p50", pct(call_ms, 50), "ms")
+        figs.add(name, "flush_call_p99", pct(call_ms, 99), "ms")
         if estimated:
             figs.add(name, "flush_to_silence_portaudio_estimate_p50", pct(estimated, 50), "ms")
     cap.close()
@@ -183,6 +222,8 @@ def measure(args: argparse.Namespace) -> None:
         + ", ".join(f"{n}: {k} measured of {args.trials}" for n, k in counts.items())
     )
     figs.print()
+    print(f"playback_cpu_process: {cpu_process:.2f} % of a core")
+    print(f"playback_cpu_pulseaudio: {cpu_daemon:.2f} % of a core")
 
 
 if __name__ == "__main__":

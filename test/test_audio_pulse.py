@@ -304,3 +304,26 @@ def test_close_leaves_no_thread(pulse) -> None:
     assert tasks() == before
     assert not pb.active
     pb.flush()  # after close: drops the queue, touches nothing freed
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_goes_away_makes_the_stream_inactive(pulse) -> None:
+    """What audio_io's watchdog relies on: the stream says it is no longer active when its
+    server dies, and close() still returns and joins the thread."""
+    from test.harness.pulse import PulseServer
+
+    other = PulseServer()
+    before = tasks()
+    try:
+        pb = PulsePlayback(settings(), server=f"unix:{other.socket}")
+        pb.start()
+        pb.write(tone(5.0))
+        assert wait_for(lambda: pb.buffer.played_samples > RATE // 5, 5)
+        assert pb.active
+    finally:
+        other.close()
+    assert wait_for(lambda: not pb.active, 5)
+    pb.flush()  # a flush on a dead stream only empties the queue
+    assert pb.buffer.queued_samples == 0
+    pb.close()
+    assert tasks() == before

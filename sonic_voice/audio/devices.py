@@ -289,8 +289,8 @@ def open_playback(
     """Open the speaker on ``backend``; both results have the same surface.
 
     - ``pulse``: libpulse's own API (:class:`PulsePlayback`): a flush also drops what the
-      sound server holds (bench/audio_flush.py: flush -> silence p99 ~10 ms instead of
-      66-81 ms). Raises :class:`PulseUnavailableError` when no server answers and
+      sound server holds (bench/audio_flush.py: flush -> silence p99 7-14 ms instead of
+      64-82 ms). Raises :class:`PulseUnavailableError` when no server answers and
       :class:`DeviceNotFoundError` when ``settings.device`` names no sink.
     - ``portaudio``: :class:`PlaybackStream` (any device PortAudio sees; a flush leaves what
       PortAudio, ALSA and the server hold playing).

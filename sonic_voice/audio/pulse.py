@@ -5,7 +5,10 @@ PortAudio, ALSA and PulseAudio already hold keeps playing (bench/audio_flush.py:
 silence p50 55 ms, p99 66 ms quiet, 81 ms loaded with audio_io's defaults), and aborting the
 PortAudio stream garbles the audio that follows. Here a flush empties our queue, then calls
 ``pa_stream_flush`` under the mainloop lock: the server drops the stream's buffer and
-rewinds the sink over what it had rendered but not yet played.
+rewinds the sink over what it had rendered but not yet played: flush -> silence p50 4 ms,
+p99 7-8 ms quiet and 13-14 ms under the standard load; 28-73 ms loaded tails only when
+other work also crowds the machine (the mainloop thread then waits for a core or the GIL;
+docs/audio-quality.md).
 
 libpulse through ctypes (Debian's ``libpulse0``, installed with ``pulseaudio``): the
 asynchronous API on a ``pa_threaded_mainloop`` (a C thread; Python only runs in the
@@ -136,6 +139,7 @@ _PROTOTYPES = {
 # taking it back waits out that thread's switch interval (5 ms) while the mainloop lock is
 # held: a flush waiting for the lock waited that long too (flush call p50 10 ms under load).
 _KEEP_GIL = {
+    "pa_threaded_mainloop_unlock",
     "pa_stream_write",
     "pa_stream_get_state",
     "pa_context_get_state",
@@ -219,9 +223,9 @@ class _Connection:
                 i = info.contents
                 found.append(((i.name or b"").decode(), (i.description or b"").decode()))
 
-        cb = _SINK_INFO_CB(on_sink)
+        self._sink_cb = _SINK_INFO_CB(on_sink)  # kept: it may still be called after a timeout
         with self.locked():
-            op = self.pa.pa_context_get_sink_info_list(self.ctx, cb, None)
+            op = self.pa.pa_context_get_sink_info_list(self.ctx, self._sink_cb, None)
             if op:
                 self.pa.pa_operation_unref(op)
         if not op or not done.wait(timeout):
@@ -252,16 +256,6 @@ class _Locked:
 
     def __exit__(self, *exc: object) -> None:
         self.pa.pa_threaded_mainloop_unlock(self.loop)
-
-
-def server_sinks(server: str | None = None, timeout: float = 2.0) -> list[tuple[str, str]]:
-    """The sinks of the PulseAudio server that answers (name, description); raises
-    :class:`PulseUnavailableError` when none does within ``timeout``."""
-    conn = _Connection("sonic_voice probe", server, timeout)
-    try:
-        return conn.sinks(timeout)
-    finally:
-        conn.close()
 
 
 def match_sink(spec: str | int | None, sinks: list[tuple[str, str]]) -> str | None:

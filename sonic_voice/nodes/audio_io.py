@@ -9,8 +9,11 @@ file's ``LifecycleNode`` transitions):
 - deactivate / cleanup / shutdown / SIGINT: stop and close the streams (queued output is
   dropped).
 
-No asyncio here: PortAudio's threads hand blocks to the executor side and back; the mic
-blocks are published from one thread of their own (docs/architecture.md).
+No asyncio here: PortAudio's (and libpulse's) threads hand blocks to the executor side and
+back; the mic blocks are published from one thread of their own (docs/architecture.md).
+The speaker is opened on ``speaker_backend`` (audio/devices.py ``open_playback``):
+libpulse's own API where a PulseAudio server plays, so a flush also drops what the server
+holds (docs/audio-quality.md, "Speaker path and barge-in").
 
 Topics: publishes ``audio/mic`` (PCM16LE mono, ``mic_rate``, ``block_ms`` blocks) and
 ``audio_io/state`` (JSON, latched); subscribes ``audio/out`` (PCM16LE mono,
@@ -68,8 +71,8 @@ class AudioParams:
     speaker_backend: str = param(
         "auto",
         "Speaker path. 'pulse': libpulse's own API, a flush also drops what the sound server "
-        "holds (flush -> silence p99 ~10 ms, bench/audio_flush.py); 'portaudio': PortAudio "
-        "through ALSA (what the server holds still plays after a flush: p99 66-81 ms); "
+        "holds (flush -> silence p99 7-14 ms, bench/audio_flush.py); 'portaudio': PortAudio "
+        "through ALSA (what the server holds still plays after a flush: p99 64-82 ms); "
         "'auto': pulse when a PulseAudio/pipewire-pulse server answers and output_device is "
         "'' or names one of its sinks, else portaudio.",
         choices=SPEAKER_BACKENDS,
@@ -347,6 +350,7 @@ class AudioIONode(VoiceNode):
             "queued_ms": round(pb.buffer.queued_seconds * 1000, 1) if pb else 0.0,
             "input_overflows": cap.status_flags if cap else 0,
             "output_underruns": pb.status_flags if pb else 0,
+            "speaker_backend": pb.backend if pb else "",
             "echo_cancel": self.echo is not None,
         }
         lost = [k for k in ("input", "output") if self._status[k] == "lost"]
