@@ -327,3 +327,8 @@ def test_a_server_that_goes_away_makes_the_stream_inactive(pulse) -> None:
     assert pb.buffer.queued_samples == 0
     pb.close()
     assert tasks() == before
+
+
+def test_a_bad_latency_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match="latency 'soon': 'low', 'high' or seconds"):
+        PulsePlayback(settings(latency="soon"))

@@ -35,12 +35,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sonic_voice.audio.pcm import apply_gain, as_pcm16, samples_per_block
 from sonic_voice.audio.playback import PlaybackBuffer
 from sonic_voice.audio.resample import StreamResampler
+
+if TYPE_CHECKING:
+    from sonic_voice.audio.devices import StreamSettings
 
 log = logging.getLogger(__name__)
 
@@ -306,12 +310,16 @@ class PulsePlayback:
 
     backend = "pulse"
 
-    def __init__(self, settings, server: str | None = None) -> None:
+    def __init__(self, settings: StreamSettings | PulseSettings, server: str | None = None) -> None:
         self.settings = settings
         latency = settings.latency
-        if isinstance(latency, str):
-            latency = NAMED_LATENCY[latency] if latency in NAMED_LATENCY else float(latency)
-        self.latency = float(latency)
+        try:
+            latency = NAMED_LATENCY.get(latency, latency) if isinstance(latency, str) else latency
+            self.latency = float(latency)
+        except ValueError:
+            raise ValueError(
+                f"latency {settings.latency!r}: 'low', 'high' or seconds ('0.03')"
+            ) from None
         # PulseAudio converts to the sink's rate itself (as it did behind PortAudio).
         self.device_rate = int(settings.device_rate or settings.rate)
         self.buffer = PlaybackBuffer(self.device_rate)
