@@ -128,14 +128,23 @@ def test_written_audio_plays_gap_free_on_the_monitor(pulse) -> None:
         time.sleep(0.4)
         got = rec.stop()
     lag, ncc = best_alignment(src, got)
-    assert ncc >= 0.95, f"ncc {ncc:.3f}"
     segment = got[lag : lag + len(src)]
+    gaps = silent_runs(segment, min_len=24)
+    # Silence inside the utterance only where the server counted an underflow (the write
+    # callback came late on a loaded machine: a gap, the rest shifted, nothing lost).
+    assert gaps <= pb.status_flags, f"{gaps} gaps, {pb.status_flags} underflows"
+    if pb.status_flags:
+        # Each underflow spoils one 100 ms piece; a bug in the path (lost, repeated or
+        # reordered blocks) spoils many.
+        pieces = chunk_correlations(src, got, chunk=2400, search=2400, ahead=4800)
+        bad = int((pieces < 0.9).sum())
+        assert bad <= 2 * pb.status_flags and bad <= len(pieces) // 4, pieces.round(2)
+        return
+    assert ncc >= 0.95, f"ncc {ncc:.3f}"
     half = len(src) // 2
     lag1, ncc1 = best_alignment(src[:half], segment[:half])
     lag2, ncc2 = best_alignment(src[half:], segment[half:])
     assert min(ncc1, ncc2) >= 0.95 and abs(lag1 - lag2) <= 2, (ncc1, ncc2, lag1, lag2)
-    # Silence inside the utterance only where the server counted an underflow.
-    assert silent_runs(segment, min_len=24) <= pb.status_flags
 
 
 @pytest.mark.timeout(120)
@@ -195,7 +204,10 @@ def test_audio_after_a_flush_plays_cleanly(pulse) -> None:
     for k, nxt in enumerate(nexts):
         lag, ncc = best_alignment(nxt, got)
         pieces = chunk_correlations(nxt, got[lag : lag + len(nxt)], chunk=2400, search=48)
-        assert ncc >= 0.95 and pieces.min() >= 0.9, (k, ncc, pieces.round(2))
+        # Garble spoils every piece; a server underflow (CPU contention, counted) one or two.
+        bad = int((pieces < 0.9).sum())
+        assert bad <= min(2, pb.status_flags), (k, ncc, pieces.round(2), pb.status_flags)
+        assert ncc >= (0.95 if not bad else 0.7), (k, ncc, pieces.round(2))
         assert silent_runs(got[lag : lag + len(nxt)], min_len=24) <= pb.status_flags
     # Each cut utterance played ~0.5 s (plus what was in flight), never its 3 s.
     loud = float((np.abs(got.astype(np.int32)) > 0).sum()) / RATE
@@ -221,7 +233,7 @@ def test_echo_tap_sees_every_block_at_device_pace(pulse) -> None:
         assert np.array_equal(stream[lag : lag + len(src)], src), "the tap saw other samples"
         assert {len(x) for x in taps} == {pb.block}
         # Pace: tapped samples against the time they took, across 6 flushes.
-        n_before, t_before = len(taps), t_taps[-1]
+        n_before, t_before, u_before = len(taps), t_taps[-1], pb.status_flags
         for _ in range(6):
             pb.write(tone(0.5))
             time.sleep(0.2)
@@ -230,8 +242,12 @@ def test_echo_tap_sees_every_block_at_device_pace(pulse) -> None:
         tapped_s = (len(taps) - n_before) * pb.block / RATE
         elapsed = t_taps[-1] - t_before
     assert pb.flushes == 6
-    # Without the refill rule: 6 x 60 ms = 360 ms ahead.
-    assert abs(tapped_s - elapsed) * 1000 <= 120, f"tap {tapped_s:.3f} s in {elapsed:.3f} s"
+    # Without the refill rule: 6 x 60 ms = 360 ms ahead (measured +335 ms).
+    ahead_ms = (tapped_s - elapsed) * 1000
+    assert ahead_ms <= 120, f"tap {tapped_s:.3f} s in {elapsed:.3f} s"
+    # Behind only by server underflows (the stream waited for a late callback; AEC3 then
+    # re-converges, docs/audio-quality.md): none counted, then within 120 ms.
+    assert ahead_ms >= -120 or pb.status_flags > u_before, f"{ahead_ms:.0f} ms behind"
 
 
 def test_auto_picks_pulse_with_a_server_and_portaudio_without(pulse) -> None:
