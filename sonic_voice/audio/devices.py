@@ -289,8 +289,9 @@ def open_playback(
     """Open the speaker on ``backend``; both results have the same surface.
 
     - ``pulse``: libpulse's own API (:class:`PulsePlayback`): a flush also drops what the
-      sound server holds (bench/audio_flush.py: flush -> silence p99 7-14 ms instead of
-      64-82 ms). Raises :class:`PulseUnavailableError` when no server answers and
+      sound server holds (bench/audio_flush.py: flush -> silence p50 3-7 ms, p99 7-14 ms
+      when the process gets its CPU, instead of p50 48-69 ms, p99 64-82 ms). Raises
+      :class:`PulseUnavailableError` when no server answers and
       :class:`DeviceNotFoundError` when ``settings.device`` names no sink.
     - ``portaudio``: :class:`PlaybackStream` (any device PortAudio sees; a flush leaves what
       PortAudio, ALSA and the server hold playing).

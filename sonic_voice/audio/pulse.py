@@ -6,9 +6,9 @@ silence p50 55 ms, p99 66 ms quiet, 81 ms loaded with audio_io's defaults), and 
 PortAudio stream garbles the audio that follows. Here a flush empties our queue, then calls
 ``pa_stream_flush`` under the mainloop lock: the server drops the stream's buffer and
 rewinds the sink over what it had rendered but not yet played: flush -> silence p50 4 ms,
-p99 7-8 ms quiet and 13-14 ms under the standard load; 28-73 ms loaded tails only when
-other work also crowds the machine (the mainloop thread then waits for a core or the GIL;
-docs/audio-quality.md).
+p99 7-8 ms quiet and 13-14 ms under the standard load, 7 ms with real-time priority;
+on a crowded machine the p99 rose to 22-73 ms (the mainloop thread holds its lock while it
+waits for the GIL, and the flush waits for that lock; docs/audio-quality.md).
 
 libpulse through ctypes (Debian's ``libpulse0``, installed with ``pulseaudio``): the
 asynchronous API on a ``pa_threaded_mainloop`` (a C thread; Python only runs in the

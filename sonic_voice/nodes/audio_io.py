@@ -71,7 +71,7 @@ class AudioParams:
     speaker_backend: str = param(
         "auto",
         "Speaker path. 'pulse': libpulse's own API, a flush also drops what the sound server "
-        "holds (flush -> silence p99 7-14 ms, bench/audio_flush.py); 'portaudio': PortAudio "
+        "holds (flush -> silence p50 3-7 ms, bench/audio_flush.py); 'portaudio': PortAudio "
         "through ALSA (what the server holds still plays after a flush: p99 64-82 ms); "
         "'auto': pulse when a PulseAudio/pipewire-pulse server answers and output_device is "
         "'' or names one of its sinks, else portaudio.",
