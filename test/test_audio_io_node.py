@@ -125,8 +125,10 @@ def test_out_plays_continuously_from_odd_chunks(pulse, ros_graph) -> None:
         warnings.warn(f"{gaps} underrun(s) inside the utterance (CPU contention?)", stacklevel=1)
 
 
-def test_flush_stops_playback_and_output_resumes(pulse, ros_graph) -> None:
-    node = make_node(ros_graph, enable_input=False)
+@pytest.mark.parametrize("backend", ["auto", "portaudio"])
+def test_flush_stops_playback_and_output_resumes(pulse, ros_graph, backend: str) -> None:
+    node = make_node(ros_graph, enable_input=False, speaker_backend=backend)
+    assert node.playback.backend == {"auto": "pulse"}.get(backend, backend)
     helper = ros_graph.node("flusher")
     out = helper.create_publisher(UInt8MultiArray, OUT_TOPIC, AUDIO_QOS)
     flush = helper.create_publisher(Empty, FLUSH_TOPIC, EVENT_QOS)
@@ -149,6 +151,20 @@ def test_flush_stops_playback_and_output_resumes(pulse, ros_graph) -> None:
     assert played < 1.6, f"{played:.2f} s played; the flush did not stop the utterance"
     _, ncc = best_alignment(short, got)
     assert ncc >= 0.95  # the next utterance after the flush plays in full
+
+
+def test_speaker_backend_pulse_without_a_server_fails_configure(
+    pulse, ros_graph, monkeypatch
+) -> None:
+    """speaker_backend 'pulse' where no PulseAudio server answers: configuration fails
+    (the node stays unconfigured, nothing opened). With the server, 'auto' takes pulse."""
+    monkeypatch.setenv("PULSE_SERVER", "unix:/nonexistent/sonic-voice-test/native")
+    node = make_node(ros_graph, enable_input=False, speaker_backend="pulse")
+    assert node.playback is None
+    assert node._state_machine.current_state[1] == "unconfigured"
+    monkeypatch.undo()  # ALSA's pulse plugin (PortAudio) must reach the test server
+    node = make_node(ros_graph, enable_input=False)
+    assert node.playback is not None and node.playback.backend == "pulse"
 
 
 def test_missing_device_lists_devices(pulse) -> None:

@@ -9,8 +9,11 @@ file's ``LifecycleNode`` transitions):
 - deactivate / cleanup / shutdown / SIGINT: stop and close the streams (queued output is
   dropped).
 
-No asyncio here: PortAudio's threads hand blocks to the executor side and back; the mic
-blocks are published from one thread of their own (docs/architecture.md).
+No asyncio here: PortAudio's (and libpulse's) threads hand blocks to the executor side and
+back; the mic blocks are published from one thread of their own (docs/architecture.md).
+The speaker is opened on ``speaker_backend`` (audio/devices.py ``open_playback``):
+libpulse's own API where a PulseAudio server plays, so a flush also drops what the server
+holds (docs/audio-quality.md, "Speaker path and barge-in").
 
 Topics: publishes ``audio/mic`` (PCM16LE mono, ``mic_rate``, ``block_ms`` blocks) and
 ``audio_io/state`` (JSON, latched); subscribes ``audio/out`` (PCM16LE mono,
@@ -34,14 +37,17 @@ from std_msgs.msg import UInt8MultiArray
 
 from sonic_voice import contracts as c
 from sonic_voice.audio.devices import (
+    SPEAKER_BACKENDS,
     CaptureStream,
     DeviceNotFoundError,
     PlaybackStream,
     StreamSettings,
+    open_playback,
     quiet_alsa,
     refresh_devices,
 )
 from sonic_voice.audio.echo import APM_RATES, EchoCanceller, tap_playback
+from sonic_voice.audio.pulse import PulsePlayback, PulseUnavailableError
 from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStatus
 from sonic_voice.ros.node import ConfigError, VoiceNode, param
 from sonic_voice.ros.runtime import run_node
@@ -58,7 +64,18 @@ class AudioParams:
         "", "Microphone: PortAudio index, exact name or name substring; '' = default."
     )
     output_device: str = param(
-        "", "Speaker: PortAudio index, exact name or name substring; '' = default."
+        "",
+        "Speaker: PortAudio index, exact name or name substring, or a PulseAudio sink name "
+        "or description (speaker_backend pulse/auto); '' = default.",
+    )
+    speaker_backend: str = param(
+        "auto",
+        "Speaker path. 'pulse': libpulse's own API, a flush also drops what the sound server "
+        "holds (flush -> silence p50 3-7 ms, bench/audio_flush.py); 'portaudio': PortAudio "
+        "through ALSA (what the server holds still plays after a flush: p99 64-82 ms); "
+        "'auto': pulse when a PulseAudio/pipewire-pulse server answers and output_device is "
+        "'' or names one of its sinks, else portaudio.",
+        choices=SPEAKER_BACKENDS,
     )
     mic_rate: int = param(
         c.MIC_RATE, "Sample rate of audio/mic (Nova Sonic takes 16000).", range=(8000, 48000)
@@ -87,8 +104,9 @@ class AudioParams:
     )
     latency: str = param(
         "0.015",
-        "PortAudio suggested latency: 'low', 'high' or seconds ('0.03'). Bounds how much audio "
-        "is already in the device when a flush comes.",
+        "Device latency: 'low', 'high' or seconds ('0.03'); PortAudio's suggested latency, or "
+        "the pulse stream's target beyond one output block. With portaudio it bounds how "
+        "much audio still plays after a flush.",
     )
     input_gain: float = param(1.0, "Microphone gain.", range=(0.0, 8.0), live=True)
     output_gain: float = param(1.0, "Speaker gain.", range=(0.0, 8.0), live=True)
@@ -116,7 +134,7 @@ class AudioIONode(VoiceNode):
         super().__init__("audio_io", **kwargs)
         quiet_alsa()  # underruns are counted and reported on audio_io/state instead
         self.capture: CaptureStream | None = None
-        self.playback: PlaybackStream | None = None
+        self.playback: PlaybackStream | PulsePlayback | None = None
         self.echo: EchoCanceller | None = None
         self._mic_pub = None
         self._subs: list = []
@@ -174,7 +192,7 @@ class AudioIONode(VoiceNode):
         try:
             self._open("input")
             self._open("output")
-        except DeviceNotFoundError as e:
+        except (DeviceNotFoundError, PulseUnavailableError) as e:
             self._close_devices()
             raise ConfigError(str(e)) from None
         self._mic_pub = publisher(self, c.MIC, lifecycle=True)
@@ -217,10 +235,11 @@ class AudioIONode(VoiceNode):
             self.capture = CaptureStream(self._settings("input"), self._on_mic_block)
             dev, rate = self.capture.device_name, self.capture.device_rate
         else:
-            self.playback = PlaybackStream(self._settings("output"))
+            self.playback = open_playback(self._settings("output"), self._p("speaker_backend"))
             if self.echo is not None:
                 tap_playback(self.playback, self.echo.process_far)
             dev, rate = self.playback.device_name, self.playback.device_rate
+            dev = f"{dev} ({self.playback.backend})"
         self._status[kind] = "ok"
         self._errors[kind] = ""
         self.get_logger().info(f"{kind} device: {dev} at {rate} Hz")
@@ -331,6 +350,7 @@ class AudioIONode(VoiceNode):
             "queued_ms": round(pb.buffer.queued_seconds * 1000, 1) if pb else 0.0,
             "input_overflows": cap.status_flags if cap else 0,
             "output_underruns": pb.status_flags if pb else 0,
+            "speaker_backend": pb.backend if pb else "",
             "echo_cancel": self.echo is not None,
         }
         lost = [k for k in ("input", "output") if self._status[k] == "lost"]
