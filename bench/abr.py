@@ -231,7 +231,8 @@ async def main() -> None:
         "--receiver",
         choices=("stock", "ours"),
         default="ours",
-        help="aiortc's receive path (default; frames by RTP timestamp) or kvs/jitter.py",
+        help="kvs/jitter.py's adaptive buffer (default, like a browser's NetEq) or aiortc's "
+        "own receive path (stock: a fixed ~80 ms buffer)",
     )
     ap.add_argument(
         "--link",
