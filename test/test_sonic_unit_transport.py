@@ -4,6 +4,8 @@ building them per stream (~45 ms of a ~70 ms open); its constructor mirrors the 
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import pytest
 from smithy_http.aio.crt import AWSCRTHTTPClient, AWSCRTHTTPClientConfig
 
@@ -62,3 +64,25 @@ async def test_shared_contexts_still_verify_each_endpoint() -> None:
     finally:
         one.stop()
         two.stop()
+
+
+def test_a_connect_given_up_is_not_an_error_in_awscrts_thread() -> None:
+    """awscrt sets a connection attempt's outcome on its future without asking whether the
+    waiter gave up: on a cancelled future that raised InvalidStateError in awscrt's thread
+    ("Exception ignored ..." in every full run once an open was abandoned mid-connect).
+    Called as awscrt's thread calls it, with a failure and with the future cancelled."""
+    from awscrt import http as crt_http
+
+    assert transport.guard_cancelled_connects()  # the hook point is still there
+    given_up: concurrent.futures.Future = concurrent.futures.Future()
+    given_up.cancel()
+    core = crt_http._HttpClientConnectionCore(
+        host_name="127.0.0.1", port=1, connect_future=given_up
+    )
+    core._on_connection_setup(None, 1049, crt_http.HttpVersion.Unknown)  # raised before
+    assert given_up.cancelled()
+    # a waiter still there gets the failure, as before
+    waiting: concurrent.futures.Future = concurrent.futures.Future()
+    core = crt_http._HttpClientConnectionCore(host_name="127.0.0.1", port=1, connect_future=waiting)
+    core._on_connection_setup(None, 1049, crt_http.HttpVersion.Unknown)
+    assert waiting.exception() is not None

@@ -307,9 +307,45 @@ def _crt_loop() -> Any:
     return _CRT_LOOP[0]
 
 
+def guard_cancelled_connects() -> bool:
+    """awscrt (0.38) sets the outcome of a connection attempt on its connect future from its
+    own thread without asking whether the waiter gave up (an open abandoned mid-connect: the
+    SDK's retry of a failed first attempt, a shutdown): the result is "Exception ignored ...
+    InvalidStateError" printed from that thread. Patched once, process-wide: a given-up
+    attempt resolves a spare future instead (a connection made for nobody is closed).
+    Returns False where awscrt no longer has the hook point (its own behaviour then stays)."""
+    import concurrent.futures
+
+    from awscrt import http as crt_http
+
+    core = getattr(crt_http, "_HttpClientConnectionCore", None)
+    setup = getattr(core, "_on_connection_setup", None)
+    if setup is None:
+        return False
+    if getattr(setup, "_sv_guard", False):
+        return True
+
+    def on_setup(self: Any, binding: Any, error_code: int, http_version: Any) -> None:
+        wanted = self._connect_future
+        if wanted is None or not wanted.cancelled():
+            return setup(self, binding, error_code, http_version)
+        spare: concurrent.futures.Future = concurrent.futures.Future()
+        self._connect_future = spare
+        setup(self, binding, error_code, http_version)
+        if spare.done() and spare.exception() is None:
+            spare.result().close()
+        return None
+
+    on_setup._sv_guard = True  # type: ignore[attr-defined]
+    core._on_connection_setup = on_setup  # type: ignore[union-attr]
+    return True
+
+
 def _make_http_client(settings: BedrockSettings) -> Any:
     from awscrt import io as crt_io
     from smithy_http.aio.crt import AWSCRTHTTPClient, AWSCRTHTTPClientConfig
+
+    guard_cancelled_connects()
 
     class _Client(AWSCRTHTTPClient):
         """awscrt HTTP/2 with an optional private CA and Nagle off."""
