@@ -15,7 +15,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import sounddevice as sd
 
-from sonic_voice.audio.pcm import FrameChunker, apply_gain, as_pcm16, samples_per_block
-from sonic_voice.audio.playback import PlaybackBuffer
+from sonic_voice.audio.pcm import FrameChunker, apply_gain, samples_per_block
+from sonic_voice.audio.playback import SpeakerQueue
 from sonic_voice.audio.pulse import PulsePlayback, PulseUnavailableError, SinkNotFoundError
 from sonic_voice.audio.resample import StreamResampler
 
@@ -203,7 +202,7 @@ class CaptureStream:
             self._stream.close(ignore_errors=True)
 
 
-class PlaybackStream:
+class PlaybackStream(SpeakerQueue):
     """Speaker playback from a :class:`PlaybackBuffer`, fed with int16 at ``rate``.
 
     ``write()`` accepts PCM16 chunks of any size from any thread; ``flush()`` drops
@@ -229,9 +228,7 @@ class PlaybackStream:
                 settings.rate,
                 self.device_rate,
             )
-        self.buffer = PlaybackBuffer(self.device_rate)
-        self._resampler = StreamResampler(settings.rate, self.device_rate)
-        self._write_lock = threading.Lock()
+        self._open_queue(self.device_rate)
         self.last_callback = 0.0
         self.status_flags = 0
         self._stream = sd.OutputStream(
@@ -250,20 +247,11 @@ class PlaybackStream:
             self.status_flags += 1
         self.buffer.read_into(outdata[:, 0])
 
-    def write(self, pcm: bytes | np.ndarray) -> None:
-        samples = as_pcm16(pcm)
-        with self._write_lock:
-            samples = self._resampler.process(samples)
-            samples = apply_gain(samples, self.settings.gain)
-            self.buffer.write(samples)
-
     def flush(self) -> int:
         """Drop everything queued. What the device already holds (``latency``) still plays:
         aborting the stream would drop it too, but ALSA's pulse plugin garbles the audio
         that follows an abort/restart, so the bound is kept small instead."""
-        with self._write_lock:
-            self._resampler.reset()
-            return self.buffer.flush()
+        return self._drop_queued()
 
     @property
     def active(self) -> bool:

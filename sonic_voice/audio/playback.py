@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Any
 
 import numpy as np
+
+from sonic_voice.audio.pcm import apply_gain, as_pcm16
+from sonic_voice.audio.resample import StreamResampler
 
 
 class PlaybackBuffer:
@@ -99,3 +103,31 @@ class PlaybackBuffer:
         if filled < need:
             out[filled:] = 0
         return filled
+
+
+class SpeakerQueue:
+    """The producer side both speaker backends share (devices.PlaybackStream on PortAudio,
+    pulse.PulsePlayback on libpulse): PCM16 at ``settings.rate`` in chunks of any size from
+    any thread, converted to the device's rate, ``settings.gain`` applied, queued in
+    ``buffer`` for the device's callback."""
+
+    settings: Any  # StreamSettings: rate, gain (read at every write: it may change live)
+
+    def _open_queue(self, device_rate: int) -> None:
+        self.buffer = PlaybackBuffer(device_rate)
+        self._resampler = StreamResampler(self.settings.rate, device_rate)
+        self._write_lock = threading.Lock()
+
+    def write(self, pcm: bytes | np.ndarray) -> None:
+        """Queue PCM16 at ``settings.rate`` (any chunk size, any thread)."""
+        samples = as_pcm16(pcm)
+        with self._write_lock:
+            samples = self._resampler.process(samples)
+            samples = apply_gain(samples, self.settings.gain)
+            self.buffer.write(samples)
+
+    def _drop_queued(self) -> int:
+        """Empty the queue (and the resampler's tail); returns the samples dropped."""
+        with self._write_lock:
+            self._resampler.reset()
+            return self.buffer.flush()

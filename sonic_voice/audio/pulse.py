@@ -34,14 +34,12 @@ import ctypes.util
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sonic_voice.audio.pcm import apply_gain, as_pcm16, samples_per_block
-from sonic_voice.audio.playback import PlaybackBuffer
-from sonic_voice.audio.resample import StreamResampler
+from sonic_voice.audio.pcm import samples_per_block
+from sonic_voice.audio.playback import SpeakerQueue
 
 if TYPE_CHECKING:
     from sonic_voice.audio.devices import StreamSettings
@@ -283,26 +281,14 @@ def match_sink(spec: str | int | None, sinks: list[tuple[str, str]]) -> str | No
     raise SinkNotFoundError(f"no PulseAudio sink matches {spec!r}; sinks: {listing}")
 
 
-@dataclass
-class PulseSettings:
-    """What the backend reads from :class:`sonic_voice.audio.devices.StreamSettings`."""
-
-    device: str | int | None = None
-    rate: int = 24000
-    block_ms: float = 20.0
-    gain: float = 1.0
-    latency: str | float = 0.015
-    device_rate: int = 0
-
-
-class PulsePlayback:
+class PulsePlayback(SpeakerQueue):
     """Speaker playback through libpulse; the surface of
     :class:`sonic_voice.audio.devices.PlaybackStream` (``buffer``, ``device_rate``,
     ``device_name``, ``write``, ``flush``, ``start``, ``close``, ``active``,
     ``last_callback``, ``status_flags``).
 
     Opened corked (configure), uncorked by :meth:`start` (activate). ``settings`` is a
-    ``StreamSettings`` (or :class:`PulseSettings`); its ``device`` is matched against the
+    ``StreamSettings``; its ``device`` is matched against the
     server's sinks (:func:`match_sink`). ``server``: a server address, None = libpulse's
     own search ($PULSE_SERVER, the user's socket). Raises :class:`PulseUnavailableError`
     (no server) or :class:`SinkNotFoundError` (no such sink).
@@ -310,7 +296,7 @@ class PulsePlayback:
 
     backend = "pulse"
 
-    def __init__(self, settings: StreamSettings | PulseSettings, server: str | None = None) -> None:
+    def __init__(self, settings: StreamSettings, server: str | None = None) -> None:
         self.settings = settings
         latency = settings.latency
         try:
@@ -322,9 +308,7 @@ class PulsePlayback:
             ) from None
         # PulseAudio converts to the sink's rate itself (as it did behind PortAudio).
         self.device_rate = int(settings.device_rate or settings.rate)
-        self.buffer = PlaybackBuffer(self.device_rate)
-        self._resampler = StreamResampler(settings.rate, self.device_rate)
-        self._write_lock = threading.Lock()
+        self._open_queue(self.device_rate)
         self.block = samples_per_block(self.device_rate, settings.block_ms)
         self._out = np.zeros(self.block, dtype=np.int16)
         self._silence = np.zeros(self.block, dtype=np.int16)
@@ -414,21 +398,11 @@ class PulsePlayback:
             pa.pa_stream_write(s, block.ctypes.data, 2 * self.block, None, 0, _SEEK_RELATIVE)
 
     # -- any thread --------------------------------------------------------------------
-    def write(self, pcm: bytes | np.ndarray) -> None:
-        """Queue PCM16 at ``settings.rate`` (any chunk size, any thread)."""
-        samples = as_pcm16(pcm)
-        with self._write_lock:
-            samples = self._resampler.process(samples)
-            samples = apply_gain(samples, self.settings.gain)
-            self.buffer.write(samples)
-
     def flush(self) -> int:
         """Drop everything queued, here and in the server (``pa_stream_flush``: the stream's
         buffer, and the sink rewinds what it rendered of it). Returns the samples dropped
         from our queue. Does not wait for the server."""
-        with self._write_lock:
-            self._resampler.reset()
-            dropped = self.buffer.flush()
+        dropped = self._drop_queued()
         conn = self._conn
         with self._life:  # close() cannot free the mainloop under us
             if conn.loop is None or not self._s or self._stream_state != _STREAM_READY:
