@@ -193,6 +193,7 @@ async def run(
         fwd = relay.forwarded["a_to_b"]
         s_path = [(fwd[ts] - seen[ts]) * 1000 for ts in settled if ts in fwd]
         res[i] = {
+            "settled_path_p50": pct(s_path, 50) if s_path else float("nan"),
             "settled_path_p95": pct(s_path, 95) if s_path else float("nan"),
             "settled_lost_pct": 100 * s_lost / max(1, len(settled)),
             "settled_p95": pct(s_lat, 95) if s_lat else float("nan"),
@@ -293,6 +294,7 @@ async def main() -> None:
     a = results[ad][1]
     figure(f"{ad}_12k_frames_lost_once_followed", a["settled_lost_pct"], "%", "<= 2")
     figure(f"{ad}_12k_latency_p95_once_followed", a["settled_p95"], "ms", "<= 150")
+    figure(f"{ad}_12k_path_delay_p50_once_followed", a["settled_path_p50"], "ms")
     figure(f"{ad}_12k_path_delay_p95_once_followed", a["settled_path_p95"], "ms", "<= 150")
     figure("fixed32k_12k_path_delay_p95", results["fixed32k"][1]["settled_path_p95"], "ms")
     figure(f"{ad}_follow_down_64_to_12", results[ad][1]["follow"], "s", "<= 2")

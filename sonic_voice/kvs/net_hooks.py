@@ -18,6 +18,9 @@
   that aiortc updates only when the report answers the very last SR (about half of them):
   a queue jumping to 200 ms moves it by 30 ms at the first report. Here each report gives its own
   RTT (RFC 3550 §6.4.1: arrival - LSR's send time - DLSR) the moment it comes.
+- :func:`thin_sender_reports`: aiortc sends a sender report (+ SDES: 118 bytes on the wire)
+  every 0.5-1.5 s whatever the link; libwebrtc's audio interval is 5 s. Also through
+  ``_send_rtcp``, per sender.
 
 TURN credentials are *not* pushed into live allocations: an allocation is bound to the
 username it was made with (RFC 8656 §6.2; coturn answers a Refresh with another username
@@ -213,6 +216,57 @@ def tap_feedback(sender: RTCRtpSender, on_feedback: Callable[[Feedback], None]) 
     sender._handle_rtcp_packet = receive  # type: ignore[method-assign]
 
 
+# SR + SDES compound as aiortc sends it, on the wire: IP 20 + UDP 8 + SR 28 + SDES with a
+# 36-character CNAME 48 + SRTCP index 4 + tag 10.
+SENDER_REPORT_WIRE_BYTES = 118
+
+
+def thin_sender_reports(
+    sender: RTCRtpSender,
+    interval_s: float = 5.0,
+    when: Callable[[], bool] = lambda: True,
+    rng: Callable[[], float] | None = None,
+) -> dict[str, int]:
+    """Send ``sender``'s RTCP sender reports every ``interval_s`` (x 0.5-1.5, RFC 3550
+    §6.2's spread) instead of aiortc's every 0.5-1.5 s, while ``when()`` is true; returns
+    live counts ``{"sent", "skipped"}``.
+
+    Why: on a 12 kbit/s link a report is 118 bytes, 79 ms of the link, and the Opus
+    packets behind it wait in the bottleneck queue, which at the adaptive sender's floor
+    (94 % of the link) drains at ~14 ms a packet: each report put ~5 packets 15-70 ms late,
+    about half of all packets at one report a second (bench/abr.py, path delay p50 159 ->
+    111 ms with this). libwebrtc sends audio reports every 5 s
+    (``kDefaultAudioReportInterval``). A report skipped is never sent, so the viewer's
+    receiver reports answer only the ones sent; :func:`tap_feedback` (wrapped inside this,
+    see :func:`sonic_voice.kvs.opus_send.run_abr`) times only those, while aiortc's own
+    ``getStats()`` RTT, keyed to the newest report it built, is left without updates.
+    ``when``: e.g. "transport-cc feedback is coming", which gives the adaptive sender its
+    delay signal every ~100 ms; without it the RTT of the reports is its only one."""
+    import random
+    import time
+
+    from aiortc.rtp import RtcpSrPacket
+
+    check_hook_points()
+    pick = rng or random.random
+    counts = {"sent": 0, "skipped": 0}
+    state = {"next": 0.0}
+    send_rtcp = sender._send_rtcp
+
+    async def send(packets: list[Any]) -> None:
+        if any(isinstance(p, RtcpSrPacket) for p in packets):
+            now = time.monotonic()
+            if now < state["next"] and when():
+                counts["skipped"] += 1
+                return
+            state["next"] = now + interval_s * (0.5 + pick())
+            counts["sent"] += 1
+        await send_rtcp(packets)
+
+    sender._send_rtcp = send  # type: ignore[method-assign]
+    return counts
+
+
 # -- transport-wide congestion control (sonic_voice/kvs/twcc.py) ---------------------------
 # aiortc parses and writes the transport-wide sequence number header extension when it is
 # negotiated, but offers it for video only, never sets it on a packet, never sends the
@@ -346,12 +400,35 @@ def tap_transport_cc(
     return hist
 
 
+# libwebrtc's feedback size estimate (IPv4 20 + UDP 8 + SRTP 10 + an average report 30) and
+# the bounds of its interval; reports take 5 % of the sending side's bandwidth.
+FEEDBACK_WIRE_BYTES = 68
+FEEDBACK_INTERVAL_S = (0.05, 0.25)
+
+
+def feedback_interval_s(send_bps: float) -> float:
+    """libwebrtc's transport-cc feedback interval for a sender of ``send_bps`` on the path
+    the feedback takes: 5 % of it, between 50 and 250 ms. At 12 kbit/s 250 ms (2.2 kbit/s
+    of feedback); every 100 ms it would be 5.4 kbit/s, 45 % of such a link."""
+    lo, hi = FEEDBACK_INTERVAL_S
+    if send_bps <= 0:
+        return hi
+    return min(hi, max(lo, FEEDBACK_WIRE_BYTES * 8 / (0.05 * send_bps)))
+
+
 class TransportCcFeedback:
     """Receiver side: note the arrival of every packet with a transport-wide sequence
-    number that reaches ``receiver`` and send the feedback every ``interval_s``
-    (libwebrtc: 50-250 ms, by the bitrate; 100 ms here). :meth:`stop` ends it."""
+    number that reaches ``receiver`` and send the feedback every ``interval_s``; with
+    ``send_bps`` (what we send on the path the feedback takes, e.g. the adaptive sender's
+    wire rate), at :func:`feedback_interval_s` of it instead, as libwebrtc does.
+    :meth:`stop` ends it."""
 
-    def __init__(self, receiver: Any, interval_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        receiver: Any,
+        interval_s: float = 0.1,
+        send_bps: Callable[[], float] | None = None,
+    ) -> None:
         import asyncio
         import time
 
@@ -360,6 +437,7 @@ class TransportCcFeedback:
         enable_transport_cc()
         self.receiver = receiver
         self.interval_s = interval_s
+        self.send_bps = send_bps
         self.sent = 0
         self.recorder = twcc.ArrivalRecorder(sender_ssrc=0)
         handle_rtp = receiver._handle_rtp_packet
@@ -385,6 +463,8 @@ class TransportCcFeedback:
                 return self.data
 
         while getattr(self.receiver.transport, "state", "closed") not in ("closed", "failed"):
+            if self.send_bps is not None:
+                self.interval_s = feedback_interval_s(self.send_bps())
             await asyncio.sleep(self.interval_s)
             ssrc = getattr(self.receiver, "_RTCRtpReceiver__rtcp_ssrc", None)
             if ssrc is None:
