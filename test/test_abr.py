@@ -412,3 +412,18 @@ async def test_chromium_sends_transport_cc_about_the_robots_audio() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_one_rtt_from_a_full_queue_is_no_floor_to_be_faster_than() -> None:
+    """With sender reports every ~5 s (net_hooks.thin_sender_reports) the RTT window may
+    hold a single RTT, taken while the fall's queue was full: the next calm RTT is far
+    under it, but the link did not grow (bench/abr.py went x1.5 at 12 kbit/s on it)."""
+    cfg = AbrConfig(probe_after_s=100)
+    ctl = AbrController(cfg)
+    ctl.update(Report(0.0, 0.8, 0.0, None))  # 64 -> 12 kbit/s (its SR was skipped)
+    ctl.update(Report(1.0, 0.0, 0.0, 0.30))  # the one RTT of the fall's full queue
+    for t in range(2, 7):
+        ctl.update(Report(float(t), 0.0, 0.0, None))  # clean reports, no RTT of their own
+    assert ctl.ceiling is not None
+    d = ctl.update(Report(7.0, 0.0, 0.0, 0.11))
+    assert ctl.ceiling is not None and d.reason != "up: clean link", d

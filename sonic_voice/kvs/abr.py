@@ -85,6 +85,11 @@ class AbrConfig:
     episode_s: float = 3.0  # cuts this close together answer one fall of the link
     queue_s: float = 0.2  # a bottleneck queue's depth, at most (what the old rate left there)
     faster_rtt_share: float = 0.6  # an RTT under this share of its recent floor: link grew
+    # ... of a floor made of at least this many RTTs. With sender reports every ~5 s
+    # (net_hooks.thin_sender_reports) the window may hold one RTT, taken while the fall's
+    # queue was full (~300 ms): the next calm one (110 ms) then read as "the link grew"
+    # and the rate went x1.5 on a 12 kbit/s link (bench/abr.py, a 220 ms spike).
+    faster_min_rtts: int = 3
     probe_after_s: float = 0.9
     clear_factor: float = 1.3
     # Left for RTCP on the wire (aiortc: a 96-byte SR + SDES about once a second).
@@ -232,7 +237,7 @@ class AbrController:
         if r.rtt_s is not None and r.rtt_s > 0:
             while self._rtts and self._rtts[0][0] < r.at - cfg.rtt_window_s:
                 self._rtts.popleft()
-            if self._rtts:
+            if len(self._rtts) >= cfg.faster_min_rtts:
                 # Far under its recent floor: the path got faster. On a thin link the floor
                 # is mostly our own packets' serialization (a 120 ms packet takes 100 ms to
                 # cross 12 kbit/s, 19 ms at 64 kbit/s): the link grew under us.
