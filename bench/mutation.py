@@ -68,6 +68,9 @@ _TOOLS = ["test_tools_config.py", "test_tools_ros.py", "test_tools_unit*.py"]
 COVERAGE: dict[str, list[str]] = {
     "audio/pcm.py": ["test_audio.py"],
     "audio/resample.py": ["test_audio.py"],
+    # The speaker's queue and the libpulse backend: a private PulseAudio server, null sinks.
+    "audio/playback.py": ["test_audio_pulse.py"],
+    "audio/pulse.py": ["test_audio_pulse.py"],
     "sonic/events.py": _SONIC,
     "sonic/session.py": _SONIC,
     "sonic/transport.py": _SONIC,
@@ -89,6 +92,9 @@ COVERAGE: dict[str, list[str]] = {
     ],
     "kvs/ice.py": _KVS,
     "kvs/twcc.py": ["test_twcc.py"],
+    # Hooks into aiortc: two real peers on loopback (~30 s) and the answer's extensions.
+    "kvs/net_hooks.py": ["test_twcc_peers.py", "test_twcc_negotiation.py"],
+    "kvs/opus_send.py": ["test_opus_send.py"],
     # The controller's fast tests (test_abr.py also starts real peers and Chromium).
     "kvs/abr.py": ["test_abr_twcc.py"],
     "tools/config.py": _TOOLS,
