@@ -120,3 +120,42 @@ def test_with_the_receiver_frames_lost_are_the_links_and_few_more() -> None:
     assert res[1].rx_lost <= res[1].lost + 6, (res[1].lost, res[1].rx_lost)
     assert res[2].rx_lost <= 6, res[2].rx_lost
     assert 100 < res[1].rx_p95_ms() < 400, res[1].rx_p95_ms()
+
+
+def _at_the_floor() -> tuple[AbrController, float]:
+    """A controller on a fast link (one-way delay 29 ms), cut to its floor (120 ms packets)
+    by a fall to ~10 kbit/s, then 2 s of clean feedback at the thin link's delay (112 ms):
+    the fast link's delays, before the cut, are no floor for the thin one."""
+    abr = AbrController(AbrConfig())
+    for k in range(5):
+        abr.update_twcc(TwccSummary(0.5 + 0.1 * k, 5, 0, 0.0, None, 0, 0.029))
+    abr.update_twcc(TwccSummary(1.0, 5, 0, 0.150, 10_000, 3, 0.300))
+    assert abr.ptime_ms == 120 and abr.ceiling is not None
+    t = 1.0
+    for _ in range(20):
+        t += 0.1
+        abr.update_twcc(TwccSummary(t, 1, 0, 0.0, None, 0, 0.112))
+    return abr, t
+
+
+def test_a_one_way_delay_far_under_its_floor_means_the_link_grew() -> None:
+    """With sender reports every ~5 s RTTs are too few to show a faster path; transport-cc
+    shows it: our 120 ms packet took 103 ms to cross 12 kbit/s, 19 ms at 64."""
+    abr, t = _at_the_floor()
+    low = abr.wire
+    d = abr.update_twcc(TwccSummary(t + 0.1, 1, 0, 0.0, None, 0, 0.029))
+    assert abr.ceiling is None and d.reason == "up: clean link (twcc)", d
+    assert abr.wire == pytest.approx(low * abr.cfg.up_factor)
+
+
+def test_a_smaller_packet_of_ours_or_a_draining_queue_is_not_a_faster_link() -> None:
+    # 40 ms under the floor: less than half our own packet's serialization (~55 ms).
+    abr, t = _at_the_floor()
+    d = abr.update_twcc(TwccSummary(t + 0.1, 1, 0, 0.0, None, 0, 0.072))
+    assert abr.ceiling is not None and "clean link" not in d.reason, d
+    # After a cut the floor is the one measured since: a queue draining 17 ms a packet.
+    abr = AbrController(AbrConfig())
+    abr.update_twcc(TwccSummary(1.0, 1, 0, 0.150, 10_000, 3, 0.300))
+    for k in range(1, 12):
+        d = abr.update_twcc(TwccSummary(1.0 + 0.1 * k, 1, 0, 0.0, None, 0, 0.300 - 0.017 * k))
+        assert abr.ceiling is not None and "clean link" not in d.reason, (k, d)

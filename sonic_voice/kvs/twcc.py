@@ -283,6 +283,9 @@ class TwccSummary:
     # such pair (the link kept up with the sender).
     link_bps: float | None
     busy_pairs: int  # how many such pairs that estimate rests on
+    # The newest received packet's one-way delay, the clocks' offset included: only its
+    # changes mean something (a link that grew takes our packets faster: AbrController).
+    owd_s: float | None = None
 
     @property
     def fraction_lost(self) -> float:
@@ -386,4 +389,4 @@ class SendHistory:
         rate = None
         if self._busy:
             rate = sum(b for _, b, _ in self._busy) * 8 / sum(g for _, _, g in self._busy)
-        return TwccSummary(at, known, lost, queue, rate, len(self._busy))
+        return TwccSummary(at, known, lost, queue, rate, len(self._busy), newest)

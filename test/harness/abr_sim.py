@@ -3,9 +3,11 @@ the way bench/abr.py's real peers do, in milliseconds of CPU and deterministical
 
 The model is the bench's ``--link wire``: a FIFO drained at the link rate, whole packets
 counted (Opus payload plus ``overhead_bytes`` of IP, UDP, RTP with its extensions and
-SRTP), tail-drop past ``queue_s`` of queue; sender reports wait in the same queue. The
-receiver sends a receiver report every 0.5-1.5 s (aiortc's interval) and, with
-``twcc=True``, transport-cc feedback every 100 ms; the return path is not limited.
+SRTP), tail-drop past ``queue_s`` of queue; sender reports (118 bytes) wait in the same
+queue, every second, or with transport-cc feedback every 5 s x 0.5-1.5 as
+``opus_send.run_abr`` thins them (``net_hooks.thin_sender_reports``). The receiver sends a
+receiver report every 0.5-1.5 s (aiortc's interval) and, with ``twcc_feedback=True``,
+transport-cc feedback every 100 ms; the return path is not limited.
 
 What it does not model by default: the codec (a frame is the bytes its bitrate gives),
 FEC (a lost packet's frames are lost), the receiver's jitter buffer (latency is the
@@ -27,6 +29,7 @@ import numpy as np
 
 from sonic_voice.kvs import twcc
 from sonic_voice.kvs.abr import AbrConfig, AbrController, Report
+from sonic_voice.kvs.net_hooks import SENDER_REPORT_WIRE_BYTES
 
 RTP_EXTRA = 26  # RTP header 12 + header extensions 14: with twcc.WIRE_EXTRA_BYTES, 64
 
@@ -101,6 +104,7 @@ def simulate(
     rr_expected = rr_received = 0
     last_sr: tuple[float, float] | None = None  # (sent, arrived)
     at(0.0, "frame")
+    sr_every = (lambda: 5.0 * rng.uniform(0.5, 1.5)) if twcc_feedback else (lambda: 1.0)
     at(1.0, "sr")
     at(rng.uniform(0.5, 1.5), "rr")
     if twcc_feedback:
@@ -179,10 +183,10 @@ def simulate(
             rx.play(t)
             at(t + 0.005, "tick")
         elif kind == "sr":
-            arrive = enqueue(t, 0 if payload else 96)
+            arrive = enqueue(t, 0 if payload else SENDER_REPORT_WIRE_BYTES)
             if arrive is not None:
                 last_sr = (t, arrive)
-            at(t + 1.0, "sr")
+            at(t + sr_every(), "sr")
         elif kind == "rr":
             lost = 1 - rr_received / rr_expected if rr_expected else 0.0
             rr_expected = rr_received = 0
