@@ -69,7 +69,7 @@ COVERAGE: dict[str, list[str]] = {
     "audio/pcm.py": ["test_audio.py"],
     "audio/resample.py": ["test_audio.py"],
     # The speaker's queue and the libpulse backend: a private PulseAudio server, null sinks.
-    "audio/playback.py": ["test_audio_pulse.py"],
+    "audio/playback.py": ["test_audio.py", "test_audio_pulse.py"],
     "audio/pulse.py": ["test_audio_pulse.py"],
     "sonic/events.py": _SONIC,
     "sonic/session.py": _SONIC,

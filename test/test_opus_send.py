@@ -128,3 +128,18 @@ def test_silence_at_low_complexity_sounds_the_same(adaptive: bool) -> None:
     _, ncc_full = best_alignment(ref, b[tail])
     assert ncc_full >= 0.9, f"full complexity: ncc {ncc_full:.3f}"
     assert ncc_low >= ncc_full - 0.01, f"after a quiet pause ncc {ncc_low:.3f} vs {ncc_full:.3f}"
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["libopus", "opuslib"])
+def test_packets_carry_fec_by_the_expected_loss_they_are_told(adaptive: bool) -> None:
+    """libopus adds the LBRR copy of the previous frame only when its expected loss is over
+    0 (and then on the voiced frames: ~60 % of this signal's): the configured
+    ``packet_loss_pct`` must reach the encoder (both of them)."""
+    from sonic_voice.kvs.jitter import packet_has_fec
+
+    speech = [speech_like(1.0, RATE, seed=13)]
+    for pct, want in ((10, True), (0, False)):
+        cfg = OpusSendConfig(input_rate=RATE, adaptive=adaptive, packet_loss_pct=pct)
+        packets, _ = asyncio.run(_run_track(cfg, speech))
+        with_fec = sum(packet_has_fec(p) for p in packets[5:])
+        assert (with_fec > 0.3 * len(packets[5:])) if want else with_fec == 0, (pct, with_fec)

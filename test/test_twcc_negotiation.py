@@ -95,3 +95,15 @@ async def test_the_adaptive_peer_feeds_back_about_the_viewers_audio() -> None:
         await peer.close("test over")
         voice.stop()
         await viewer.close()
+
+
+def test_a_nack_still_parses_as_a_nack_with_transport_cc_on() -> None:
+    """enable_transport_cc replaces aiortc's RTPFB parser (aiortc read FMT 15 as a NACK);
+    a real NACK (FMT 1) must still come out as one, with its lost sequence numbers."""
+    from aiortc.rtp import RTCP_RTPFB_NACK, RtcpPacket, RtcpRtpfbPacket
+
+    enable_transport_cc()
+    nack = RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=1, media_ssrc=2, lost=[100, 101, 105])
+    (parsed,) = RtcpPacket.parse(bytes(nack))
+    assert isinstance(parsed, RtcpRtpfbPacket) and parsed.fmt == RTCP_RTPFB_NACK
+    assert parsed.lost == [100, 101, 105] and parsed.media_ssrc == 2
