@@ -4,15 +4,28 @@ own, outside the node's executor, on a real graph."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
+import numpy as np
+import pytest
 import rclpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
-from std_msgs.msg import UInt8MultiArray
+from rclpy.serialization import serialize_message
+from std_msgs.msg import MultiArrayDimension, UInt8MultiArray
 
 from sonic_voice.ros.hotpath import PARKED, HotPath
-from sonic_voice.ros.topics import AUDIO_QOS
+from sonic_voice.ros.topics import (
+    AUDIO_QOS,
+    OUT_TOPIC,
+    msg_bytes,
+    msg_epoch,
+    out_msg,
+    parse_uint8_multiarray,
+)
 
 from test.harness.ros import next_domain_id, wait_for
 
@@ -54,3 +67,68 @@ def test_hot_subscription_is_taken_by_the_hot_path_not_the_executor() -> None:
         ctx.try_shutdown()
     # The context's shutdown ends the thread.
     assert wait_for(lambda: not path.running, 5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.binary(max_size=3000),
+    labels=st.lists(st.text(max_size=12), max_size=3),
+    sizes=st.lists(st.integers(0, 2**32 - 1), min_size=6, max_size=6),
+    offset=st.integers(0, 2**32 - 1),
+)
+def test_the_serialized_take_reads_what_rclpy_reads(
+    data: bytes, labels: list[str], sizes: list[int], offset: int
+) -> None:
+    """parse_uint8_multiarray on rclpy's own serialization gives rclpy's message: every
+    label (any length: the CDR padding), size, stride, the offset and the data."""
+    msg = UInt8MultiArray(data=data)
+    msg.layout.dim = [
+        MultiArrayDimension(label=lab, size=sizes[2 * i], stride=sizes[2 * i + 1])
+        for i, lab in enumerate(labels)
+    ]
+    msg.layout.data_offset = offset
+    got = parse_uint8_multiarray(serialize_message(msg))
+    assert got.data == data and got.layout.data_offset == offset
+    assert [(d.label, d.size, d.stride) for d in got.layout.dim] == [
+        (d.label, d.size, d.stride) for d in msg.layout.dim
+    ]
+    assert msg_epoch(got) == msg_epoch(msg)
+
+
+def test_an_out_chunk_read_serialized_keeps_its_epoch_and_pcm() -> None:
+    pcm = np.arange(-480, 480, dtype="<i2").tobytes()
+    got = parse_uint8_multiarray(serialize_message(out_msg(pcm, 7)))
+    assert msg_epoch(got) == 7 and msg_bytes(got) == pcm and len(got.data) == len(pcm)
+    assert msg_epoch(parse_uint8_multiarray(serialize_message(UInt8MultiArray()))) is None
+    with pytest.raises(ValueError):
+        parse_uint8_multiarray(serialize_message(UInt8MultiArray(data=b"abcd"))[:-3])
+
+
+def test_hot_audio_subscriptions_take_serialized_messages() -> None:
+    """bridge.subscribe(hot=True) and follow_output take UInt8MultiArray serialized and
+    parse it (ros/topics.py); the callbacks see the same bytes and epochs, in order."""
+    from sonic_voice.ros.bridge import Bridge
+    from sonic_voice.ros.topics import follow_output
+
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=next_domain_id())
+    bridge = Bridge()
+    try:
+        node = Node("hot_raw", context=ctx)
+        got: list[Any] = []
+        played: list[Any] = []
+        sub = bridge.subscribe(node, UInt8MultiArray, "audio/y", AUDIO_QOS, got.append, True)
+        subs = follow_output(node, played.append, lambda: played.append("flush"))
+        assert sub.raw and subs[0].raw and not subs[1].raw  # audio/flush is Empty
+        pub = node.create_publisher(UInt8MultiArray, "audio/y", AUDIO_QOS)
+        out = node.create_publisher(UInt8MultiArray, OUT_TOPIC, AUDIO_QOS)
+        assert wait_for(lambda: pub.get_subscription_count() and out.get_subscription_count(), 10)
+        for i in range(5):
+            pub.publish(UInt8MultiArray(data=bytes([i]) * 640))
+            out.publish(out_msg(bytes([i]) * 960, 1 + i // 3))
+        assert wait_for(lambda: len(got) == 5 and len(played) == 6, 10), (len(got), played)
+        assert [msg_bytes(m) for m in got] == [bytes([i]) * 640 for i in range(5)]
+        assert [msg_epoch(m) if m != "flush" else m for m in played] == [1, 1, 1, "flush", 2, 2]
+    finally:
+        bridge.close()
+        ctx.try_shutdown()

@@ -127,9 +127,15 @@ class Bridge:
 
             kwargs["event_callbacks"] = SubscriptionEventCallbacks(use_default_callbacks=False)
         if hot:
-            from sonic_voice.ros.hotpath import HotPath
+            from std_msgs.msg import UInt8MultiArray
 
-            return HotPath.of(node.context).subscribe(node, msg_type, topic, qos, on_msg, **kwargs)
+            from sonic_voice.ros.hotpath import HotPath
+            from sonic_voice.ros.topics import parse_uint8_multiarray
+
+            parse = parse_uint8_multiarray if msg_type is UInt8MultiArray else None
+            return HotPath.of(node.context).subscribe(
+                node, msg_type, topic, qos, on_msg, parse=parse, **kwargs
+            )
         return node.create_subscription(msg_type, topic, on_msg, qos, **kwargs)
 
     def stream(

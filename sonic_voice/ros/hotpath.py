@@ -87,13 +87,26 @@ class HotPath:
         topic: str,
         qos: Any,
         callback: Callable[[Any], None],
+        parse: Callable[[bytes], Any] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """``node.create_subscription(...)`` whose messages this thread takes."""
+        """``node.create_subscription(...)`` whose messages this thread takes.
+
+        ``parse``: take the serialized message (``raw=True``) and hand ``parse(bytes)`` to
+        the callback instead of rclpy's message: for audio, where rclpy's conversion of a
+        ``UInt8MultiArray`` to Python was most of a take (see ros/topics.py).
+        """
         kwargs.pop("callback_group", None)
         sub = node.create_subscription(
-            msg_type, topic, callback, qos, callback_group=PARKED, **kwargs
+            msg_type,
+            topic,
+            callback,
+            qos,
+            callback_group=PARKED,
+            raw=parse is not None or kwargs.pop("raw", False),
+            **kwargs,
         )
+        sub._sv_parse = parse
         with self._lock:
             self._subs.append(sub)
         self._poke()
@@ -187,6 +200,7 @@ class HotPath:
                 return
             self.taken += 1
             try:
-                sub.callback(got[0])
+                parse = sub._sv_parse
+                sub.callback(got[0] if parse is None else parse(got[0]))
             except Exception:  # a callback's bug must not stop the audio of the others
                 log.exception("hot path: callback of %s failed", sub.topic_name)
