@@ -51,7 +51,7 @@ from sonic_voice.audio.pulse import PulsePlayback, PulseUnavailableError
 from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStatus
 from sonic_voice.ros.node import ConfigError, VoiceNode, param
 from sonic_voice.ros.runtime import run_node
-from sonic_voice.ros.topics import follow_output, json_msg, msg_pcm, pcm_msg, publisher
+from sonic_voice.ros.topics import follow_output, json_msg, msg_pcm, pcm_cdr, publisher
 
 STATE_TOPIC = c.AUDIO_IO_STATE.name
 
@@ -326,7 +326,7 @@ class AudioIONode(VoiceNode):
             if pub is not None and self._active:
                 if self.echo is not None:
                     block = self.echo.process_near(block)
-                pub.publish(pcm_msg(block))
+                pub.publish(pcm_cdr(block))  # serialized by hand: ros/topics.py
                 self.mic_blocks += 1
 
     def _on_out(self, msg: UInt8MultiArray) -> None:

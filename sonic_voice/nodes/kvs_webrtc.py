@@ -51,6 +51,7 @@ from sonic_voice.ros.topics import (
     publisher,
     quiet_publisher_events,
     subscription,
+    uint8_multiarray_cdr,
 )
 
 
@@ -261,9 +262,7 @@ class KvsWebrtcNode(VoiceNode):
 
     # -- master -> ROS (on the loop) ----------------------------------------------------
     def _on_remote_audio(self, client: str, pcm: bytes) -> None:
-        msg = UInt8MultiArray()
-        msg.data = pcm
-        self._remote_pub.publish(msg)
+        self._remote_pub.publish(uint8_multiarray_cdr(pcm))  # serialized: ros/topics.py
         self.remote_blocks += 1
 
     def _on_viewers(self, count: int) -> None:

@@ -79,6 +79,44 @@ def pcm_msg(samples: np.ndarray) -> UInt8MultiArray:
     return msg
 
 
+EPOCH_LABEL = "epoch:"
+_CDR_LE = b"\x00\x01\x00\x00"  # encapsulation: plain CDR, little-endian
+_EMPTY_LAYOUT = struct.pack("<II", 0, 0)  # no dimension, data_offset 0
+
+
+def uint8_multiarray_cdr(data: bytes, label: str | None = None) -> bytes:
+    """``std_msgs/UInt8MultiArray`` serialized (what ``rclpy.serialization.
+    serialize_message`` gives, byte for byte but the alignment padding after a label, which
+    Fast CDR leaves unset: test/test_hotpath.py), holding ``data`` and, with ``label``
+    (printable ASCII), one dimension of that label spanning it. ``publisher.publish(bytes)``
+    sends it as is: 11 us a 1 KB message against 37-41 us for rclpy converting a message
+    object first (a mic block, a viewer's block, an answer's chunk: ~90 a second)."""
+    if label is None:
+        layout = _EMPTY_LAYOUT
+    else:
+        name = label.encode() + b"\0"
+        n = len(data)
+        layout = b"".join(
+            (
+                struct.pack("<II", 1, len(name)),
+                name,
+                b"\0" * (-len(name) % 4),
+                struct.pack("<III", n, n, 0),
+            )
+        )
+    return b"".join((_CDR_LE, layout, struct.pack("<I", len(data)), data))
+
+
+def pcm_cdr(samples: np.ndarray) -> bytes:
+    """:func:`pcm_msg`, serialized (publish it as is)."""
+    return uint8_multiarray_cdr(samples.astype("<i2", copy=False).tobytes())
+
+
+def out_cdr(pcm: bytes, epoch: int) -> bytes:
+    """:func:`out_msg`, serialized (publish it as is)."""
+    return uint8_multiarray_cdr(pcm, f"{EPOCH_LABEL}{epoch}")
+
+
 def msg_bytes(msg: UInt8MultiArray) -> bytes:
     data = msg.data
     return data.tobytes() if hasattr(data, "tobytes") else bytes(data)
@@ -88,8 +126,6 @@ def msg_pcm(msg: UInt8MultiArray) -> np.ndarray:
     """UInt8MultiArray -> int16 samples (a view of the message's bytes)."""
     return np.frombuffer(msg_bytes(msg), dtype="<i2")
 
-
-EPOCH_LABEL = "epoch:"
 
 _U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
 
