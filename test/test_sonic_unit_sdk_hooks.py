@@ -20,6 +20,7 @@ from hashlib import sha256
 from typing import Any
 
 import aws_sdk_signers.signers as stock_signers
+import numpy as np
 import pytest
 from aws_sdk_bedrock_runtime.models import (
     BidirectionalInputPayloadPart,
@@ -377,4 +378,50 @@ async def test_the_product_stream_uses_the_hooks_and_the_stand_in_verifies_them(
         assert rec.signature_chain_ok and rec.signed_frames >= 44
         assert rec.end_frame_received
     finally:
+        emu.stop()
+
+
+async def test_a_pushed_frame_reaches_the_sdk_before_push_audio_returns() -> None:
+    """The session writes a frame queued on an idle stream in the same step (an eager
+    sender, SonicSession._kick), not one loop iteration later; through the real SDK a
+    send does not wait while its body buffer has room. Frames stay in order."""
+    from sonic_voice.sonic.session import SessionConfig, SonicSession
+
+    from test.test_sonic_session import FRAME, tagged_frames
+
+    emu = EmulatorThread(scenario={"turns": []}, realtime=False).start()
+    session = SonicSession(
+        BedrockSettings(
+            endpoint_uri=emu.endpoint_uri,
+            ca_bundle=emu.ca_file,
+            access_key_id=DEFAULT_ACCESS_KEY,
+            secret_access_key=DEFAULT_SECRET_KEY,
+        ),
+        SessionConfig(),
+    )
+    try:
+        await session.start()
+        leg = session._leg
+        assert leg is not None
+        for _ in range(200):  # the preamble written
+            if not leg.sending_queue and leg.queue.empty():
+                break
+            await asyncio.sleep(0.01)
+        written_at_once = 0
+        frames = tagged_frames(20)
+        for f in frames:
+            before = leg.frames_sent
+            session.push_audio(f.tobytes())  # as the node hands them over
+            written_at_once += leg.frames_sent == before + 1
+            await asyncio.sleep(0.005)  # the SDK's body writer drains its buffer
+        assert written_at_once == len(frames)
+        await asyncio.sleep(0.3)
+        await session.stop()
+        rec = emu.records[0]
+        assert rec.signature_chain_ok and rec.end_frame_received
+        rows = np.frombuffer(bytes(rec.pcm), "<i2").reshape(-1, FRAME)
+        ids = [int(r[1] - 1) * 997 + int(r[0] - 1) for r in rows if r[0] > 0]
+        assert ids == list(range(len(frames)))  # all of them, in order
+    finally:
+        await session.stop()
         emu.stop()
