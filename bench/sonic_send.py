@@ -18,8 +18,8 @@ It also checks that both produce the same bytes on a fixed clock (else it exits 
 Goal (set here): the hooks' cold p50 <= 150 us per event, i.e. <= 0.5 % of one core at 31
 events a second (issue 10: ~20 % of one core for the whole stack), and a small share of
 the uplink's 2.5 ms p99. Measured on the 2-core development machine (3000 events, other
-developers' tests running): stock warm 182 / cold 370-420 us p50, hooks warm 43-54 /
-cold 135-204 us p50.
+developers' tests running, 2 runs): stock warm 183-184 / cold 423-425 us p50, hooks warm
+33 / cold 134-141 us p50.
 """
 
 from __future__ import annotations
