@@ -22,6 +22,14 @@ stand-in (awscrt leaves Nagle on; the transport forces it off).
 Goals (issue 10): uplink p99 <= 2.5 ms quiet and <= 10 ms under the standard background
 load (``--load``, bench/_common.py: one busy process per core); downlink p99 <= 25 ms.
 
+Measured on the 2-core development machine, ``--load off``, back-to-back pairs before ->
+after input events were signed and framed by sonic/sdk_hooks.py (SDK send -> request
+body 0.47 -> 0.15-0.19 ms p50) and handed to the SDK within the handler (loop -> SDK send
+0.21 -> 0.14 ms p50): quiet (load average 0.2-0.5, 4 pairs) uplink p50 1.98-2.08 ->
+1.65-1.84 ms, p99 2.49-5.09 -> 2.31-3.45 ms; busy (1.0-1.6, 5 pairs) p50 2.02-2.16 ->
+1.61-1.81 ms, p99 3.3-12.9 -> 3.5-5.2 ms. The p99 is set by thread hand-overs (publish ->
+executor -> loop; awscrt's thread reading the frame; the stand-in's process).
+
 The stand-in runs in a process of its own by default, as the service is far away in
 reality: its decoding and signature checks then do not compete with the robot's threads
 for the GIL. Its stamps are ``perf_counter_ns`` too (CLOCK_MONOTONIC, one clock for every

@@ -235,6 +235,29 @@ async def test_push_audio_carries_a_split_sample_to_the_next_chunk() -> None:
     assert bytes(svc.current.rec.pcm) == pcm
 
 
+@pytest.mark.parametrize(
+    "cuts",
+    [
+        [0, 2 * FRAME, 4 * FRAME, 6 * FRAME, 8 * FRAME],  # whole frames: sent as they came
+        [0, 100, 100 + 2 * FRAME, 101 + 2 * FRAME, 101 + 4 * FRAME, 8 * FRAME],  # mid-frame
+        [0, 1, 1 + 2 * FRAME, 2 + 4 * FRAME, 8 * FRAME],  # a split sample, then whole-sized
+    ],
+)
+async def test_whole_frames_and_pieces_give_the_same_audio(cuts: list[int]) -> None:
+    """A whole frame skips re-framing only when nothing is held back (samples, a byte)."""
+    svc = FakeService()
+    session, _ = make(svc)
+    await session.start()
+    try:
+        pcm = np.arange(FRAME * 4, dtype=np.int16).tobytes()
+        for a, b in itertools.pairwise(cuts):
+            session.push_audio(pcm[a:b])
+        await until(lambda: svc.current.rec.audio_frames == 4)
+    finally:
+        await session.stop()
+    assert bytes(svc.current.rec.pcm) == pcm
+
+
 async def test_audio_queued_on_a_failing_stream_goes_to_the_next_one() -> None:
     """Found by the soak: more than replay_s of audio queued on a stream when it fails (a
     burst after a stall, or the backlog flushed into a stream that fails right after a

@@ -12,7 +12,9 @@ default aiohttp transport cannot stream both ways). What this module adds, and w
   audio frames back for ~40 ms (shared/reference/bedrock-sdk-notes.md, "Timings");
 - **fast failure**: a TLS or connection failure is reported within ``open_timeout_s``
   instead of the SDK's silent 11-29 s wait;
-- **error classification** into recoverable (rotate/reconnect with history) or not.
+- **error classification** into recoverable (rotate/reconnect with history) or not;
+- **cheaper input events**: each event serialized, signed and framed in ~33 us instead
+  of ~183 (caches cold: ~135 instead of ~420), the same bytes (``sdk_hooks.py``).
 
 Pins: aws-sdk-bedrock-runtime 0.12.0, awscrt 0.38.1, smithy-* as in requirements.lock; the
 SDK is pre-1.0 and the CA hook uses a private attribute of ``AWSCRTHTTPClient`` (tested).
@@ -521,8 +523,12 @@ async def open_stream(settings: BedrockSettings) -> SonicStream:
     from aws_sdk_bedrock_runtime.config import AsyncBedrockRuntimeConfig
     from aws_sdk_bedrock_runtime.models import InvokeModelWithBidirectionalStreamOperationInput
 
+    from sonic_voice.sonic import sdk_hooks
+
     http = _make_http_client(settings)
     overrides: dict[str, Any] = {"region": settings.region, "transport": http}
+    # Input events serialized and signed with less CPU, the same bytes (sdk_hooks.py).
+    overrides.update(sdk_hooks.config_overrides())
     if settings.endpoint_uri:
         overrides["endpoint_uri"] = settings.endpoint_uri
     if settings.access_key_id and settings.secret_access_key:
