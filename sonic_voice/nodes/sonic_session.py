@@ -52,7 +52,7 @@ from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStat
 from sonic_voice.paths import resolve_config_path
 from sonic_voice.ros.node import ConfigError, VoiceNode, param
 from sonic_voice.ros.runtime import run_node
-from sonic_voice.ros.topics import json_msg, msg_bytes, out_msg, publisher, subscription
+from sonic_voice.ros.topics import json_msg, msg_bytes, out_cdr, publisher, subscription
 from sonic_voice.sonic import engagement as eng
 from sonic_voice.sonic import events as ev
 from sonic_voice.sonic.conversation import Conversation, ConversationConfig
@@ -207,7 +207,7 @@ class _RosListener(SessionListener):
             # (end of their turn) to the first audio of the answer.
             n.last_response_ms = (time.monotonic() - n._user_final_t) * 1000
             n._user_final_t = None
-        n.out_pub.publish(out_msg(pcm, n.out_epoch))
+        n.out_pub.publish(out_cdr(pcm, n.out_epoch))  # serialized: ros/topics.py
         n.out_chunks += 1
 
     def on_interrupted(self) -> None:
@@ -215,7 +215,7 @@ class _RosListener(SessionListener):
         # by the players), then the fast path: audio/flush.
         n = self.node
         n.out_epoch += 1
-        n.out_pub.publish(out_msg(b"", n.out_epoch))
+        n.out_pub.publish(out_cdr(b"", n.out_epoch))
         n.flush_pub.publish(Empty())
         n.get_logger().info("barge-in: output flushed")
 
