@@ -92,7 +92,9 @@ class AbrConfig:
     faster_min_rtts: int = 3
     probe_after_s: float = 0.9
     clear_factor: float = 1.3
-    # Left for RTCP on the wire (aiortc: a 96-byte SR + SDES about once a second).
+    # Left for RTCP on the wire (aiortc: a 118-byte SR + SDES about once a second; every
+    # ~5 s while transport-cc feedback comes, net_hooks.thin_sender_reports: the rest is
+    # headroom for a queue to drain).
     rtcp_bps: int = 1000
     remb_share: float = 0.9
     min_loss_pct: int = 5

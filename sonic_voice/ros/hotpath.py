@@ -97,14 +97,9 @@ class HotPath:
         ``UInt8MultiArray`` to Python was most of a take (see ros/topics.py).
         """
         kwargs.pop("callback_group", None)
+        raw = bool(kwargs.pop("raw", False)) or parse is not None
         sub = node.create_subscription(
-            msg_type,
-            topic,
-            callback,
-            qos,
-            callback_group=PARKED,
-            raw=parse is not None or kwargs.pop("raw", False),
-            **kwargs,
+            msg_type, topic, callback, qos, callback_group=PARKED, raw=raw, **kwargs
         )
         sub._sv_parse = parse
         with self._lock:
