@@ -28,13 +28,27 @@ pytestmark = pytest.mark.timeout(90)
 
 
 async def _call(
-    relay: UdpImpairRelay, seconds: float, send_bps: float | None = None
+    relay: UdpImpairRelay,
+    seconds: float,
+    send_bps: float | None = None,
+    abr: bool = False,
+    report_interval_s: float | None = 5.0,
 ) -> dict[str, Any]:
+    """A call through ``relay`` with transport-cc negotiated and the viewer feeding back
+    (every 100 ms, or by ``send_bps``). The sender's feedback summaries are collected, or
+    with ``abr`` the adaptive sender runs on them as kvs/peer.py runs it (``run_abr``, our
+    sender reports thinned to ``report_interval_s``). ``srs``: sender reports the viewer
+    received."""
+    from aiortc.rtp import RtcpSrPacket
+
+    from sonic_voice.kvs.abr import AbrController
+    from sonic_voice.kvs.opus_send import run_abr
+
     enable_transport_cc()
-    track = OpusFecTrack(OpusSendConfig(bitrate=32000))
+    track = OpusFecTrack(OpusSendConfig(bitrate=32000, adaptive=abr))
     track.push(speech_like(seconds + 2, 48000, seed=4))
-    got: dict[str, Any] = {"summaries": []}
-    pulls: list[asyncio.Task] = []
+    got: dict[str, Any] = {"summaries": [], "srs": 0}
+    tasks: list[asyncio.Future] = []
 
     async def pull(t: Any) -> None:
         while True:
@@ -44,19 +58,34 @@ async def _call(
         rx = next(tr.receiver for tr in pc.getTransceivers() if tr.receiver.track is t)
         rate = None if send_bps is None else (lambda: send_bps)
         got["feedback"] = TransportCcFeedback(rx, send_bps=rate)
-        pulls.append(asyncio.ensure_future(pull(t)))
+        handle = rx._handle_rtcp_packet
+
+        async def count(packet: Any) -> None:
+            got["srs"] += isinstance(packet, RtcpSrPacket)
+            await handle(packet)
+
+        rx._handle_rtcp_packet = count
+        tasks.append(asyncio.ensure_future(pull(t)))
 
     pc_a, pc_b = await connect_through(
         relay, track, on_track, munge=lambda s: munge_sdp(s, transport_cc=True)
     )
     try:
-        got["hist"] = tap_transport_cc(pc_a.getSenders()[0], got["summaries"].append)
+        sender = pc_a.getSenders()[0]
+        if abr:
+            run = run_abr(
+                track, sender, AbrController(), transport_cc=True,
+                report_interval_s=report_interval_s,
+            )  # fmt: skip
+            tasks.append(asyncio.ensure_future(run))
+        else:
+            got["hist"] = tap_transport_cc(sender, got["summaries"].append)
         got["sdp"] = (pc_a.localDescription.sdp, pc_b.localDescription.sdp)
         await asyncio.sleep(seconds)
     finally:
         got["feedback"].stop()
-        for p in pulls:
-            p.cancel()
+        for task in tasks:
+            task.cancel()
         track.stop()
         await pc_a.close()
         await pc_b.close()
@@ -108,67 +137,11 @@ async def test_feedback_on_a_thin_link_of_ours_comes_every_250_ms() -> None:
     assert got["hist"].next_seq - reported <= 15  # still every packet, in fewer messages
 
 
-async def _sender_reports(report_interval_s: float | None, seconds: float) -> int:
-    """Sender reports the viewer received in ``seconds`` of an adaptive call with
-    transport-cc feedback flowing (run_abr as kvs/peer.py runs it)."""
-    from aiortc.rtp import RtcpSrPacket
-
-    from sonic_voice.kvs.abr import AbrController
-    from sonic_voice.kvs.opus_send import run_abr
-
-    enable_transport_cc()
-    track = OpusFecTrack(OpusSendConfig(bitrate=32000, adaptive=True))
-    track.push(speech_like(seconds + 2, 48000, seed=4))
-    got: dict[str, Any] = {"srs": 0}
-    pulls: list[asyncio.Task] = []
-
-    def on_track(pc: Any, t: Any) -> None:
-        rx = next(tr.receiver for tr in pc.getTransceivers() if tr.receiver.track is t)
-        got["feedback"] = TransportCcFeedback(rx)
-        handle = rx._handle_rtcp_packet
-
-        async def count(packet: Any) -> None:
-            got["srs"] += isinstance(packet, RtcpSrPacket)
-            await handle(packet)
-
-        rx._handle_rtcp_packet = count
-
-        async def pull() -> None:
-            while True:
-                await t.recv()
-
-        pulls.append(asyncio.ensure_future(pull()))
-
-    relay = UdpImpairRelay(Impairment())
-    pc_a, pc_b = await connect_through(
-        relay, track, on_track, munge=lambda s: munge_sdp(s, transport_cc=True)
-    )
-    abr = asyncio.ensure_future(
-        run_abr(
-            track,
-            pc_a.getSenders()[0],
-            AbrController(),
-            transport_cc=True,
-            report_interval_s=report_interval_s,
-        )
-    )
-    try:
-        await asyncio.sleep(seconds)
-    finally:
-        abr.cancel()
-        got["feedback"].stop()
-        for p in pulls:
-            p.cancel()
-        track.stop()
-        await pc_a.close()
-        await pc_b.close()
-        relay.close()
-    return got["srs"]
-
-
 async def test_sender_reports_thin_out_to_one_in_5_s_while_feedback_comes() -> None:
     """aiortc's report every 0.5-1.5 s is 79 ms of a 12 kbit/s link (net_hooks)."""
-    thinned = await _sender_reports(5.0, 7.0)
-    stock = await _sender_reports(None, 7.0)
+    thinned = (await _call(UdpImpairRelay(Impairment()), 7.0, abr=True))["srs"]
+    stock = (await _call(UdpImpairRelay(Impairment()), 7.0, abr=True, report_interval_s=None))[
+        "srs"
+    ]
     assert stock >= 5, stock  # 7 s at 0.5-1.5 s each
     assert 1 <= thinned <= 3, thinned  # the first, then one every 2.5-7.5 s
