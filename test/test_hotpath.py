@@ -172,3 +172,119 @@ def test_pcm_and_out_chunks_serialized_match_their_messages() -> None:
     pcm = np.arange(-300, 300, dtype=np.int16)
     _same_serialization(pcm_cdr(pcm), pcm_msg(pcm))
     _same_serialization(out_cdr(pcm.tobytes(), 12), out_msg(pcm.tobytes(), 12))
+
+
+def test_in_process_delivery_and_back_to_dds_when_someone_else_listens() -> None:
+    """ros/hotpath.py "In-process delivery": a wrapped publisher hands its messages to the
+    process's hot subscriptions in its own thread while they are its only subscribers; when
+    a subscription of another participant matches, every message goes through DDS (the
+    local subscription takes it, once); when it leaves, in-process again. Serialized bytes
+    reach a raw subscription as bytes, a message reaches a typed subscription as is."""
+    from std_msgs.msg import Empty
+
+    ctx, other = Context(), Context()
+    domain = next_domain_id()
+    rclpy.init(context=ctx, domain_id=domain)
+    rclpy.init(context=other, domain_id=domain)
+    try:
+        node = Node("lane", context=ctx)
+        path = HotPath.of(ctx)
+        got: list[tuple[bytes, str]] = []
+        flushes: list[str] = []
+        path.subscribe(
+            node,
+            UInt8MultiArray,
+            "audio/z",
+            AUDIO_QOS,
+            lambda m: got.append((msg_bytes(m), threading.current_thread().name)),
+            parse=parse_uint8_multiarray,
+        )
+        path.subscribe(
+            node, Empty, "audio/e", AUDIO_QOS, lambda m: flushes.append(type(m).__name__)
+        )
+        pub = path.publisher(node.create_publisher(UInt8MultiArray, "audio/z", AUDIO_QOS))
+        flush = path.publisher(node.create_publisher(Empty, "audio/e", AUDIO_QOS))
+        assert pub.topic_name == "/audio/z"  # the wrapped publisher's own attributes
+        assert wait_for(lambda: pub.get_subscription_count() == 1, 10)
+
+        def send(first: int, n: int, by: str = "bytes") -> None:
+            for i in range(first, first + n):
+                data = bytes([i]) * 320
+                pub.publish(
+                    uint8_multiarray_cdr(data)
+                    if by == "bytes"
+                    else pcm_msg(np.frombuffer(data, "<i2"))
+                )
+
+        me = threading.current_thread().name
+        send(0, 10)
+        send(10, 5, by="message")
+        flush.publish(Empty())
+        assert [d for d, _ in got] == [bytes([i]) * 320 for i in range(15)]  # at once
+        assert {t for _, t in got} == {me} and flushes == ["Empty"]
+        assert (path.handed, path.taken) == (16, 0)
+
+        # Someone else listens (another participant, as `ros2 topic echo` would): DDS.
+        onode = Node("listener", context=other)
+        heard: list[bytes] = []
+        ex = SingleThreadedExecutor(context=other)
+        ex.add_node(onode)
+        onode.create_subscription(
+            UInt8MultiArray, "audio/z", lambda m: heard.append(bytes(m.data)), AUDIO_QOS
+        )
+        spin = threading.Thread(target=ex.spin, daemon=True)
+        spin.start()
+        assert wait_for(lambda: pub.get_subscription_count() == 2, 10)
+        send(15, 10)
+        assert wait_for(lambda: len(got) == 25 and len(heard) == 10, 10), (len(got), len(heard))
+        assert [d for d, _ in got] == [bytes([i]) * 320 for i in range(25)]  # once, in order
+        assert {t for _, t in got[15:]} == {"ros-hot-path"} and path.taken == 10
+        assert heard == [bytes([i]) * 320 for i in range(15, 25)]
+
+        # It leaves: in-process again.
+        ex.shutdown(timeout_sec=1)
+        onode.destroy_node()
+        assert wait_for(lambda: pub.get_subscription_count() == 1, 10)
+        send(25, 3)
+        assert [d for d, _ in got[25:]] == [bytes([i]) * 320 for i in range(25, 28)]
+        assert path.handed == 19 and path.taken == 10
+    finally:
+        other.try_shutdown()
+        ctx.try_shutdown()
+
+
+def test_in_process_delivery_respects_lifecycle_and_destroyed_subscriptions() -> None:
+    """An inactive lifecycle publisher hands nothing over; a destroyed hot subscription is
+    forgotten (its callback never runs again) and the publisher goes back to DDS."""
+    from rclpy.lifecycle import LifecycleNode
+
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=next_domain_id())
+    try:
+        node = LifecycleNode("lane_lc", context=ctx)
+        path = HotPath.of(ctx)
+        got: list[bytes] = []
+        sub = path.subscribe(
+            node,
+            UInt8MultiArray,
+            "audio/w",
+            AUDIO_QOS,
+            lambda m: got.append(msg_bytes(m)),
+            parse=parse_uint8_multiarray,
+        )
+        pub = path.publisher(node.create_lifecycle_publisher(UInt8MultiArray, "audio/w", 10))
+        assert wait_for(lambda: pub.get_subscription_count() == 1, 10)
+        pub.publish(uint8_multiarray_cdr(b"\x01\x02"))  # inactive: dropped
+        assert got == [] and path.handed == 0
+        node.trigger_configure()
+        node.trigger_activate()
+        pub.publish(uint8_multiarray_cdr(b"\x03\x04"))
+        assert got == [b"\x03\x04"] and path.handed == 1
+        node.destroy_subscription(sub)
+        assert path.local("/audio/w") == (sub,)  # not yet noticed ...
+        pub.publish(uint8_multiarray_cdr(b"\x05\x06"))
+        assert got == [b"\x03\x04"] and path.local("/audio/w") == ()  # ... now forgotten
+        pub.publish(uint8_multiarray_cdr(b"\x07\x08"))  # nobody: DDS, nothing arrives
+        assert got == [b"\x03\x04"] and path.handed == 1
+    finally:
+        ctx.try_shutdown()

@@ -117,10 +117,14 @@ class Bridge:
         the node's executor: for audio, whose every block would otherwise pay for the walk
         over all the node's entities."""
         loop = self.loop
+        thread = self._thread
 
         def on_msg(msg: Any) -> None:
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                loop.call_soon_threadsafe(handler, msg)
+                if threading.current_thread() is thread:  # handed over in-process by the loop
+                    loop.call_soon(handler, msg)
+                else:
+                    loop.call_soon_threadsafe(handler, msg)
 
         if "event_callbacks" not in kwargs:  # see ros/topics.py quiet_publisher_events
             from rclpy.event_handler import SubscriptionEventCallbacks

@@ -54,11 +54,21 @@ def quiet_subscription_events() -> SubscriptionEventCallbacks:
 
 
 def publisher(node: Any, topic: c.Topic, lifecycle: bool = False) -> Any:
-    """A publisher for ``topic`` with its contract's type and QoS."""
+    """A publisher for ``topic`` with its contract's type and QoS; for the audio topics
+    (:data:`HOT`) one that hands its messages to the same process's hot subscriptions
+    directly when nobody else listens (``ros/hotpath.py``, "In-process delivery")."""
     make = node.create_lifecycle_publisher if lifecycle else node.create_publisher
-    return make(
+    pub = make(
         msg_type(topic), topic.name, qos(topic.qos), event_callbacks=quiet_publisher_events()
     )
+    if topic in HOT:
+        from sonic_voice.ros.hotpath import HotPath
+
+        return HotPath.of(node.context).publisher(pub)
+    return pub
+
+
+HOT = (c.MIC, c.REMOTE, c.OUT, c.FLUSH)  # taken by the hot path (ros/hotpath.py)
 
 
 def subscription(node: Any, topic: c.Topic, callback: Callable[[Any], None], **kw: Any) -> Any:
