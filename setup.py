@@ -44,6 +44,7 @@ setup(
         "sounddevice",
         "boto3",
         "aiortc",
+        "uvloop",  # the bridge's event loop (libuv): ros/bridge.py new_event_loop
         "aiohttp",
         "websockets",
         "h2",

@@ -65,3 +65,37 @@ def test_bridge_stream_hands_messages_to_the_loop_in_order() -> None:
     assert bridge.submit(take(3)).result(5) == [0, 1, 2]
     assert stream.dropped == 2
     assert asyncio.iscoroutinefunction(bridge.wait)
+
+
+def test_the_bridge_runs_uvloop_unless_asked_for_asyncios_loop(monkeypatch) -> None:
+    """ros/bridge.py new_event_loop: uvloop by default (a dependency: measured cheaper),
+    asyncio's own loop with SONIC_VOICE_EVENT_LOOP=asyncio; both run the bridge's work
+    (a thread hand-over, to_thread, the bounded close)."""
+    import uvloop
+
+    from sonic_voice.ros.bridge import new_event_loop
+
+    for setting, kind in (("", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)):
+        if setting:
+            monkeypatch.setenv("SONIC_VOICE_EVENT_LOOP", setting)
+        else:
+            monkeypatch.delenv("SONIC_VOICE_EVENT_LOOP", raising=False)
+        probe = new_event_loop()
+        assert isinstance(probe, kind), (setting, type(probe))
+        probe.close()
+        bridge = Bridge()
+        try:
+            assert isinstance(bridge.loop, kind)
+            assert (uvloop.Loop is kind) == isinstance(bridge.loop, uvloop.Loop)
+
+            async def work() -> int:
+                return await asyncio.to_thread(lambda: 7)
+
+            assert bridge.submit(work()).result(5) == 7
+            got: list[str] = []
+            bridge.call(lambda out=got: out.append(threading.current_thread().name))
+            assert bridge.submit(asyncio.sleep(0.01, "x")).result(5) == "x"
+            assert got == ["sonic-voice-loop"]
+        finally:
+            bridge.close(2.0)
+        assert not bridge.running
