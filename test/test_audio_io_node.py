@@ -186,3 +186,42 @@ def test_state_topic_reports_devices(pulse, ros_graph) -> None:
     n.create_subscription(String, STATE_TOPIC, lambda m: got.append(m.data), LATCHED_QOS)
     assert wait_for(lambda: any('"lifecycle":"active"' in g for g in got), 10)
     assert '"input":"ok"' in got[-1] and '"output":"ok"' in got[-1]
+
+
+def test_a_speaker_that_stops_is_closed_reported_and_reopened(pulse, ros_graph) -> None:
+    """The device watchdog (on the loop with ros/bridge.py Bridge.every; closing and
+    re-opening in a worker thread): the sound server stops (SIGSTOP: no more requests for
+    audio, a connection attempt hangs) -> after device_timeout_s the speaker is closed and
+    audio_io/state says "lost" while the loop keeps running; the server back (SIGCONT) ->
+    the speaker is re-opened, "ok" again, and the server asks it for audio."""
+    import json
+    import signal
+
+    states: list[dict] = []
+    probe = ros_graph.node("state_probe")
+    probe.create_subscription(
+        String, STATE_TOPIC, lambda m: states.append(json.loads(m.data)), LATCHED_QOS
+    )
+    node = make_node(
+        ros_graph,
+        enable_input=False,
+        speaker_backend="pulse",
+        device_timeout_s=0.5,
+        device_retry_s=0.2,
+    )
+    assert wait_for(lambda: states and states[-1]["output"] == "ok", 10), states[-3:]
+    first = node.playback
+    ticks = node._timer.ticks
+    pulse.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert wait_for(lambda: any(s["output"] == "lost" for s in states), 10), states[-3:]
+        time.sleep(1.0)  # a re-open attempt hangs on the stopped server meanwhile ...
+        assert node._timer.ticks >= ticks + 4  # ... and the loop's ticks go on
+    finally:
+        pulse.proc.send_signal(signal.SIGCONT)
+    n = len(states)
+    assert wait_for(
+        lambda: len(states) > n + 8 and all(s["output"] == "ok" for s in states[-8:]), 20
+    ), states[-8:]
+    assert node.playback is not None and node.playback is not first  # a new stream
+    assert node.playback.active and time.monotonic() - node.playback.last_callback < 0.5

@@ -49,11 +49,13 @@ from sonic_voice.audio.devices import (
 from sonic_voice.audio.echo import APM_RATES, EchoCanceller, tap_playback
 from sonic_voice.audio.pulse import PulsePlayback, PulseUnavailableError
 from sonic_voice.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, DiagStatus
+from sonic_voice.ros.bridge import Periodic
 from sonic_voice.ros.node import ConfigError, VoiceNode, param
 from sonic_voice.ros.runtime import run_node
 from sonic_voice.ros.topics import follow_output, json_msg, msg_pcm, pcm_cdr, publisher
 
 STATE_TOPIC = c.AUDIO_IO_STATE.name
+WATCHDOG_S = 0.25  # how often the devices are looked at and the state published
 
 
 @dataclass
@@ -138,7 +140,8 @@ class AudioIONode(VoiceNode):
         self.echo: EchoCanceller | None = None
         self._mic_pub = None
         self._subs: list = []
-        self._timer = None
+        self._timer: Periodic | None = None
+        self._watchdog_job: asyncio.Future | None = None
         self._active = False
         self._mic_queue: queue.SimpleQueue[np.ndarray | None] = queue.SimpleQueue()
         self._mic_thread: threading.Thread | None = None
@@ -197,7 +200,7 @@ class AudioIONode(VoiceNode):
             raise ConfigError(str(e)) from None
         self._mic_pub = publisher(self, c.MIC, lifecycle=True)
         self._subs = follow_output(self, self._on_out, self._on_flush)
-        self._timer = self.create_timer(0.25, self._watchdog)
+        self._timer = self.bridge.every(WATCHDOG_S, self._watchdog_tick)
         self._publish_state("inactive")
 
     def activate(self) -> None:
@@ -222,7 +225,7 @@ class AudioIONode(VoiceNode):
 
     def release(self) -> None:
         if self._timer is not None:
-            self.destroy_timer(self._timer)
+            self._timer.cancel()
             self._timer = None
         self.diag.close()
 
@@ -268,8 +271,41 @@ class AudioIONode(VoiceNode):
                     s.close()
             self.capture = self.playback = None
 
+    def _watchdog_tick(self) -> None:
+        """On the loop every ``WATCHDOG_S``: a look at the devices without their lock (a
+        stale read only delays a decision by one tick) and the state with the queue depth;
+        a device to close or re-open is dealt with by :meth:`_watchdog` in a worker thread,
+        since PortAudio and libpulse block there (the loop carries everyone's audio)."""
+        if not self._active:
+            return
+        if self._watchdog_job is not None:
+            return  # still closing or re-opening a device
+        if self._needs_care(time.monotonic()):
+            job = self._watchdog_job = asyncio.ensure_future(asyncio.to_thread(self._watchdog))
+            job.add_done_callback(self._watchdog_done)
+            return
+        self._publish_state("active")
+
+    def _watchdog_done(self, job: asyncio.Future) -> None:
+        self._watchdog_job = None
+        if not job.cancelled() and job.exception() is not None:
+            self.get_logger().error(f"device watchdog: {job.exception()!r}")
+
+    def _needs_care(self, now: float) -> bool:
+        timeout = float(self._p("device_timeout_s"))
+        for kind in ("input", "output"):
+            if not self._p(f"enable_{kind}"):
+                continue
+            stream = self.capture if kind == "input" else self.playback
+            if stream is not None and (not stream.active or now - stream.last_callback > timeout):
+                return True
+            if self._status[kind] == "lost" and now >= self._next_retry:
+                return True
+        return False
+
     def _watchdog(self) -> None:
-        """Detect a lost device and re-open it; publish state with the queue depth."""
+        """Close a device that stopped, re-open a lost one when its retry is due; publish
+        state with the queue depth (a worker thread: see :meth:`_watchdog_tick`)."""
         if not self._active:
             return
         now = time.monotonic()
@@ -293,6 +329,7 @@ class AudioIONode(VoiceNode):
                         self.playback = None
                     self._status[kind] = "lost"
                     self._next_retry = now
+                    self._publish_state("active")  # before a re-open that may hang a while
                 if self._status[kind] == "lost" and now >= self._next_retry:
                     self._retry(kind)
                     if self._status[kind] == "lost":

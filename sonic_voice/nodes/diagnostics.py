@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.exceptions import InvalidHandle
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from sonic_voice.ros.bridge import Bridge, Periodic
 from sonic_voice.ros.topics import quiet_publisher_events
 
 DIAGNOSTICS_TOPIC = "/diagnostics"
@@ -125,9 +126,9 @@ class Diagnostics:
         self._pub = node.create_publisher(
             DiagnosticArray, topic, DIAGNOSTICS_QOS, event_callbacks=quiet_publisher_events()
         )
-        self._timer = node.create_timer(
-            period_s, self.publish_now, callback_group=MutuallyExclusiveCallbackGroup()
-        )
+        # On the process's loop, not an rclpy timer: a timer would wake the node's executor,
+        # which walks every entity of the node in Python (ros/bridge.py Bridge.every).
+        self._timer: Periodic | None = Bridge.get().every(period_s, self.publish_now)
         self.published = 0
 
     def add(self, name: str, task: StatusTask) -> None:
@@ -159,7 +160,8 @@ class Diagnostics:
 
     def publish_now(self) -> None:
         """Publish all statuses at once (e.g. right after a state change)."""
-        if self._pub is None:
+        pub = self._pub
+        if pub is None:
             return
         statuses = self.collect()
         if not statuses:
@@ -167,13 +169,16 @@ class Diagnostics:
         arr = DiagnosticArray()
         arr.header.stamp = self.node.get_clock().now().to_msg()
         arr.status = statuses
-        self._pub.publish(arr)
+        try:
+            pub.publish(arr)
+        except InvalidHandle:  # closed meanwhile (the loop's tick raced close()): nothing to say
+            return
         self.published += 1
 
     def close(self) -> None:
         """Stop the timer and the publisher (idempotent)."""
         if self._timer is not None:
-            self.node.destroy_timer(self._timer)
+            self._timer.cancel()
             self._timer = None
         if self._pub is not None:
             self.node.destroy_publisher(self._pub)
