@@ -44,3 +44,27 @@ async def test_flush_leaves_no_tail_of_the_old_answer() -> None:
     )
     track.stop()
     fresh.stop()
+
+
+def test_remote_blocker_at_the_decode_rate_runs_no_resampler() -> None:
+    """The resilient receiver decodes at 16 kHz itself (kvs/peer.py): the blocker then
+    only cuts blocks, bit-exact and with nothing held back, where the 48 kHz input still
+    goes through soxr (which holds back ~21 ms on average in 20 ms chunks)."""
+    from sonic_voice.kvs.audio import RemoteBlocker
+
+    src = speech_like(0.512, 16000, seed=5)  # 16 blocks exactly
+    out: list[np.ndarray] = []
+    b = RemoteBlocker(out.append, rate=16000, block_ms=32.0, in_rate=16000)
+    for i in range(0, len(src), 320):  # 20 ms frames, as the receiver plays them
+        b.push(src[i : i + 320])
+    assert b._resampler is not None and b._resampler._stream is None  # passthrough
+    assert {len(x) for x in out} == {512} and len(out) == 16
+    assert np.array_equal(np.concatenate(out), src[: len(out) * 512])
+
+    src48 = speech_like(0.512, 48000, seed=5)
+    out48: list[np.ndarray] = []
+    b48 = RemoteBlocker(out48.append, rate=16000, block_ms=32.0)
+    for i in range(0, len(src48), 960):
+        b48.push(src48[i : i + 960])
+    assert b48._resampler is not None and b48._resampler._stream is not None
+    assert len(out48) < len(out)  # the filter holds the last block back

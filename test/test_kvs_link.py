@@ -183,6 +183,7 @@ async def _both_ways(emu: KvsEmulator, robot: Robot, resilient: bool) -> None:
     fmtp = opus_fmtp(answer_sdp(emu, "visitor-1"))
     if resilient:
         assert isinstance(peer.out, OpusFecTrack) and peer.rx is not None
+        assert peer.rx.out_rate == 16000  # decoded at audio/remote's rate: no resampler
         # Our buffer played the viewer's speech, almost all of it from packets.
         played = sum(kinds.values())
         assert kinds["normal"] >= 2.5 / 0.02, (kinds, peer.rx.stats)

@@ -31,6 +31,12 @@ Opus decoding is libopus through ``opuslib`` (ctypes): PyAV's decoder cannot dec
 data or run PLC. The module has two layers: :class:`AdaptiveJitterBuffer` (pure, clock
 passed in, tested without a network) and :class:`ResilientAudioReceiver` (asyncio, fed by
 the aiortc hook in :mod:`sonic_voice.kvs.aiortc_hooks`).
+
+**Output rate.** libopus decodes at 8/12/16/24/48 kHz (``out_rate``), band-limiting and
+resampling inside the decoder; the RTP timestamps stay on Opus's 48 kHz clock (RFC 7587)
+and so does the whole timeline here, only PCM lengths are at ``out_rate``. The robot needs
+16 kHz (``audio/remote``): decoding at 16 kHz rather than at 48 kHz and then resampling
+(soxr) is what issue 10 measured (bench/rx_decode.py).
 """
 
 from __future__ import annotations
@@ -48,8 +54,17 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-RATE = 48000
+RATE = 48000  # Opus's RTP clock (RFC 7587), whatever rate the decoder gives PCM at
 FRAME = 960  # 20 ms at 48 kHz, what browsers and aiortc send
+# Rates libopus decodes at natively (opus_decoder_create): it band-limits and resamples
+# inside the decoder, where a separate resampler afterwards costs CPU and delay.
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+
+
+def opus_decode_rate(want: int) -> int:
+    """The rate to decode at for audio wanted at ``want`` Hz: ``want`` itself when libopus
+    decodes at it (no resampler afterwards), else 48 kHz (to be resampled)."""
+    return want if want in OPUS_RATES else RATE
 
 
 # -- Opus helpers -------------------------------------------------------------------------
@@ -123,17 +138,19 @@ def packet_has_fec(payload: bytes) -> bool:
     return False
 
 
-def accelerate(pcm: np.ndarray, max_cut: int) -> tuple[np.ndarray, int]:
-    """``pcm`` (48 kHz) played faster by at most ``max_cut`` samples, with its pitch and
-    content kept: in each 20 ms block the best-matching period (2.5-10 ms) is cross-faded
-    into the next and one copy removed, as NetEq's accelerate does; a block with no
-    period that matches (correlation under 0.7) and some level is left alone. Returns
-    the new PCM and the samples removed."""
-    lo, hi = RATE // 400, RATE // 100  # 2.5 .. 10 ms
+def accelerate(pcm: np.ndarray, max_cut: int, rate: int = RATE) -> tuple[np.ndarray, int]:
+    """``pcm`` (at ``rate``) played faster by at most ``max_cut`` samples, with its pitch
+    and content kept: in each 20 ms block the best-matching period (2.5-10 ms) is
+    cross-faded into the next and one copy removed, as NetEq's accelerate does; a block
+    with no period that matches (correlation under 0.7) and some level is left alone.
+    Returns the new PCM and the samples removed."""
+    lo, hi = rate // 400, rate // 100  # 2.5 .. 10 ms
+    step = max(1, rate // 12000)  # the lag grid: 4 samples (83 us) at 48 kHz, 1 at 16 kHz
+    block = rate // 50  # 20 ms
     out: list[np.ndarray] = []
     cut = 0
-    for b in range(0, len(pcm), FRAME):
-        seg = pcm[b : b + FRAME]
+    for b in range(0, len(pcm), block):
+        seg = pcm[b : b + block]
         room = max_cut - cut
         if room < lo or len(seg) < 2 * lo:
             out.append(seg)
@@ -142,7 +159,7 @@ def accelerate(pcm: np.ndarray, max_cut: int) -> tuple[np.ndarray, int]:
         top = min(hi, room, len(seg) // 2)
         best, best_l = -1.0, 0
         quiet = float(np.sqrt(np.mean(x**2))) < 300
-        for lag in range(lo, top + 1, 4):
+        for lag in range(lo, top + 1, step):
             a, c = x[:lag], x[lag : 2 * lag]
             den = np.sqrt(np.dot(a, a) * np.dot(c, c))
             r = np.dot(a, c) / den if den > 0 else 1.0
@@ -160,36 +177,66 @@ def accelerate(pcm: np.ndarray, max_cut: int) -> tuple[np.ndarray, int]:
 
 
 class OpusDecoder:
-    """libopus decoder (via opuslib) giving mono int16 at 48 kHz, with FEC and PLC."""
+    """libopus decoder (via opuslib) giving mono int16 at ``rate`` (one of
+    :data:`OPUS_RATES`), with FEC and PLC. Frame lengths are in samples at ``rate``.
 
-    def __init__(self, channels: int = 1) -> None:
+    Decodes with opuslib's own ctypes binding of ``opus_decode``
+    (``opuslib.api.decoder.libopus_decode``) into one preallocated buffer: opuslib's
+    ``Decoder.decode`` allocates a buffer per call and copies the PCM out through a Python
+    list of ints, which took more CPU than libopus itself (bench/rx_decode.py,
+    rx_opuslib_decode_* -> rx_opus_decoder_*: 142 -> 55 us per 20 ms at 48 kHz,
+    77 -> 40 us at 16 kHz).
+    """
+
+    def __init__(self, channels: int = 1, rate: int = RATE) -> None:
         import opuslib
+        import opuslib.api
+        import opuslib.api.decoder
 
+        if rate not in OPUS_RATES:
+            raise ValueError(f"OpusDecoder: libopus decodes at {OPUS_RATES} Hz, not {rate}")
         self.channels = channels
-        self._dec = opuslib.Decoder(RATE, channels)
+        self.rate = rate
+        self.frame = rate // 50  # 20 ms
+        self._dec = opuslib.Decoder(rate, channels)
         self._error = opuslib.OpusError
+        self._opus_decode = opuslib.api.decoder.libopus_decode
+        self._int16_p = opuslib.api.c_int16_pointer
+        self._alloc(rate * 120 // 1000)  # Opus's longest packet: 120 ms
+
+    def _alloc(self, frame: int) -> None:
+        self._buf = np.zeros(frame * self.channels, np.int16)
+        self._cap = frame
+        self._ptr = self._buf.ctypes.data_as(self._int16_p)
+
+    def _call(self, data: bytes, frame: int, fec: bool) -> int:
+        if frame > self._cap:  # libopus writes up to frame samples per channel
+            self._alloc(frame)
+        return self._opus_decode(self._dec.decoder_state, data, len(data), self._ptr, frame, fec)
 
     def _run(self, data: bytes, frame: int, fec: bool) -> np.ndarray:
-        try:
-            pcm = self._dec.decode(data, frame, decode_fec=fec)
-        except self._error as e:
-            log.debug("opus decode failed (%s): concealing", e)
-            pcm = self._dec.decode(b"", frame)
-        out = np.frombuffer(pcm, dtype="<i2").astype(np.int16)
+        n = self._call(data, frame, fec)
+        if n < 0:
+            log.debug("opus decode failed (%s): concealing", self._error(n))
+            n = self._call(b"", frame, False)
+            if n < 0:
+                raise self._error(n)
         if self.channels > 1:
-            out = out.reshape(-1, self.channels).mean(axis=1).astype(np.int16)
-        return out
+            pcm = self._buf[: n * self.channels].reshape(-1, self.channels)
+            return pcm.mean(axis=1).astype(np.int16)
+        return self._buf[:n].copy()
 
     def decode(self, payload: bytes) -> np.ndarray:
-        n = opus_packet_samples(payload) or FRAME
+        n = opus_packet_samples(payload, self.rate) or self.frame
         return self._run(payload, n, False)
 
-    def decode_fec(self, next_payload: bytes, frame: int = FRAME) -> np.ndarray:
-        """Rebuild the frame *before* ``next_payload`` from its FEC data (PLC if none)."""
-        return self._run(next_payload, frame, True)
+    def decode_fec(self, next_payload: bytes, frame: int | None = None) -> np.ndarray:
+        """Rebuild the frame *before* ``next_payload`` from its FEC data (PLC if none);
+        ``frame`` samples at the decoder's rate (20 ms by default)."""
+        return self._run(next_payload, frame or self.frame, True)
 
-    def conceal(self, frame: int = FRAME) -> np.ndarray:
-        return self._run(b"", frame, False)
+    def conceal(self, frame: int | None = None) -> np.ndarray:
+        return self._run(b"", frame or self.frame, False)
 
 
 # -- sequence / timestamp unwrapping ------------------------------------------------------
@@ -295,7 +342,7 @@ class JitterConfig:
 
 @dataclass
 class Frame:
-    """One 20 ms (usually) output frame: mono int16 at 48 kHz."""
+    """One 20 ms (usually) output frame: mono int16 at the buffer's ``out_rate``."""
 
     pcm: np.ndarray
     kind: str  # "normal" | "fec" | "plc" | "dtx" | "silence" | "stretch"
@@ -329,11 +376,22 @@ class JitterStats:
 
 class AdaptiveJitterBuffer:
     """Clock-driven jitter buffer; no I/O, no asyncio: ``push()`` packets as they arrive,
-    ``pop_due(now)`` frames when their time comes, ``nacks_due(now)`` seqs to NACK."""
+    ``pop_due(now)`` frames when their time comes, ``nacks_due(now)`` seqs to NACK.
 
-    def __init__(self, config: JitterConfig | None = None, channels: int = 1) -> None:
+    ``out_rate``: the rate of the PCM it plays (one of :data:`OPUS_RATES`; 48 kHz by
+    default, what the callers comparing against a 48 kHz source use). Everything on the
+    timeline (``_next_ts``, frame steps, the wait, packet lengths) stays in RTP ticks of
+    Opus's 48 kHz clock; only PCM is at ``out_rate`` (:meth:`_pcm_len`). Decoding at
+    16 kHz, what the robot needs, costs less than decoding at 48 kHz and resampling
+    (bench/rx_decode.py).
+    """
+
+    def __init__(
+        self, config: JitterConfig | None = None, channels: int = 1, out_rate: int = RATE
+    ) -> None:
         self.cfg = config or JitterConfig()
-        self.decoder = OpusDecoder(channels)
+        self.decoder = OpusDecoder(channels, out_rate)
+        self.out_rate = out_rate
         self.stats = JitterStats(target_ms=self.cfg.initial_delay_ms)
         self._seq = _Unwrapper(16)
         self._ts = _Unwrapper(32)
@@ -347,15 +405,19 @@ class AdaptiveJitterBuffer:
         self._highest_seq: int | None = None
         self._last_arrival = 0.0
         self._plc_run = 0
-        # Samples of output inserted while waiting, on an empty buffer, for the frame due
+        # RTP ticks of output inserted while waiting, on an empty buffer, for the frame due
         # (a delay spike: its packet is probably late, not lost); a packet that then comes
         # with a later timestamp (a sender's pause, or a loss) skips this much of the gap.
         self._waited = 0
         self._nack: dict[int, tuple[float, int]] = {}  # ext seq -> (next send time, tries)
         self._nacked: dict[int, float] = {}  # ext seq -> when first NACKed
-        self._last_frame = FRAME
+        self._last_frame = FRAME  # RTP ticks
         self._losses: deque[float] = deque()  # due times of frames not played from a packet
         self.ssrc: int | None = None
+
+    def _pcm_len(self, ticks: int) -> int:
+        """Samples at ``out_rate`` for ``ticks`` of the 48 kHz RTP clock."""
+        return ticks * self.out_rate // RATE
 
     # -- input ----------------------------------------------------------------------------
     def push(self, seq: int, timestamp: int, payload: bytes, arrival: float) -> None:
@@ -485,7 +547,7 @@ class AdaptiveJitterBuffer:
         due = self._next_due
         # How late this frame plays relative to its earliest possible arrival.
         delay = due - (self._base + ts / RATE)
-        frame = self._last_frame
+        frame = self._last_frame  # RTP ticks (48 kHz) throughout; its PCM: _pcm_len(frame)
         entry = self._by_ts.pop(ts, None)
         # Nothing at or after this frame has come: its packet may be late rather than
         # lost (a bottleneck queue filling delays every packet at once: +100-300 ms in
@@ -511,9 +573,9 @@ class AdaptiveJitterBuffer:
             run = self._plc_run + self._waited // frame
             silent = run * frame / RATE * 1000 >= self.cfg.max_plc_ms
             if self._last_seq is None or silent:
-                pcm = np.zeros(frame, np.int16)
+                pcm = np.zeros(self._pcm_len(frame), np.int16)
             else:
-                pcm = self._fade(self.decoder.conceal(frame), run)
+                pcm = self._fade(self.decoder.conceal(self._pcm_len(frame)), run)
             if wait:
                 self._waited += frame
             st.stretched += 1
@@ -522,7 +584,7 @@ class AdaptiveJitterBuffer:
         if entry is not None:
             eseq, payload = entry
             pcm = self.decoder.decode(payload)
-            frame = len(pcm) or FRAME
+            frame = len(pcm) * RATE // self.out_rate or FRAME
             self._last_frame = frame
             self._last_seq = eseq
             self._plc_run = 0
@@ -543,19 +605,19 @@ class AdaptiveJitterBuffer:
             )
             if dtx:
                 kind = "dtx"
-                pcm = self._fade(self.decoder.conceal(frame))
+                pcm = self._fade(self.decoder.conceal(self._pcm_len(frame)))
                 st.dtx += 1
             elif self._plc_run * frame / RATE * 1000 >= self.cfg.max_plc_ms:
                 kind = "silence"
-                pcm = np.zeros(frame, np.int16)
+                pcm = np.zeros(self._pcm_len(frame), np.int16)
                 st.silence += 1
             elif nxt is not None and packet_has_fec(nxt[1]):
                 kind = "fec"
-                pcm = self.decoder.decode_fec(nxt[1], frame)
+                pcm = self.decoder.decode_fec(nxt[1], self._pcm_len(frame))
                 st.fec += 1
             else:
                 kind = "plc"
-                pcm = self._fade(self.decoder.conceal(frame))
+                pcm = self._fade(self.decoder.conceal(self._pcm_len(frame)))
                 st.plc += 1
             if kind != "dtx":
                 self._plc_run += 1
@@ -575,11 +637,12 @@ class AdaptiveJitterBuffer:
         excess = delay - self._target
         over = max(self.cfg.accelerate_over_ms / 1000, frame / RATE + 0.002)
         if kind == "normal" and excess > over:
-            pcm, cut = accelerate(pcm, int((excess - over / 2) * RATE))
+            rate = self.out_rate
+            pcm, cut = accelerate(pcm, int((excess - over / 2) * rate), rate)
             if cut:
-                self._next_due -= cut / RATE
+                self._next_due -= cut / rate
                 st.shrunk += 1
-                st.accelerated_ms += cut * 1000 / RATE
+                st.accelerated_ms += cut * 1000 / rate
         return [Frame(pcm, kind, ts, due)]
 
     def _fade(self, pcm: np.ndarray, run: int | None = None) -> np.ndarray:
@@ -603,25 +666,28 @@ _MAX_YIELDS_AFTER_STALL = 50
 class ResilientAudioReceiver:
     """Plays one aiortc audio receiver through :class:`AdaptiveJitterBuffer`.
 
-    ``on_pcm48k(pcm)`` gets each 20 ms of mono int16 48 kHz audio on the event loop, paced
-    in real time; ``on_frame(frame)`` (optional) gets the :class:`Frame` with its kind and
-    RTP timestamp. :meth:`recv` is the pull alternative. Create with
+    ``on_pcm(pcm)`` gets each 20 ms of mono int16 audio at ``out_rate`` (48 kHz by
+    default; any of :data:`OPUS_RATES`, decoded at that rate by libopus) on the event
+    loop, paced in real time; ``on_frame(frame)`` (optional) gets the :class:`Frame` with
+    its kind and RTP timestamp. :meth:`recv` is the pull alternative. Create with
     :func:`install_receiver`.
     """
 
     def __init__(
         self,
         receiver,
-        on_pcm48k: Callable[[np.ndarray], None] | None = None,
+        on_pcm: Callable[[np.ndarray], None] | None = None,
         config: JitterConfig | None = None,
         on_frame: Callable[[Frame], None] | None = None,
         queue_frames: int = 50,
+        out_rate: int = RATE,
     ) -> None:
         from sonic_voice.kvs import aiortc_hooks
 
         self.receiver = receiver
-        self.buffer = AdaptiveJitterBuffer(config)
-        self.on_pcm48k = on_pcm48k
+        self.buffer = AdaptiveJitterBuffer(config, out_rate=out_rate)
+        self.out_rate = out_rate
+        self.on_pcm = on_pcm
         self.on_frame = on_frame
         self._queue: asyncio.Queue[Frame] = asyncio.Queue(maxsize=queue_frames)
         self._wake = asyncio.Event()
@@ -696,14 +762,14 @@ class ResilientAudioReceiver:
     def _deliver(self, frame: Frame) -> None:
         if self.on_frame is not None:
             self.on_frame(frame)
-        if self.on_pcm48k is not None:
-            self.on_pcm48k(frame.pcm)
+        if self.on_pcm is not None:
+            self.on_pcm(frame.pcm)
         if self._queue.full():
             self._queue.get_nowait()  # the consumer fell behind: keep the newest audio
         self._queue.put_nowait(frame)
 
     async def recv(self) -> Frame:
-        """Next frame (pull alternative to ``on_pcm48k``)."""
+        """Next frame (pull alternative to ``on_pcm``)."""
         return await self._queue.get()
 
     @property
@@ -721,16 +787,33 @@ class ResilientAudioReceiver:
 def install_receiver(
     pc,
     track_or_receiver,
-    on_pcm48k: Callable[[np.ndarray], None] | None = None,
+    on_pcm: Callable[[np.ndarray], None] | None = None,
     config: JitterConfig | None = None,
     on_frame: Callable[[Frame], None] | None = None,
+    *,
+    out_rate: int = RATE,
+    on_pcm48k: Callable[[np.ndarray], None] | None = None,
 ) -> ResilientAudioReceiver:
     """Replace aiortc's audio receive path for one remote audio track.
 
     Call from ``pc.on("track")`` (before media flows), with the track or its
     ``RTCRtpReceiver``. Must run on the peer connection's event loop. The track's own
-    ``recv()`` then yields nothing; audio comes through ``on_pcm48k`` / ``recv()``.
+    ``recv()`` then yields nothing; audio comes through ``on_pcm`` / ``recv()``, mono int16
+    at ``out_rate`` (one of :data:`OPUS_RATES`; :func:`opus_decode_rate` picks it for a
+    wanted rate). ``on_pcm48k`` is the former name of ``on_pcm``, for 48 kHz only.
     """
+    if out_rate not in OPUS_RATES:
+        raise ValueError(
+            f"install_receiver: out_rate {out_rate} is not a rate libopus decodes at "
+            f"{OPUS_RATES}; decode at opus_decode_rate(rate) and resample"
+        )
+    if on_pcm48k is not None:
+        if on_pcm is not None or out_rate != RATE:
+            raise ValueError(
+                "install_receiver: on_pcm48k (48 kHz) is the old name of on_pcm; pass "
+                "on_pcm alone, with out_rate for another rate"
+            )
+        on_pcm = on_pcm48k
     receiver = track_or_receiver
     if not hasattr(receiver, "_handle_rtp_packet"):
         matches = [r for r in pc.getReceivers() if r.track is track_or_receiver]
@@ -739,4 +822,4 @@ def install_receiver(
         receiver = matches[0]
     if receiver.track is not None and receiver.track.kind != "audio":
         raise ValueError("install_receiver is for audio tracks")
-    return ResilientAudioReceiver(receiver, on_pcm48k, config, on_frame)
+    return ResilientAudioReceiver(receiver, on_pcm, config, on_frame, out_rate=out_rate)

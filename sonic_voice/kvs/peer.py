@@ -4,9 +4,10 @@ incoming audio, and its data channel. Closing a peer releases all of them.
 Audio paths (``KvsSettings``):
 
 - in, ``resilient_receive`` (default): the viewer's RTP goes to our adaptive jitter buffer
-  with Opus FEC/PLC/NACK (:func:`sonic_voice.kvs.jitter.install_receiver`), 48 kHz mono out,
-  then this viewer's resampler and 32 ms blocker; otherwise aiortc's own receive path
-  (:func:`sonic_voice.kvs.audio.consume_remote`).
+  with Opus FEC/PLC/NACK (:func:`sonic_voice.kvs.jitter.install_receiver`), decoded by
+  libopus straight at ``remote_rate`` (16 kHz; 48 kHz then this viewer's resampler for a
+  rate libopus does not decode at), then this viewer's 32 ms blocker; otherwise aiortc's own
+  receive path (:func:`sonic_voice.kvs.audio.consume_remote`).
 - out, ``opus_fec`` (default): :class:`sonic_voice.kvs.opus_send.OpusFecTrack` (libopus with
   in-band FEC, fed at ``out_rate``); otherwise :class:`sonic_voice.kvs.audio.PacedAudioTrack`
   (aiortc's encoder).
@@ -33,7 +34,7 @@ from sonic_voice.kvs import aiortc_hooks, net_hooks
 from sonic_voice.kvs.abr import AbrConfig, AbrController
 from sonic_voice.kvs.audio import PacedAudioTrack, RemoteBlocker, consume_remote
 from sonic_voice.kvs.frames import validate_candidate
-from sonic_voice.kvs.jitter import ResilientAudioReceiver, install_receiver
+from sonic_voice.kvs.jitter import ResilientAudioReceiver, install_receiver, opus_decode_rate
 from sonic_voice.kvs.messages import RejectedMessage, dumps, parse_inbound
 from sonic_voice.kvs.opus_send import (
     ENCODER_RATES,
@@ -236,11 +237,14 @@ class ViewerPeer:
         if self.settings.resilient_receive:
             if self.rx is not None:
                 return  # one audio track per viewer is consumed
+            rate = self.settings.remote_rate
+            # Decoded at the rate wanted when libopus can (16 kHz): no resampler after it.
+            decode_rate = opus_decode_rate(rate)
             blocker = RemoteBlocker(
-                deliver, self.settings.remote_rate, self.settings.remote_block_ms
+                deliver, rate, self.settings.remote_block_ms, in_rate=decode_rate
             )
             self._feed_back_transport_cc(track)
-            self.rx = install_receiver(self.pc, track, on_pcm48k=blocker.push)
+            self.rx = install_receiver(self.pc, track, on_pcm=blocker.push, out_rate=decode_rate)
             self.rx.task.set_name(f"kvs-peer-{self.client_id}-audio-in")
             self.tasks.add(self.rx.task)
             self.rx.task.add_done_callback(self.tasks.discard)
