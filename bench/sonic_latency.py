@@ -9,6 +9,11 @@ throughout: rclpy/DDS, the SDK over awscrt HTTP/2 + TLS with SigV4 event signing
   -> its frame's last byte read from the HTTP/2 connection by the stand-in (its
   ``on_audio_input`` hook). Frames carry a sequence number in two samples, so each is
   matched exactly. Paced in real time, as a microphone delivers them.
+- **uplink in process** (``uplink_in_process_*``): the same, from a publisher that hands
+  frames to the session's subscription in-process (``ros/hotpath.py``), as audio_io does
+  when the runner puts every node in one process; the plain ``uplink_*`` goes through DDS,
+  as from audio_io in a process of its own (``ros2 launch``). Both publish serialized
+  bytes, as audio_io does.
 - **downlink**: the stand-in writes one 40 ms ``audioOutput`` (``push_audio_output``;
   stamped by its ``on_audio_output`` hook right after the write) -> that PCM arrives on
   ``audio/out`` at a subscriber. Paced in real time.
@@ -205,11 +210,18 @@ def ms(pairs: list[tuple[int, int]]) -> list[float]:
 
 
 def measure_uplink(
-    emu: Any, mic: Any, stages: dict[str, dict[int, int]], send_log: list, first: int, n: int
+    emu: Any,
+    mic: Any,
+    stages: dict[str, dict[int, int]],
+    send_log: list,
+    first: int,
+    n: int,
+    name: str = "uplink",
 ) -> dict[str, list[float]]:
     """``n`` tagged mic frames from sequence number ``first``, paced in real time; the
-    warm-up frames are sent and left out."""
-    from std_msgs.msg import UInt8MultiArray
+    warm-up frames are sent and left out. Published serialized, as audio_io does
+    (ros/topics.py ``pcm_cdr``)."""
+    from sonic_voice.ros.topics import uint8_multiarray_cdr
 
     total = n + WARMUP
     seqs = range(first, first + total)
@@ -217,10 +229,9 @@ def measure_uplink(
     period = IN_FRAME / 16000
     t0 = time.perf_counter()
     for k, i in enumerate(seqs):
-        msg = UInt8MultiArray()
-        msg.data = tag_frame(IN_FRAME, i)
+        data = uint8_multiarray_cdr(tag_frame(IN_FRAME, i))
         sent[i] = time.perf_counter_ns()
-        mic.publish(msg)
+        mic.publish(data)
         delay = t0 + (k + 1) * period - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
@@ -238,14 +249,16 @@ def measure_uplink(
     send_log.clear()
     keep = seqs[WARMUP:]
     return {
-        "uplink_hop_publish_to_executor_callback": ms([(sent[i], stages["cb"][i]) for i in keep]),
-        "uplink_hop_executor_to_loop": ms([(stages["cb"][i], stages["loop"][i]) for i in keep]),
-        "uplink_hop_loop_to_sdk_send": ms([(stages["loop"][i], stages["send"][i]) for i in keep]),
-        "uplink_hop_sdk_send_to_stand_in": ms([(stages["send"][i], arrived[i]) for i in keep]),
+        f"{name}_hop_publish_to_subscription_callback": ms(
+            [(sent[i], stages["cb"][i]) for i in keep]
+        ),
+        f"{name}_hop_callback_to_loop": ms([(stages["cb"][i], stages["loop"][i]) for i in keep]),
+        f"{name}_hop_loop_to_sdk_send": ms([(stages["loop"][i], stages["send"][i]) for i in keep]),
+        f"{name}_hop_sdk_send_to_stand_in": ms([(stages["send"][i], arrived[i]) for i in keep]),
         # The robot's side alone: until the frame is handed to the SDK (then awscrt's
         # thread writes it and the stand-in, standing for a service far away, reads it).
-        "uplink_mic_to_sdk_send": ms([(sent[i], stages["send"][i]) for i in keep]),
-        "uplink_mic_to_stand_in": ms([(sent[i], arrived[i]) for i in keep]),
+        f"{name}_mic_to_sdk_send": ms([(sent[i], stages["send"][i]) for i in keep]),
+        f"{name}_mic_to_stand_in": ms([(sent[i], arrived[i]) for i in keep]),
     }
 
 
@@ -273,6 +286,7 @@ def measure_downlink(
 
 GOALS = {
     "uplink_mic_to_stand_in": {QUIET: "<= 2.5 ms", LOADED: "<= 10 ms"},
+    "uplink_in_process_mic_to_stand_in": {QUIET: "<= 2.5 ms", LOADED: "<= 10 ms"},
     "downlink_stand_in_to_audio_out": {QUIET: "<= 25 ms", LOADED: "<= 25 ms"},
 }
 
@@ -305,6 +319,7 @@ def main() -> None:
 
     from sonic_voice.emulators.sonic import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
     from sonic_voice.nodes.sonic_session import SonicSessionNode
+    from sonic_voice.ros.hotpath import HotPath
     from sonic_voice.ros.topics import AUDIO_QOS, MIC_TOPIC, OUT_TOPIC
 
     from test.harness.ros import RosGraph, wait_for
@@ -331,6 +346,12 @@ def main() -> None:
         graph.add(node, bring_up=True)  # configure + activate, as the runner does
         bench = graph.node("sonic_bench")
         mic = bench.create_publisher(UInt8MultiArray, MIC_TOPIC, AUDIO_QOS)
+        # audio_io in the same process (the runner): its publisher hands frames over
+        # in-process (ros/hotpath.py); the plain one above goes through DDS, as from
+        # audio_io in a process of its own (ros2 launch).
+        mic_here = HotPath.of(graph.context).publisher(
+            bench.create_publisher(UInt8MultiArray, MIC_TOPIC, AUDIO_QOS)
+        )
         lock = threading.Lock()
         got_out: dict[int, int] = {}
 
@@ -390,6 +411,8 @@ def main() -> None:
         for name in phases(args.load):
             with phase(name) as info:
                 up = measure_uplink(emu, mic, stages, send_log, first, n)
+                first += n + WARMUP
+                up |= measure_uplink(emu, mic_here, stages, send_log, first, n, "uplink_in_process")
                 first += n + WARMUP
                 down = measure_downlink(emu, got_out, first, n)
                 first += n + WARMUP
