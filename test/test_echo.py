@@ -92,6 +92,30 @@ def test_far_end_queue_is_bounded_and_rates_are_checked() -> None:
         raise AssertionError("22050 Hz accepted")
 
 
+def test_direct_apm_calls_are_livekits_own_path_bit_for_bit() -> None:
+    """echo.py's _DirectApmCalls (livekit's FFI entry point with a request serialized once)
+    gives exactly what livekit's public process_stream/process_reverse_stream give, frame
+    for frame, through echo, double talk and silence; and it is in use (a livekit upgrade
+    that changes its internals fails here instead of silently slowing the mic path)."""
+    far = np.concatenate([speech_like(2.0, R, seed=4, level=0.4), np.zeros(R, np.int16)])
+    person = np.zeros(len(far))
+    person[R : R + R] = speech_like(1.0, R, seed=8, level=0.3)
+    echo = np.zeros(len(far))
+    echo[1100:] = 0.3 * far[:-1100]
+    mic = np.clip(echo + person, -32768, 32767).astype(np.int16)
+    direct, public = EchoCanceller(R), EchoCanceller(R)
+    assert direct._calls is not None
+    public._calls = None
+    outs: dict[str, list[np.ndarray]] = {"direct": [], "public": []}
+    for i in range(0, len(mic) - 511, 512):
+        for name, ec in (("direct", direct), ("public", public)):
+            ec.process_far(far[i : i + 512])
+            outs[name].append(ec.process_near(mic[i : i + 512]))
+    got, want = np.concatenate(outs["direct"]), np.concatenate(outs["public"])
+    assert len(got) == len(want) and np.array_equal(got, want)
+    assert db(mic[R // 2 : R]) - db(got[R // 2 : R]) > 10  # and it did cancel echo
+
+
 def _play_into_mic(pulse, samples: np.ndarray, rate: int) -> subprocess.Popen:
     """The person's speech into the virtual microphone from a deep (300 ms) client buffer:
     a shallow one starves under load and PulseAudio fills the holes with silence (5-70 ms

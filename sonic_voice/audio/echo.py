@@ -16,14 +16,19 @@ microphone block, so both streams reach the APM in time order from one thread.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from sonic_voice.audio.pcm import FrameChunker, as_pcm16
 from sonic_voice.audio.resample import StreamResampler
+
+log = logging.getLogger(__name__)
 
 APM_RATES = (8000, 16000, 32000, 48000)
 
@@ -79,6 +84,7 @@ class EchoCanceller:
             rev: AudioFrame(buf, rate, 1, self.frame) for rev, buf in self._bufs.items()
         }
         self._views = {rev: np.frombuffer(buf, dtype="<i2") for rev, buf in self._bufs.items()}
+        self._calls = _DirectApmCalls.make(self._apm, self._bufs, rate)
         self._delay_set: int | None = None
         self._far: deque[np.ndarray] = deque()
         self._far_lock = threading.Lock()
@@ -152,17 +158,86 @@ class EchoCanceller:
     def _run(self, frame: np.ndarray, *, reverse: bool) -> np.ndarray | None:
         view = self._views[reverse]
         view[:] = frame
-        if reverse:
+        if self._calls is not None:
+            self._calls.process(reverse)
+        elif reverse:
             self._apm.process_reverse_stream(self._frames[reverse])
-            return None
-        self._apm.process_stream(self._frames[reverse])
-        return view.astype(np.int16)
+        else:
+            self._apm.process_stream(self._frames[reverse])
+        return None if reverse else view.astype(np.int16)
 
     def reset_far(self) -> None:
         """Forget queued far-end audio (e.g. the speaker stream was re-opened)."""
         with self._far_lock:
             self._far.clear()
             self._far_queued = 0
+
+
+class _DirectApmCalls:
+    """``process_stream`` / ``process_reverse_stream`` on our two fixed 10 ms buffers, with
+    livekit's own FFI entry point and request, minus its per-call Python.
+
+    livekit's ``AudioProcessingModule.process_stream`` builds and serializes a protobuf
+    request, parses the protobuf response and wraps the response's handle in an
+    ``FfiHandle`` (a weak set entry) to drop it: 92.7 us a call where the same native call
+    with the request serialized once is 47.4 us (16 kHz, AEC3 + NS + HPF, 3000 calls;
+    ~200 calls a second, so ~0.9 % of a core). Our request never changes (same module, same
+    buffer address, size, rate), so it is serialized once per direction; the response is
+    compared with the one a success gave (an error is parsed and raised as livekit does).
+    The same native library, the same calls in the same order: test_echo checks the
+    output is bit for bit livekit's own path. Any livekit without these internals: None,
+    and the public methods are used.
+    """
+
+    def __init__(self, lib: Any, requests: dict[bool, bytes], parse: Callable[[bytes], Any]):
+        self._request = lib.livekit_ffi_request
+        self._drop = lib.livekit_ffi_drop_handle
+        self._reqs = {
+            rev: (ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_ubyte)), len(data))
+            for rev, data in requests.items()
+        }
+        self._keep = requests  # the bytes the pointers above point into
+        self._ok: dict[bool, bytes] = {}
+        self._parse = parse
+        self._resp = ctypes.POINTER(ctypes.c_ubyte)()
+        self._resp_len = ctypes.c_size_t()
+        self._refs = (ctypes.byref(self._resp), ctypes.byref(self._resp_len))
+
+    @classmethod
+    def make(cls, apm: Any, bufs: dict[bool, bytearray], rate: int) -> _DirectApmCalls | None:
+        try:
+            from livekit.rtc._ffi_client import FfiClient
+            from livekit.rtc._proto import ffi_pb2
+            from livekit.rtc._utils import get_address
+
+            requests = {}
+            for rev, field in ((False, "apm_process_stream"), (True, "apm_process_reverse_stream")):
+                req = ffi_pb2.FfiRequest()
+                body = getattr(req, field)
+                body.apm_handle = apm._ffi_handle.handle
+                body.data_ptr = get_address(bufs[rev])
+                body.size = len(bufs[rev])
+                body.sample_rate = rate
+                body.num_channels = 1
+                requests[rev] = req.SerializeToString()
+            return cls(FfiClient.instance._ffi_lib, requests, ffi_pb2.FfiResponse.FromString)
+        except Exception as e:  # noqa: BLE001 - another livekit: its public API then
+            log.debug("livekit APM internals not as expected (%r): its public calls", e)
+            return None
+
+    def process(self, reverse: bool) -> None:
+        data, size = self._reqs[reverse]
+        handle = self._request(data, size, *self._refs)
+        try:
+            resp = ctypes.string_at(self._resp, self._resp_len.value)
+        finally:
+            self._drop(ctypes.c_uint64(handle))
+        if resp != self._ok.get(reverse):
+            parsed = self._parse(resp)
+            body = parsed.apm_process_reverse_stream if reverse else parsed.apm_process_stream
+            if body.error:
+                raise RuntimeError(body.error)
+            self._ok[reverse] = resp
 
 
 def tap_playback(playback: object, on_played: Callable[[np.ndarray, int], None]) -> None:
