@@ -39,6 +39,7 @@ setup(
         "numpy",
         "pyyaml",
         "jsonschema",
+        "fastjsonschema",  # contracts.check's fast path (jsonschema words the errors)
         "webrtcvad-wheels",
         "soxr",
         "sounddevice",

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rclpy.parameter import Parameter
 
 from sonic_voice import contracts as c
@@ -78,6 +80,72 @@ def test_shapes_accept_what_publishers_send_and_name_what_is_wrong(
     assert str(e.value).startswith(topic.name)
     with pytest.raises(c.ContractError, match="not JSON"):
         c.decode(topic, "{oops")
+
+
+JSON_TOPICS = [t for t in c.ALL if t.schema is not None]
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 2**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(["", " ", "x", "USER", "FINAL", "text", "listening", "ok", "\t"]),
+    st.text(max_size=6),
+)
+_values = st.one_of(_scalars, st.lists(_scalars, max_size=3))
+
+
+def _fitting(spec: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Values that usually fit ``spec`` (a property's schema)."""
+    if "enum" in spec:
+        return st.sampled_from(spec["enum"])
+    if "const" in spec:
+        return st.just(spec["const"])
+    kind = spec.get("type")
+    if kind == "string":
+        return st.sampled_from(["x", " ", "", "hola", " a "]) | st.text(max_size=5)
+    if kind == "integer":
+        return st.integers(spec.get("minimum", -3) - 1, 10**6)
+    if kind == "number":
+        return st.floats(-1.0, 1e6) | st.integers(-2, 10**6)
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "object":
+        return st.dictionaries(st.sampled_from(["a", "b"]), _scalars, max_size=2)
+    return _values
+
+
+@st.composite
+def _payloads(draw: st.DrawFn, topic: c.Topic) -> Any:
+    """Mostly valid messages of ``topic`` (every field of the right kind), and near misses:
+    a field of the wrong kind, a field left out, a stranger, not an object at all."""
+    props = topic.schema.get("properties", {})
+    out: dict[str, Any] = {}
+    for name, spec in props.items():
+        roll = draw(st.integers(0, 29))
+        if roll == 0:
+            continue  # a field left out
+        out[name] = draw(_values) if roll == 1 else draw(_fitting(spec))
+    if draw(st.integers(0, 19)) == 0:
+        out["stranger"] = draw(_values)
+    return out if draw(st.integers(0, 29)) else draw(_values)
+
+
+@pytest.mark.parametrize("topic", JSON_TOPICS, ids=lambda t: t.name)
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_the_fast_check_accepts_and_refuses_what_jsonschema_does(
+    topic: c.Topic, data: st.DataObject
+) -> None:
+    """contracts.check validates with fastjsonschema and words errors with jsonschema: the
+    two must agree on every payload, or a message one refuses would pass."""
+    payload = data.draw(_payloads(topic))
+    strict = c._validator(topic).is_valid(payload)
+    try:
+        assert c.check(topic, payload) is payload
+        ok = True
+    except c.ContractError:
+        ok = False
+    assert ok == strict, payload
 
 
 def test_text_input_takes_plain_text_and_the_viewer_shape() -> None:
