@@ -42,7 +42,11 @@ off/on so slow drifts of the shared machine hit both modes alike):
   packetsLost over the session.
 
 ``python bench/first_word.py`` (inside scripts/isolated.sh: it re-executes itself there).
-``FIRST_WORD_SESSIONS`` (4: off, on, off, on), ``FIRST_WORD_UTTERANCES`` (8 per session).
+``FIRST_WORD_SESSIONS`` (4: off, on, off, on), ``FIRST_WORD_UTTERANCES`` (8 per session),
+``FIRST_WORD_SETTLE_S`` (2: connected, before the first pause), ``FIRST_WORD_VERBOSE=1``
+(a line per utterance: delay, NCC, played/sent amplitude per 10 ms of the onset),
+``FIRST_WORD_STALL_MS`` (0): block the robot's event loop once that long, in the silence
+before the first utterance (a busy robot: a tool call, a session rotation, the GIL).
 """
 
 from __future__ import annotations

@@ -85,6 +85,15 @@ class OpusSendConfig:
     # utterance, where a steady silent stream keeps it settled.
     pause_in_silence: bool = False
     pause_after: int = 3
+    # Silence (ms) sent with the first frame after a pause, dated just before it.
+    # Chromium's NetEq conceals the pause (expand, faded to silence) and, when packets
+    # come again, merges into the first audio it decodes with a linear fade-in over that
+    # packet (webrtc merge.cc: from the expand's mute factor, ~0 after a pause, to full
+    # gain within the packet): without it the first 10 ms of an utterance played at 0.04-1.0
+    # (median 0.59) of their level, the path's steady gain being 0.89 (bench/first_word.py,
+    # 16 utterances). With a packet of silence ahead, the fade falls on the silence. One
+    # Opus frame: 10 or 20 ms (what it adds to the onset's delay in the browser); 0: none.
+    pause_preroll_ms: int = 10
     # Complexity for the frames of silence the track makes up between utterances (after
     # ``pause_after`` of them, so the packet after the last word, which carries its FEC
     # copy, is encoded as before); None: ``complexity`` throughout. libopus takes the
@@ -96,6 +105,8 @@ class OpusSendConfig:
     silence_complexity: int | None = 0
 
     def __post_init__(self) -> None:
+        if self.pause_preroll_ms not in (0, 10, 20):
+            raise ValueError(f"pause_preroll_ms must be 0, 10 or 20, not {self.pause_preroll_ms}")
         for name in ("complexity", "silence_complexity"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 10:
@@ -442,6 +453,14 @@ class OpusFecTrack(MediaStreamTrack):
         skipped = 1 + max(0, int(behind / slot))  # the silent frame just taken, and the pause
         self._pts += skipped * self.frame
         self.paused_frames += skipped
+        preroll = self.rate * self.cfg.pause_preroll_ms // 1000
+        if preroll:
+            # Silence dated just before the utterance, sent with it (see pause_preroll_ms).
+            # Within the frame just taken, so after everything sent before.
+            if self.cfg.silence_complexity is not None:
+                self._enc.set_complexity(self.cfg.silence_complexity)
+            pts = self._pts - preroll
+            self._packets.append(self._enc.encode_pcm(np.zeros(preroll, np.int16), pts))
         # The next frame leaves now, not at the next slot of the old clock.
         self._start = time.monotonic() - self._pts / self.rate
 
