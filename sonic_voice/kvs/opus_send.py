@@ -81,8 +81,14 @@ class OpusSendConfig:
     # after the last word still carries its FEC copy): the RTP timestamp then jumps over
     # the pause with the sequence numbers continuous, which a receiver takes as the
     # sender's DTX. Saves encoding, SRTP and a send 50 times a second while the robot is
-    # quiet, and the bandwidth. Off by default: the browser's buffer then restarts at each
-    # utterance, where a steady silent stream keeps it settled.
+    # quiet, and the bandwidth. Off by default for a worry that the browser's buffer
+    # restarts at each utterance; measured in Chromium (bench/first_word.py, 16 utterances
+    # a mode after 1.5-3 s of silence, loopback): the first word plays sooner with it
+    # (play() -> onset p50 28 vs 42 ms: no wait for the next 20 ms slot, and NetEq plays
+    # the first packet after its concealment at once), unclipped (pause_preroll_ms), no
+    # loss; and a 400 ms stall of the robot's loop in a silence left Chromium's target
+    # delay at 400 ms for the rest of the session with the silent stream (its packets
+    # came late, then in a burst), 20 ms with this (nothing was due).
     pause_in_silence: bool = False
     pause_after: int = 3
     # Silence (ms) sent with the first frame after a pause, dated just before it.
@@ -291,8 +297,9 @@ class OpusFecTrack(MediaStreamTrack):
     """An audio track for ``pc.addTrack``: PCM pushed in, FEC-protected Opus packets out.
 
     ``push(pcm, rate)`` from any thread (e.g. a ROS callback with ``audio/out`` at 24 kHz);
-    ``flush()`` drops what is queued (barge-in). Between utterances it sends silence, so
-    the RTP clock never jumps and the browser's jitter buffer stays settled. Pushed chunks
+    ``flush()`` drops what is queued (barge-in). Between utterances it sends silence (the
+    RTP clock never jumps), or with ``pause_in_silence`` nothing (the clock jumps over the
+    pause, which the browser takes as DTX: see that setting). Pushed chunks
     are re-framed gap-free: a frame is padded with silence only at the end of what was
     queued, once the producer has been quiet for ``hold_ms``.
     """
