@@ -238,6 +238,7 @@ class Result:
     decel_ms: list[float] = field(default_factory=list)
     lost: int = 0
     pacing_ms: list[float] = field(default_factory=list)
+    capture_gaps: list[int] = field(default_factory=list)
     sync_err_ms: list[float] = field(default_factory=list)
     callback_ms: list[float] = field(default_factory=list)
     sent_per_s_idle: list[float] = field(default_factory=list)
@@ -331,11 +332,21 @@ def analyse(
 
     pcm = np.frombuffer(base64.b64decode(cap["pcm"]), "<f4").astype(np.float64)
     at = np.asarray(cap["at"], np.int64)
-    frame0 = int(at[0])
-    # The worklet's blocks are contiguous (each 1024 frames after the previous one).
-    if len(at) > 1 and not np.all(np.diff(at) == 1024):
-        gaps = int(np.sum(np.diff(at) != 1024))
-        print(f"warning: {gaps} capture discontinuities", file=sys.stderr)
+    block = 1024  # the worklet's block: samples block*k.. carry context frames at[k]..
+    if len(at) > 1 and not np.all(np.diff(at) == block):
+        # A render quantum without input (the source not live yet) is not kept: map each
+        # sample through its own block's frame, never through the first block's.
+        steps = np.diff(at)
+        bad = np.where(steps != block)[0]
+        res.capture_gaps.extend(int(steps[i] - block) for i in bad)
+
+    def frame_of(i: int) -> int:
+        return int(at[i // block]) + i % block
+
+    def index_of(frame: int) -> int:
+        k = max(0, int(np.searchsorted(at, frame, side="right")) - 1)
+        return k * block + max(0, frame - int(at[k]))
+
     clock = np.asarray(cap["clock"], np.float64)  # (performance.now() ms, currentTime s)
     perf_s, ctx_s = clock[:, 0] / 1000, clock[:, 1]
     jumps = np.diff(ctx_s)
@@ -345,7 +356,7 @@ def analyse(
     head = int(0.2 * rate)
     for t_play, pos, u, before, after in plays:
         sent = fft_resample(u, RATE_OUT, rate) / 32768.0
-        lo = max(0, int(pos) - frame0 - int(0.1 * rate))
+        lo = max(0, index_of(int(pos)) - int(0.1 * rate))
         window = pcm[lo : lo + int(1.5 * rate)]
         ref = sent[:head]
         corr = np.correlate(window, ref, "valid")
@@ -353,7 +364,7 @@ def analyse(
         score = corr / np.maximum(norms, 1e-12)
         lag = int(np.argmax(score))
         start = lo + lag  # index in pcm of the utterance's first sample
-        onset_frame = frame0 + start
+        onset_frame = frame_of(start)
         # Frame -> monotonic time: the freshest (currentTime - perf) near the onset.
         onset_t_ctx = onset_frame / rate
         near = np.abs(ctx_s - onset_t_ctx) <= 1.5
@@ -463,6 +474,12 @@ def main() -> None:
         "clock sync error (half the best CDP round trip): "
         f"{max(off.sync_err_ms + on.sync_err_ms):.2f} ms max; render callback "
         f"{np.median(off.callback_ms + on.callback_ms):.1f} ms (the frame->time resolution)"
+    )
+    print(
+        "robot pacing within utterances (max spread of send time - RTP time): "
+        f"off {max(off.pacing_ms, default=float('nan')):.1f} ms, "
+        f"on {max(on.pacing_ms, default=float('nan')):.1f} ms; capture gaps (frames, "
+        f"mapped around): {off.capture_gaps + on.capture_gaps}"
     )
     print(
         f"robot packets/s while silent: off {np.mean(off.sent_per_s_idle):.1f},"
