@@ -82,13 +82,13 @@ class OpusSendConfig:
     # the pause with the sequence numbers continuous, which a receiver takes as the
     # sender's DTX. Saves encoding, SRTP and a send 50 times a second while the robot is
     # quiet, and the bandwidth. Off by default for a worry that the browser's buffer
-    # restarts at each utterance; measured in Chromium (bench/first_word.py, 16 utterances
-    # a mode after 1.5-3 s of silence, loopback): the first word plays sooner with it
-    # (play() -> onset p50 28 vs 42 ms: no wait for the next 20 ms slot, and NetEq plays
-    # the first packet after its concealment at once), unclipped (pause_preroll_ms), no
-    # loss; and a 400 ms stall of the robot's loop in a silence left Chromium's target
-    # delay at 400 ms for the rest of the session with the silent stream (its packets
-    # came late, then in a burst), 20 ms with this (nothing was due).
+    # restarts at each utterance; measured in Chromium (bench/first_word.py, 24 utterances
+    # a mode after 1.5-3 s of silence, loopback, 8 sessions alternating): the first word
+    # plays as soon (play() -> onset p50 55 ms both: 8 ms less on the robot, no wait for a
+    # 20 ms slot; 8 ms more in NetEq), not clipped in most utterances (pause_preroll_ms),
+    # no loss. And a 400 ms stall of the robot's loop in a silence left Chromium's target
+    # delay at 400 ms for the rest of the session with the silent stream (its packets came
+    # late, then in a burst), 20 ms with this (nothing was due).
     pause_in_silence: bool = False
     pause_after: int = 3
     # Silence (ms) sent with the first frame after a pause, dated just before it.
@@ -96,9 +96,10 @@ class OpusSendConfig:
     # come again, merges into the first audio it decodes with a linear fade-in over that
     # packet (webrtc merge.cc: from the expand's mute factor, ~0 after a pause, to full
     # gain within the packet): without it the first 10 ms of an utterance played at 0.04-1.0
-    # (median 0.59) of their level, the path's steady gain being 0.89 (bench/first_word.py,
-    # 16 utterances). With a packet of silence ahead, the fade falls on the silence. One
-    # Opus frame: 10 or 20 ms (what it adds to the onset's delay in the browser); 0: none.
+    # (median 0.59; 14 of 16 below 0.71) of their level, the path's steady gain being 0.89
+    # (bench/first_word.py). With a packet of silence ahead the fade falls on the silence:
+    # 17 of 24 at 0.94-1.02, 7 still at 0.06-0.66 (the first-20-ms energy ratio p50 0.87,
+    # 0.89 without pauses). One Opus frame: 10 or 20 ms; 0: none.
     pause_preroll_ms: int = 10
     # Complexity for the frames of silence the track makes up between utterances (after
     # ``pause_after`` of them, so the packet after the last word, which carries its FEC
