@@ -81,10 +81,26 @@ class OpusSendConfig:
     # after the last word still carries its FEC copy): the RTP timestamp then jumps over
     # the pause with the sequence numbers continuous, which a receiver takes as the
     # sender's DTX. Saves encoding, SRTP and a send 50 times a second while the robot is
-    # quiet, and the bandwidth. Off by default: the browser's buffer then restarts at each
-    # utterance, where a steady silent stream keeps it settled.
+    # quiet, and the bandwidth. Off by default for a worry that the browser's buffer
+    # restarts at each utterance; measured in Chromium (bench/first_word.py, 24 utterances
+    # a mode after 1.5-3 s of silence, loopback, 8 sessions alternating): the first word
+    # plays as soon (play() -> onset p50 55 ms both: 8 ms less on the robot, no wait for a
+    # 20 ms slot; 8 ms more in NetEq), not clipped in most utterances (pause_preroll_ms),
+    # no loss. And a 400 ms stall of the robot's loop in a silence left Chromium's target
+    # delay at 400 ms for the rest of the session with the silent stream (its packets came
+    # late, then in a burst), 20 ms with this (nothing was due).
     pause_in_silence: bool = False
     pause_after: int = 3
+    # Silence (ms) sent with the first frame after a pause, dated just before it.
+    # Chromium's NetEq conceals the pause (expand, faded to silence) and, when packets
+    # come again, merges into the first audio it decodes with a linear fade-in over that
+    # packet (webrtc merge.cc: from the expand's mute factor, ~0 after a pause, to full
+    # gain within the packet): without it the first 10 ms of an utterance played at 0.04-1.0
+    # (median 0.59; 14 of 16 below 0.71) of their level, the path's steady gain being 0.89
+    # (bench/first_word.py). With a packet of silence ahead the fade falls on the silence:
+    # 17 of 24 at 0.94-1.02, 7 still at 0.06-0.66 (the first-20-ms energy ratio p50 0.87,
+    # 0.89 without pauses). One Opus frame: 10 or 20 ms; 0: none.
+    pause_preroll_ms: int = 10
     # Complexity for the frames of silence the track makes up between utterances (after
     # ``pause_after`` of them, so the packet after the last word, which carries its FEC
     # copy, is encoded as before); None: ``complexity`` throughout. libopus takes the
@@ -96,6 +112,8 @@ class OpusSendConfig:
     silence_complexity: int | None = 0
 
     def __post_init__(self) -> None:
+        if self.pause_preroll_ms not in (0, 10, 20):
+            raise ValueError(f"pause_preroll_ms must be 0, 10 or 20, not {self.pause_preroll_ms}")
         for name in ("complexity", "silence_complexity"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 10:
@@ -280,8 +298,9 @@ class OpusFecTrack(MediaStreamTrack):
     """An audio track for ``pc.addTrack``: PCM pushed in, FEC-protected Opus packets out.
 
     ``push(pcm, rate)`` from any thread (e.g. a ROS callback with ``audio/out`` at 24 kHz);
-    ``flush()`` drops what is queued (barge-in). Between utterances it sends silence, so
-    the RTP clock never jumps and the browser's jitter buffer stays settled. Pushed chunks
+    ``flush()`` drops what is queued (barge-in). Between utterances it sends silence (the
+    RTP clock never jumps), or with ``pause_in_silence`` nothing (the clock jumps over the
+    pause, which the browser takes as DTX: see that setting). Pushed chunks
     are re-framed gap-free: a frame is padded with silence only at the end of what was
     queued, once the producer has been quiet for ``hold_ms``.
     """
@@ -442,6 +461,14 @@ class OpusFecTrack(MediaStreamTrack):
         skipped = 1 + max(0, int(behind / slot))  # the silent frame just taken, and the pause
         self._pts += skipped * self.frame
         self.paused_frames += skipped
+        preroll = self.rate * self.cfg.pause_preroll_ms // 1000
+        if preroll:
+            # Silence dated just before the utterance, sent with it (see pause_preroll_ms).
+            # Within the frame just taken, so after everything sent before.
+            if self.cfg.silence_complexity is not None:
+                self._enc.set_complexity(self.cfg.silence_complexity)
+            pts = self._pts - preroll
+            self._packets.append(self._enc.encode_pcm(np.zeros(preroll, np.int16), pts))
         # The next frame leaves now, not at the next slot of the old clock.
         self._start = time.monotonic() - self._pts / self.rate
 

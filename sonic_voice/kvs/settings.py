@@ -77,6 +77,8 @@ class KvsSettings:
     opus_packet_loss_pct: int = 10  # the loss libopus provisions its FEC for
     # Send nothing while the robot is silent (OpusSendConfig.pause_in_silence): the viewer
     # takes the pause as DTX. Saves the encoding and sending of 50 silent packets a second.
+    # Chromium plays the first word after a pause as soon with it (p50 55 ms from play()
+    # both ways, bench/first_word.py), mostly unclipped; off by default until decided.
     opus_pause_in_silence: bool = False
     # Adaptive bitrate on the robot -> viewer stream (sonic_voice/kvs/abr.py): from each
     # viewer's RTCP receiver reports, between abr_min_bps and opus_bitrate. Off by default.
