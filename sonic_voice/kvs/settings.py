@@ -78,7 +78,9 @@ class KvsSettings:
     # Send nothing while the robot is silent (OpusSendConfig.pause_in_silence): the viewer
     # takes the pause as DTX. Saves the encoding and sending of 50 silent packets a second.
     # Chromium plays the first word after a pause as soon with it (p50 55 ms from play()
-    # both ways, bench/first_word.py), mostly unclipped; off by default until decided.
+    # both ways, bench/first_word.py), but 7 of 24 onsets still came faded after the
+    # pause_preroll_ms fix (0.06-0.66 of their level in the first 10 ms): off by default
+    # while the robot's CPU meets its goal without it (docs/cpu.md).
     opus_pause_in_silence: bool = False
     # Adaptive bitrate on the robot -> viewer stream (sonic_voice/kvs/abr.py): from each
     # viewer's RTCP receiver reports, between abr_min_bps and opus_bitrate. Off by default.
