@@ -222,7 +222,9 @@ def test_echo_tap_sees_every_block_at_device_pace(pulse) -> None:
     taps: list[np.ndarray] = []
     t_taps: list[float] = []
     with speaker() as pb:
-        tap_playback(pb, lambda x, rate: (taps.append(x), t_taps.append(time.monotonic())))
+        tap_playback(  # the block is the device's: kept as a copy
+            pb, lambda x, rate: (taps.append(x.copy()), t_taps.append(time.monotonic()))
+        )
         assert wait_for(lambda: len(taps) > 10, 5)
         src = speech_like(1.0, RATE, seed=5, level=0.4) | 1
         pb.write(src)

@@ -79,6 +79,40 @@ def test_echo_canceller_removes_synthetic_echo_and_keeps_the_person() -> None:
     assert ec.far_samples >= len(mic) - 1024 and ec.far_dropped == 0
 
 
+@pytest.mark.parametrize("far_rate", [24000, 22050])
+def test_a_far_end_at_the_speakers_rate_is_cancelled(far_rate: int) -> None:
+    """The speaker plays Nova Sonic's 24 kHz: its blocks go to the APM at 24 kHz (the APM
+    converts its reference itself); a rate whose 10 ms is not whole samples (22.05 kHz) is
+    resampled here first. Either way the echo is cancelled and the person kept."""
+    far = np.concatenate(
+        [speech_like(6.0, far_rate, seed=3, level=0.4), np.zeros(4 * far_rate, np.int16)]
+    )
+    far16 = soxr.resample(far, far_rate, R).astype(np.int16)
+    near = speech_like(3.0, R, seed=9, level=0.3)
+    start = int(4.5 * R)
+    person = np.zeros(len(far16))
+    person[start : start + len(near)] = near
+    d = int(0.07 * R)
+    echo = np.zeros(len(far16))
+    echo[d:] = 0.3 * far16[:-d]
+    mic = np.clip(echo + person, -32768, 32767).astype(np.int16)
+    ec = EchoCanceller(R)
+    step = far_rate * 32 // 1000  # 32 ms of the speaker per 32 ms of microphone
+    out = []
+    for k, i in enumerate(range(0, len(mic) - 511, 512)):
+        ec.process_far(far[k * step : (k + 1) * step], far_rate)
+        out.append(ec.process_near(mic[i : i + 512]))
+    out = np.concatenate(out)
+    window = slice(2 * R, 4 * R)
+    erle = db(mic[window]) - db(out[window])
+    assert erle >= 20, f"ERLE {erle:.1f} dB"
+    ref = through_apm(person.astype(np.int16))
+    _, ncc = best_alignment(ref[start : start + len(near)], out[start - R :])
+    assert ncc >= 0.8, f"person vs source {ncc:.3f}"
+    assert abs(ec.far_samples - len(out)) <= 2 * 512 and ec.far_dropped == 0
+    assert set(ec._far_bufs) == ({far_rate} if far_rate % 100 == 0 else {R})
+
+
 def test_far_end_queue_is_bounded_and_rates_are_checked() -> None:
     ec = EchoCanceller(R, max_far_queue_s=0.5)
     for _ in range(100):
@@ -103,13 +137,17 @@ def test_direct_apm_calls_are_livekits_own_path_bit_for_bit() -> None:
     echo = np.zeros(len(far))
     echo[1100:] = 0.3 * far[:-1100]
     mic = np.clip(echo + person, -32768, 32767).astype(np.int16)
+    far24 = soxr.resample(far, R, 24000).astype(np.int16)  # the speaker's own rate too
     direct, public = EchoCanceller(R), EchoCanceller(R)
     assert direct._calls is not None
     public._calls = None
     outs: dict[str, list[np.ndarray]] = {"direct": [], "public": []}
-    for i in range(0, len(mic) - 511, 512):
+    for k, i in enumerate(range(0, len(mic) - 511, 512)):
         for name, ec in (("direct", direct), ("public", public)):
-            ec.process_far(far[i : i + 512])
+            if k < 40:
+                ec.process_far(far[i : i + 512])
+            else:
+                ec.process_far(far24[k * 768 : (k + 1) * 768], 24000)
             outs[name].append(ec.process_near(mic[i : i + 512]))
     got, want = np.concatenate(outs["direct"]), np.concatenate(outs["public"])
     assert len(got) == len(want) and np.array_equal(got, want)
