@@ -246,11 +246,19 @@ class KvsWebrtcNode(VoiceNode):
         """std_srvs/Trigger: the link in ``message`` (minted off the executor thread)."""
         done = RclpyFuture()
 
+        def settle(value: Any) -> None:
+            done.set_result(value)
+            # This coroutine resumes only when its executor next wakes up; nothing else
+            # may wake it soon (no timers on the executors: docs/architecture.md).
+            executor = self.executor
+            if executor is not None:
+                executor.wake()
+
         async def mint() -> None:
             try:
-                done.set_result(await asyncio.to_thread(self.mint_invite))
+                settle(await asyncio.to_thread(self.mint_invite))
             except Exception as e:  # noqa: BLE001 - said in the response
-                done.set_result(e)
+                settle(e)
 
         self.bridge.submit(mint())
         result = await done
