@@ -40,15 +40,15 @@ import _common
 _common.isolate()
 _common.setup_path()
 
-import av  # noqa: E402
 import numpy as np  # noqa: E402
 import soxr  # noqa: E402
 
 from sonic_voice.kvs.audio import RemoteBlocker  # noqa: E402
 from sonic_voice.kvs.jitter import AdaptiveJitterBuffer, JitterConfig  # noqa: E402
-from sonic_voice.kvs.opus_send import OpusSendConfig, make_opus_encoder  # noqa: E402
+from sonic_voice.kvs.opus_send import OpusSendConfig  # noqa: E402
 
 from test.harness.signals import best_alignment, speech_like  # noqa: E402
+from test.test_jitter import encode as encode_packets  # noqa: E402
 
 RATE, FRAME, OUT = 48000, 960, 16000
 HAS_OUT_RATE = "out_rate" in inspect.signature(AdaptiveJitterBuffer).parameters
@@ -60,13 +60,7 @@ GOAL_US = "<= 100 us (48k decode + soxr 48 -> 16 before: 242-256 us)"
 
 
 def encode(pcm: np.ndarray, bitrate: int) -> list[bytes]:
-    enc = make_opus_encoder(OpusSendConfig(bitrate=bitrate))
-    out = []
-    for i in range(0, len(pcm) - FRAME + 1, FRAME):
-        f = av.AudioFrame.from_ndarray(pcm[i : i + FRAME].reshape(1, -1), layout="mono")
-        f.sample_rate, f.pts = RATE, i
-        out += [bytes(p) for p in enc.encode(f)]
-    return out
+    return encode_packets(pcm, OpusSendConfig(bitrate=bitrate))
 
 
 def run(packets: list[bytes], drop: set[int], decode_rate: int):

@@ -45,6 +45,23 @@ def encode(pcm: np.ndarray, cfg: OpusSendConfig | None = None) -> list[bytes]:
     return out
 
 
+def _long_then_longer_packets() -> tuple[list[tuple[int, bytes]], int, list[tuple]]:
+    """40 ms packets, then 60 ms ones, the first 60 ms one lost: (packets, the lost one's
+    index, arrivals on time for :func:`_run_clock`)."""
+    import opuslib
+
+    enc = opuslib.Encoder(RATE, 1, opuslib.APPLICATION_VOIP)
+    pcm = speech_like(3.0, RATE, seed=9)
+    pkts, ts = [], 0
+    while ts + 2880 <= len(pcm):
+        n = 1920 if ts < 40 * FRAME else 2880
+        pkts.append((ts, enc.encode(pcm[ts : ts + n].astype("<i2").tobytes(), n)))
+        ts += n
+    first60 = next(i for i, (ts, _) in enumerate(pkts) if ts >= 40 * FRAME)
+    arrivals = [(1000.0 + ts / RATE, i, ts, p) for i, (ts, p) in enumerate(pkts) if i != first60]
+    return pkts, first60, arrivals
+
+
 def play(
     packets: list[bytes], drop: set[int], cfg: JitterConfig | None = None, out_rate: int = RATE
 ):
@@ -431,17 +448,7 @@ def test_concealment_stops_at_the_next_packet_when_the_packet_length_changes() -
     the first 60 ms packet lost. Concealing in steps of the last packet (40 ms) stepped
     over the next packet's timestamp (20 ms off the grid): it was never played, nor any
     after it until a concealment step happened to land on one."""
-    import opuslib
-
-    enc = opuslib.Encoder(RATE, 1, opuslib.APPLICATION_VOIP)
-    pcm = speech_like(3.0, RATE, seed=9)
-    pkts, ts = [], 0
-    while ts + 2880 <= len(pcm):
-        n = 1920 if ts < 40 * FRAME else 2880
-        pkts.append((ts, enc.encode(pcm[ts : ts + n].astype("<i2").tobytes(), n)))
-        ts += n
-    first60 = next(i for i, (ts, _) in enumerate(pkts) if ts >= 40 * FRAME)
-    arrivals = [(1000.0 + ts / RATE, i, ts, p) for i, (ts, p) in enumerate(pkts) if i != first60]
+    pkts, first60, arrivals = _long_then_longer_packets()
     jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
     frames = _run_clock(jb, arrivals)
     normal = {f.rtp_ts for f in frames if f.kind == "normal"}
@@ -641,17 +648,7 @@ def test_long_packets_and_a_length_change_at_16_khz(out_rate: int) -> None:
     """40 ms then 60 ms packets, the first 60 ms one lost (the concealment stops at the
     next packet: 20 ms, not a 40 ms step), at 48 and 16 kHz: each normal frame is its
     packet's length at ``out_rate``, the concealed one 20 ms, every packet played."""
-    import opuslib
-
-    enc = opuslib.Encoder(RATE, 1, opuslib.APPLICATION_VOIP)
-    pcm = speech_like(3.0, RATE, seed=9)
-    pkts, ts = [], 0
-    while ts + 2880 <= len(pcm):
-        n = 1920 if ts < 40 * FRAME else 2880
-        pkts.append((ts, enc.encode(pcm[ts : ts + n].astype("<i2").tobytes(), n)))
-        ts += n
-    first60 = next(i for i, (ts, _) in enumerate(pkts) if ts >= 40 * FRAME)
-    arrivals = [(1000.0 + ts / RATE, i, ts, p) for i, (ts, p) in enumerate(pkts) if i != first60]
+    pkts, first60, arrivals = _long_then_longer_packets()
     jb = AdaptiveJitterBuffer(JitterConfig(nack=False), out_rate=out_rate)
     frames = _run_clock(jb, arrivals)
     _check_clock(frames, out_rate)
