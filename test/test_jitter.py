@@ -594,7 +594,8 @@ def test_a_timestamp_gap_at_16_khz_fills_the_same_time(burst: bool) -> None:
     filled = [f for f in frames if f.kind != "normal"]
     assert filled and {len(f.pcm) for f in filled} == {320}, vars(jb.stats)
     if burst:
-        assert jb.stats.dtx == jb48.stats.dtx == 1, vars(jb.stats)
+        # The whole gap is the sender's pause, not a loss (was: its first frame only).
+        assert jb.stats.dtx == jb48.stats.dtx == gap, vars(jb.stats)
     else:
         assert jb.stats.stretched == jb48.stats.stretched >= 10, vars(jb.stats)
     # The same time played up to the last packet (one accelerate choice may differ by a
@@ -603,6 +604,33 @@ def test_a_timestamp_gap_at_16_khz_fills_the_same_time(burst: bool) -> None:
     total48 = sum(len(f.pcm) for f in f48 if f.rtp_ts <= end) / RATE
     total = sum(len(f.pcm) for f in frames if f.rtp_ts <= end) / 16000
     assert total == pytest.approx(total48, abs=0.005), (total, total48)
+
+
+def test_a_long_pause_is_dtx_throughout_fades_to_silence_and_is_no_loss() -> None:
+    """The sender pauses 400 ms (DTX: the sequence numbers go on, the timestamps jump) and
+    the packet after the pause is already there (a pause shorter than the buffer's depth;
+    a longer one is waited out: "stretch"): every frame of the pause is "dtx", none
+    counts as a loss (losses above ``fec_hold_loss`` would deepen the buffer by a frame),
+    the concealment fades to exact silence after ``max_plc_ms``, and the packets after the
+    pause all play."""
+    packets = encode(speech_like(2.0, RATE, seed=5))
+    gap = 20
+    arrivals = [
+        (1000.0 + i * 0.02, i, (i + (gap if i >= 50 else 0)) * FRAME, p)
+        for i, p in enumerate(packets)
+    ]
+    jb = AdaptiveJitterBuffer(JitterConfig(nack=False))
+    frames = _run_clock(jb, arrivals)
+    kinds = [f.kind for f in frames]
+    last = max(k for k, f in enumerate(frames) if f.kind == "normal")
+    pause = [f for f in frames[:last] if f.kind != "normal"]
+    assert [f.kind for f in pause] == ["dtx"] * gap, kinds
+    assert kinds.count("normal") == len(packets)
+    assert jb.stats.plc == len(frames) - last - 1  # only after the last packet: its end
+    assert jb.stats.silence == jb.stats.fec == 0, vars(jb.stats)
+    quiet_from = int(jb.cfg.max_plc_ms / 20)
+    assert all(not f.pcm.any() for f in pause[quiet_from:]), [int(abs(f.pcm).max()) for f in pause]
+    assert sum(len(f.pcm) for f in pause) == gap * 960
 
 
 def test_accelerate_at_16_khz_cuts_whole_periods() -> None:

@@ -405,6 +405,7 @@ class AdaptiveJitterBuffer:
         self._highest_seq: int | None = None
         self._last_arrival = 0.0
         self._plc_run = 0
+        self._dtx_run = 0  # frames concealed so far in the sender's pause (DTX)
         # RTP ticks of output inserted while waiting, on an empty buffer, for the frame due
         # (a delay spike: its packet is probably late, not lost); a packet that then comes
         # with a later timestamp (a sender's pause, or a loss) skips this much of the gap.
@@ -588,6 +589,7 @@ class AdaptiveJitterBuffer:
             self._last_frame = frame
             self._last_seq = eseq
             self._plc_run = 0
+            self._dtx_run = 0
             self._waited = 0
             kind = "normal"
             st.normal += 1
@@ -604,8 +606,15 @@ class AdaptiveJitterBuffer:
                 and self._by_ts[later][0] == self._last_seq + 1
             )
             if dtx:
+                # The sender paused (DTX, pause_in_silence): its next packet is the next
+                # sequence number. Not a loss, for the whole gap: conceal, fading, then
+                # silence after max_plc_ms (libopus would drone on).
                 kind = "dtx"
-                pcm = self._fade(self.decoder.conceal(self._pcm_len(frame)))
+                self._dtx_run += 1
+                if self._dtx_run * frame / RATE * 1000 > self.cfg.max_plc_ms:
+                    pcm = np.zeros(self._pcm_len(frame), np.int16)
+                else:
+                    pcm = self._fade(self.decoder.conceal(self._pcm_len(frame)), self._dtx_run)
                 st.dtx += 1
             elif self._plc_run * frame / RATE * 1000 >= self.cfg.max_plc_ms:
                 kind = "silence"
@@ -622,7 +631,9 @@ class AdaptiveJitterBuffer:
             if kind != "dtx":
                 self._plc_run += 1
                 self._losses.append(due)
-            self._last_seq = None if self._last_seq is None else self._last_seq + 1
+                # A lost packet's frame: the next one expected is the next number (in a
+                # DTX gap it stays the packet after the gap).
+                self._last_seq = None if self._last_seq is None else self._last_seq + 1
         self._next_ts = ts + frame
         self._next_due += frame / RATE
         st.delays_ms.append(delay * 1000)
