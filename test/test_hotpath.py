@@ -288,3 +288,77 @@ def test_in_process_delivery_respects_lifecycle_and_destroyed_subscriptions() ->
         assert got == [b"\x03\x04"] and path.handed == 1
     finally:
         ctx.try_shutdown()
+
+
+def test_a_hot_callback_may_publish_in_process() -> None:
+    """A hot callback publishing in-process (onto another hot topic, and back onto its own)
+    neither deadlocks on the hot path's one lock nor nests callbacks: what it publishes is
+    delivered in the same thread once the message being delivered has reached all its
+    subscriptions, in publishing order. The same from a message taken from DDS on the hot
+    path's thread (someone else listens to the first topic)."""
+    from std_msgs.msg import String
+
+    ctx, other = Context(), Context()
+    domain = next_domain_id()
+    rclpy.init(context=ctx, domain_id=domain)
+    rclpy.init(context=other, domain_id=domain)
+    try:
+        node = Node("relay", context=ctx)
+        path = HotPath.of(ctx)
+        log: list[tuple[str, str, str]] = []  # (subscription, data, thread)
+        depth = threading.local()
+        a = path.publisher(node.create_publisher(String, "audio/a", AUDIO_QOS))
+        b = path.publisher(node.create_publisher(String, "audio/b", AUDIO_QOS))
+
+        def on(name: str, relay: bool) -> Any:
+            def callback(m: String) -> None:
+                assert getattr(depth, "n", 0) == 0, "a callback ran inside another"
+                depth.n = 1
+                try:
+                    log.append((name, m.data, threading.current_thread().name))
+                    if relay and not m.data.endswith("'"):
+                        b.publish(String(data=m.data + ">b"))
+                        a.publish(String(data=m.data + "'"))  # its own topic, once
+                finally:
+                    depth.n = 0
+
+            return callback
+
+        for name, topic, relay in (("a1", "audio/a", True), ("a2", "audio/a", False)):
+            path.subscribe(node, String, topic, AUDIO_QOS, on(name, relay))
+        path.subscribe(node, String, "audio/b", AUDIO_QOS, on("b", False))
+        assert wait_for(lambda: a.get_subscription_count() == 2, 10)
+        assert wait_for(lambda: b.get_subscription_count() == 1, 10)
+
+        def publish_in_a_thread(data: str) -> None:
+            t = threading.Thread(target=a.publish, args=(String(data=data),), name="pub")
+            t.start()
+            t.join(5)
+            assert not t.is_alive(), "publishing from a hot callback deadlocked"
+
+        want = [
+            ("a1", "x"), ("a2", "x"),  # the message reaches all its subscriptions first
+            ("b", "x>b"), ("a1", "x'"), ("a2", "x'"),  # then what a1 published, in order
+        ]  # fmt: skip
+        publish_in_a_thread("x")
+        assert [(n, d) for n, d, _ in log] == want
+        assert {t for _, _, t in log} == {"pub"} and path.handed == 5
+
+        # Someone else listens to audio/a: "y" goes through DDS, the hot path's thread
+        # takes it; what a1 publishes on audio/b from there is handed over in-process.
+        onode = Node("listener", context=other)
+        onode.create_subscription(String, "audio/a", lambda m: None, AUDIO_QOS)
+        assert wait_for(lambda: a.get_subscription_count() == 3, 10)
+        log.clear()
+        publish_in_a_thread("y")
+        assert wait_for(lambda: len(log) == 5, 10), log
+        assert sorted((n, d) for n, d, _ in log) == sorted(
+            [("a1", "y"), ("a2", "y"), ("b", "y>b"), ("a1", "y'"), ("a2", "y'")]
+        )
+        byname = {(n, d): t for n, d, t in log}  # (each subscription its own DDS reader:
+        assert byname[("b", "y>b")] == byname[("a1", "y")] == "ros-hot-path"  # any order)
+        assert [d for n, d, _ in log if n == "a1"] == ["y", "y'"]
+        assert path.handed == 6 and path.taken == 4
+    finally:
+        other.try_shutdown()
+        ctx.try_shutdown()

@@ -27,7 +27,10 @@ publisher's thread, when they are its only matched subscriptions; as soon as a s
 of another process matches (``ros2 topic echo``, a bag, a node under ``ros2 launch``), it
 publishes through DDS again and the local subscriptions take it from there, as before (no
 message twice: a message goes one way or the other). Callbacks of one hot path, taken or
-handed over, never run at the same time (one lock), as when this thread alone ran them.
+handed over, never run at the same time (one lock), as when this thread alone ran them. A
+callback may itself publish in-process (on any hot topic, its own included): that message
+is delivered in the same thread right after the callback returns, in publishing order, as
+DDS would deliver it after the callback (no nested callback, no deadlock on the lock).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -78,6 +82,7 @@ class HotPath:
         self._closed = False
         self._wake = GuardCondition(None, None, context=context)
         self._calling = threading.Lock()  # callbacks never run at the same time
+        self._tls = threading.local()  # .pending: published in-process by a running callback
         self._local: dict[str, tuple[Any, ...]] = {}  # topic -> hot subscriptions (in-process)
         self.taken = 0  # messages taken from DDS and delivered (diagnostics, tests)
         self.handed = 0  # messages handed over in-process (see InProcessPublisher)
@@ -147,7 +152,27 @@ class HotPath:
                 self._index()
 
     def hand(self, subs: tuple[Any, ...], msg: Any) -> None:
-        """Deliver ``msg`` (a message, or its serialized bytes) to ``subs`` in this thread."""
+        """Deliver ``msg`` (a message, or its serialized bytes) to ``subs`` in this thread;
+        from inside a hot callback, after the message being delivered (:meth:`_deliver`)."""
+        pending = getattr(self._tls, "pending", None)
+        if pending is not None:
+            pending.append((subs, msg))
+            return
+        self._deliver(lambda: self._hand_now(subs, msg))
+
+    def _deliver(self, first: Callable[[], None]) -> None:
+        """Run ``first`` (callbacks, each under the one lock), then, in order, what they
+        published in-process meanwhile (and what those callbacks published, and so on)."""
+        tls = self._tls
+        tls.pending = pending = deque()
+        try:
+            first()
+            while pending:
+                self._hand_now(*pending.popleft())
+        finally:
+            tls.pending = None
+
+    def _hand_now(self, subs: tuple[Any, ...], msg: Any) -> None:
         for sub in subs:
             try:
                 with sub.handle:  # destroyed with its node: InvalidHandle, forget it
@@ -251,14 +276,18 @@ class HotPath:
             got = sub.handle.take_message(sub.msg_type, sub.raw)
             if got is None:
                 return
-            try:
-                parse = sub._sv_parse
-                value = got[0] if parse is None else parse(got[0])
-                with self._calling:
-                    self.taken += 1
-                    sub.callback(value)
-            except Exception:  # a callback's bug must not stop the audio of the others
-                log.exception("hot path: callback of %s failed", sub.topic_name)
+            self._deliver(lambda got=got: self._take_now(sub, got[0]))
+
+    def _take_now(self, sub: Any, value: Any) -> None:
+        try:
+            parse = sub._sv_parse
+            if parse is not None:
+                value = parse(value)
+            with self._calling:
+                self.taken += 1
+                sub.callback(value)
+        except Exception:  # a callback's bug must not stop the audio of the others
+            log.exception("hot path: callback of %s failed", sub.topic_name)
 
 
 class InProcessPublisher:
