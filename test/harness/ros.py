@@ -54,12 +54,16 @@ class RosGraph:
         self.nodes: list[Node] = []
         # (name, namespace) of nodes a test starts in other processes on this domain
         self.expected_strangers: list[tuple[str, str]] = []
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._spin, name="ros-graph", daemon=True)
         self._thread.start()
 
     def _spin(self) -> None:
+        """``executor.spin()`` until :meth:`close` sets ``_stop`` (then the executor is
+        still whole: see :meth:`close`)."""
         try:
-            self.executor.spin()
+            while not self._stop.is_set() and self.context.ok():
+                self.executor.spin_once(timeout_sec=0.05)
         except Exception:  # noqa: BLE001 - shutdown races end the spin
             pass
 
@@ -95,6 +99,17 @@ class RosGraph:
         self._check_strangers()
         voice = [n for n in reversed(self.nodes) if isinstance(n, VoiceNode)]
         concurrent.futures.wait([n.begin_stop() for n in voice], timeout=5)
+        # Stop spinning, then let callbacks still running on the pool finish (bounded)
+        # before the shutdown: rclpy's shutdown does not wait for them and destroys the
+        # guard condition each one triggers as it ends ("The following exception was
+        # never retrieved: cannot use Destroyable ..." at garbage collection).
+        self._stop.set()
+        self._thread.join(10)
+        running = [f for f in getattr(self.executor, "_futures", []) if not f.done()]
+        deadline = time.monotonic() + 2.0
+        while running and time.monotonic() < deadline:
+            time.sleep(0.01)
+            running = [f for f in running if not f.done()]
         if isinstance(self.executor, MultiThreadedExecutor):
             # Do not join the pool: a callback that never returns (a goal nobody
             # cancelled, after a failed test) would hang the teardown for ever. Such a
@@ -102,7 +117,6 @@ class RosGraph:
             self.executor.shutdown(timeout_sec=5, wait_for_threads=False)
         else:
             self.executor.shutdown(timeout_sec=5)
-        self._thread.join(10)
         for n in reversed(self.nodes):
             try:
                 if isinstance(n, VoiceNode):
