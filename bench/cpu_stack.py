@@ -16,7 +16,13 @@ check, which reads params files with rclpy's reader, takes the string ``"[]"`` o
 - the KVS signaling stand-in (``python -m sonic_voice.emulators.kvs``);
 - a private PulseAudio server (virtual microphone and speaker; ``sonic_voice.audio.virtual``)
   for audio_io, which captures and plays as on a robot;
-- the visitor speaks 2 s, waits for the robot's answer, and speaks again, for the whole
+- the visitor speaks 2 s, waits for the robot's answer, and speaks again, on a fixed
+  schedule (``--period``, one utterance every 6.5 s: the answer's final transcript
+  comes 5.5 s after the utterance starts on a quiet machine, its tail plays 0.5 s more,
+  and 0.5 s is slack for a busy one; later only when the answer comes later, counted as
+  "late"), so a run on a busy machine does
+  the same work in the window as one on a quiet machine (before, a busy machine fitted 4-5
+  exchanges in 30 s and a quiet one 6, and read 1-2 points lower for it), for the whole
   window: into the robot's microphone (one long-lived ``pacat``; ``input_source: local``)
   while the viewer, aiortc in this process (``test/harness/viewer.py``, the browser's
   part), is connected, hears the answers and sends its microphone track (silence); or,
@@ -32,10 +38,10 @@ of null sinks), and its work is mostly the device clock; ``cpu_stack_plus_pulsea
 gives the sum. A run whose viewer does not hear the robot answer at least twice in the
 window fails instead of printing figures.
 
-Run: ``.venv/bin/python bench/cpu_stack.py [--window 20] [--idle-window 10] [--threads]``
-(~1 min). ``--threads`` also prints the stack's CPU by thread name (Python threads get their
-name as OS name in the child; ``main`` is also the native threads started from the main
-thread, e.g. PortAudio's callbacks; ``threaded-ml`` is libpulse's).
+Run: ``.venv/bin/python bench/cpu_stack.py [--window 30] [--period 6.5] [--idle-window 10]
+[--threads]`` (~1.5 min). ``--threads`` also prints the stack's CPU by thread name (Python
+threads get their name as OS name in the child; ``main`` is also the native threads started
+from the main thread, e.g. PortAudio's callbacks; ``threaded-ml`` is libpulse's).
 """
 
 from __future__ import annotations
@@ -279,21 +285,39 @@ def answers(viewer: Any) -> int:
     )
 
 
-async def converse(say: Any, viewer: Any, speech: Any, until: float, wait_s: float = 15.0) -> int:
+ANSWER_S: list[float] = []  # utterance start -> the answer's final transcript at the viewer
+
+
+async def converse(
+    say: Any, viewer: Any, speech: Any, until: float, wait_s: float = 15.0, period: float = 0.0
+) -> tuple[int, int]:
     """The visitor's side: speak (``say``), wait until the viewer has the answer's
-    transcript, again, until ``until`` (at least once). Returns the number of answers."""
-    heard = 0
+    transcript, again, until ``until`` (at least once). With ``period``, each utterance
+    starts ``period`` s after the one before (a fixed schedule: the same work in the window
+    on a fast and a slow machine), or 0.5 s after the answer when that comes later; else
+    0.5 s after the answer. Returns (answers heard, utterances started late)."""
+    heard = late = 0
+    start = time.monotonic()
     while True:
         before = answers(viewer)
+        said = time.monotonic()
         say(speech)
-        deadline = time.monotonic() + wait_s
+        deadline = said + wait_s
         while answers(viewer) == before and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # data-channel messages: no event per kind
         if answers(viewer) > before:
             heard += 1
-        await asyncio.sleep(0.5)  # the answer's tail plays out
-        if time.monotonic() >= until:
-            return heard
+            ANSWER_S.append(time.monotonic() - said)
+        ready = time.monotonic() + 0.5  # the answer's tail plays out
+        if period > 0:
+            start += period
+            if ready > start:
+                late += 1
+                start = ready
+            ready = start
+        if ready >= until:
+            return heard, late
+        await asyncio.sleep(ready - time.monotonic())
 
 
 def state_watch(domain_id: int) -> tuple[Any, list[str]]:
@@ -405,7 +429,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         speech = speech_like(2.0, 16000, seed=3)
         await asyncio.sleep(1.0)  # the viewer's audio is flowing before it speaks
         for _ in range(4):  # one exchange before measuring (on a busy machine the stand-in
-            if await converse(say, viewer, speech, 0.0, 10.0):  # may miss an utterance)
+            if (await converse(say, viewer, speech, 0.0, 10.0))[0]:  # may miss an utterance)
                 break
         else:
             kinds = sorted({str(m.get("type")) for m in viewer.messages})
@@ -414,7 +438,10 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 f"state: {states[-1:]}; logs in {tmp})"
             )
         usage.start()
-        heard = await converse(say, viewer, speech, time.monotonic() + args.window)
+        ANSWER_S.clear()
+        heard, late = await converse(
+            say, viewer, speech, time.monotonic() + args.window, period=args.period
+        )
         talk = usage.stop()
         if args.threads:
             print_threads("idle listening", idle_threads)
@@ -425,7 +452,14 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             "cpu_stack: the runner's stack (audio_io, sonic_session + tools, kvs_webrtc, "
             f"monitor) in one process; stand-ins, PulseAudio and the viewer in others. Idle window "
             f"{args.idle_window:g} s; conversation window {args.window:g} s with one viewer, "
-            f"{heard} exchange(s) (2 s of speech from the {args.visitor}, a 3 s answer). Load "
+            f"{heard} exchange(s) (2 s of speech from the {args.visitor}, a 3 s answer; "
+            + (
+                f"one every {args.period:g} s, {late} started late: the answer came after the slot"
+                if args.period > 0
+                else "each 0.5 s after the answer"
+            )
+            + f"; answer's final transcript {min(ANSWER_S):.2f}-{max(ANSWER_S):.2f} s after "
+            "the utterance began). Load "
             f"average {os.getloadavg()[0]:.2f} (on a busy machine CPU time grows with cache "
             "misses and context switches, and varies run to run: rerun at a quiet moment)."
         )
@@ -466,7 +500,17 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--window", type=float, default=20.0, help="conversation window, s")
+    ap.add_argument("--window", type=float, default=30.0, help="conversation window, s")
+    ap.add_argument(
+        "--period",
+        type=float,
+        default=6.5,
+        help="the visitor speaks every PERIOD s (default %(default)s: the pace of a quiet "
+        "2-core machine, where the answer comes 5.5 s after the utterance starts, plus 0.5 "
+        "s of tail and 0.5 s of slack), or 0.5 s "
+        "after the answer when it comes later; 0: always 0.5 s after the answer (the work "
+        "in the window then depends on the machine's speed)",
+    )
     ap.add_argument("--idle-window", type=float, default=10.0, help="idle window, s")
     ap.add_argument(
         "--visitor",
