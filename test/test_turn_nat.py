@@ -154,7 +154,6 @@ def world(tmp_path: Path) -> Iterator[World]:
             emu.stop()
         relay.stop()
         net.down()
-        Path("/tmp/net_exp/turn.log").write_text(relay.log_text())
 
 
 async def pairs_of(w: World, v: Viewer, client: str):
