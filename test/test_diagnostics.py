@@ -11,7 +11,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.parameter import Parameter
 
 from sonic_voice.emulators.sonic import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, EmulatorThread
-from sonic_voice.nodes.diagnostics import DIAGNOSTICS_QOS, ERROR, OK
+from sonic_voice.nodes.diagnostics import DIAGNOSTICS_QOS, ERROR, OK, DiagStatus
 from sonic_voice.sonic import transport
 
 from test.harness.ros import wait_for
@@ -132,3 +132,24 @@ def test_session_without_credentials_says_so_unconfigured(ros_graph) -> None:
     assert "no AWS credentials found" in mon.get(name)[1]
     assert wait_for(lambda: states and states[-1]["state"] == "error", 10), states
     assert "no AWS credentials found" in states[-1]["error"]
+
+
+def test_diagnostics_of_a_node_destroyed_without_close_stop_ticking(
+    ros_graph, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node destroyed without its teardown (no ``close()``): its diagnostics' periodic
+    job on the loop stops at its next tick instead of logging a failure every period for
+    the rest of the process."""
+    from sonic_voice.nodes.diagnostics import Diagnostics
+
+    node = ros_graph.node("diag_orphan", spin=False)
+    diag = Diagnostics(node, period_s=0.02)
+    diag.add("x", lambda: DiagStatus(OK, "fine"))
+    assert wait_for(lambda: diag.published >= 2, 5)
+    timer = diag._timer
+    node.destroy_node()
+    assert wait_for(lambda: timer.cancelled, 5)
+    ticks = timer.ticks
+    threading.Event().wait(0.2)  # ten periods
+    assert timer.ticks == ticks
+    assert not [r for r in caplog.records if "periodic" in r.getMessage()], caplog.text

@@ -163,15 +163,20 @@ class Diagnostics:
         pub = self._pub
         if pub is None:
             return
-        statuses = self.collect()
-        if not statuses:
-            return
-        arr = DiagnosticArray()
-        arr.header.stamp = self.node.get_clock().now().to_msg()
-        arr.status = statuses
         try:
+            statuses = self.collect()
+            if not statuses:
+                return
+            arr = DiagnosticArray()
+            arr.header.stamp = self.node.get_clock().now().to_msg()
+            arr.status = statuses
             pub.publish(arr)
-        except InvalidHandle:  # closed meanwhile (the loop's tick raced close()): nothing to say
+        except InvalidHandle:
+            # Closed meanwhile (the loop's tick raced close()), or the node was destroyed
+            # without close(): nothing to say, and nothing more to tick for.
+            timer, self._timer = self._timer, None
+            if timer is not None:
+                timer.cancel()
             return
         self.published += 1
 
