@@ -74,11 +74,6 @@ _common.setup_path()
 
 import numpy as np  # noqa: E402
 
-from sonic_voice import web  # noqa: E402
-from sonic_voice.emulators.kvs import KvsEmulatorThread  # noqa: E402
-from sonic_voice.kvs.master import KvsMaster  # noqa: E402
-from sonic_voice.kvs.settings import KvsSettings  # noqa: E402
-
 from test import test_web_viewer as page  # noqa: E402
 from test.harness.chromium import Chromium  # noqa: E402
 from test.harness.signals import best_alignment, speech_like  # noqa: E402
@@ -267,64 +262,41 @@ async def clock_offset(browser: Chromium) -> tuple[float, float]:
 async def session(
     mode: bool, pauses: list[float], utterances: list[np.ndarray], res: Result
 ) -> None:
-    server, url = web.serve_in_thread()
-    try:
-        with KvsEmulatorThread(
-            channels=[page.CHANNEL], region=page.REGION, verify_secret=page.SECRET
-        ) as kvs:
-            settings = KvsSettings(
-                channel_name=page.CHANNEL,
-                region=page.REGION,
-                endpoint_url=kvs.endpoint_url,
-                access_key_id="AKIDEXAMPLE",
-                secret_access_key=page.SECRET,
-                ice_servers_override=[],
-                opus_pause_in_silence=mode,
-            )
-            master = KvsMaster(settings, on_audio=lambda _c, _p: None)
-            await master.start()
-            try:
-                async with Chromium() as browser:
-                    await browser.send(
-                        "Page.addScriptToEvaluateOnNewDocument", {"source": HOOKS_JS}
-                    )
-                    # The page's CSP (script-src 'self') refuses the bench's worklet blob.
-                    await browser.send("Page.setBypassCSP", {"enabled": True})
-                    await page.open_viewer(browser, url, kvs.endpoint_url, "bench")
-                    await browser.wait_for("kvsViewer.connectionState === 'connected'", 40)
-                    await browser.wait_for("window.__svSources.length > 0", 20)
-                    rate = await browser.evaluate(START_CAPTURE_JS)
-                    out = master.peers["bench"].out
-                    out.record_send_times = True
-                    await asyncio.sleep(SETTLE_S)  # the page's buffer settles
-                    if STALL_MS:  # the robot's loop blocked once, in the silence
-                        await asyncio.sleep(0.5)
-                        time.sleep(STALL_MS / 1000)  # noqa: ASYNC251 - the stall itself
-                    offset, err = await clock_offset(browser)
-                    res.sync_err_ms.append(err * 1000)
-                    plays = []
-                    for pause, u in zip(pauses, utterances, strict=True):
-                        n0, t0 = out.sent_frames, time.monotonic()
-                        await asyncio.sleep(pause)
-                        res.sent_per_s_idle.append((out.sent_frames - n0) / (time.monotonic() - t0))
-                        before = await browser.evaluate(STATS_JS)
-                        pos = await browser.evaluate(CAP_POS_JS)
-                        t_play = time.monotonic()
-                        master.play(u)
-                        await asyncio.sleep(UTTER_S + 0.5)
-                        after = await browser.evaluate(STATS_JS)
-                        plays.append((t_play, pos, u, before, after))
-                    cap = await browser.evaluate(TAKE_JS, time_limit=60)
-                    final = await browser.evaluate(STATS_JS)
-                    res.lost += int(final.get("packetsLost", 0))
-                    offset2, err2 = await clock_offset(browser)
-                    res.sync_err_ms.append(err2 * 1000)
-                    send_times = sorted(out.send_times.items())
-            finally:
-                await master.stop()
-    finally:
-        server.shutdown()
-        server.server_close()
+    async def prepare(browser: Chromium) -> None:
+        await browser.send("Page.addScriptToEvaluateOnNewDocument", {"source": HOOKS_JS})
+        # The page's CSP (script-src 'self') refuses the bench's worklet blob.
+        await browser.send("Page.setBypassCSP", {"enabled": True})
+
+    robot = page.robot_and_page("bench", prepare=prepare, opus_pause_in_silence=mode)
+    async with robot as (_, master, browser):
+        await browser.wait_for("window.__svSources.length > 0", 20)
+        rate = await browser.evaluate(START_CAPTURE_JS)
+        out = master.peers["bench"].out
+        out.record_send_times = True
+        await asyncio.sleep(SETTLE_S)  # the page's buffer settles
+        if STALL_MS:  # the robot's loop blocked once, in the silence
+            await asyncio.sleep(0.5)
+            time.sleep(STALL_MS / 1000)  # noqa: ASYNC251 - the stall itself
+        offset, err = await clock_offset(browser)
+        res.sync_err_ms.append(err * 1000)
+        plays = []
+        for pause, u in zip(pauses, utterances, strict=True):
+            n0, t0 = out.sent_frames, time.monotonic()
+            await asyncio.sleep(pause)
+            res.sent_per_s_idle.append((out.sent_frames - n0) / (time.monotonic() - t0))
+            before = await browser.evaluate(STATS_JS)
+            pos = await browser.evaluate(CAP_POS_JS)
+            t_play = time.monotonic()
+            master.play(u)
+            await asyncio.sleep(UTTER_S + 0.5)
+            after = await browser.evaluate(STATS_JS)
+            plays.append((t_play, pos, u, before, after))
+        cap = await browser.evaluate(TAKE_JS, time_limit=60)
+        final = await browser.evaluate(STATS_JS)
+        res.lost += int(final.get("packetsLost", 0))
+        offset2, err2 = await clock_offset(browser)
+        res.sync_err_ms.append(err2 * 1000)
+        send_times = sorted(out.send_times.items())
     analyse(res, rate, cap, plays, (offset + offset2) / 2, send_times)
 
 

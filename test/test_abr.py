@@ -301,65 +301,36 @@ async def test_chromium_plays_the_long_packets_of_a_thin_link() -> None:
     allowed."""
     import base64
 
-    from sonic_voice import web
-    from sonic_voice.emulators.kvs import KvsEmulatorThread
-    from sonic_voice.kvs.master import KvsMaster
     from sonic_voice.kvs.opus_send import max_ptime_ms
-    from sonic_voice.kvs.settings import KvsSettings
 
     from test import test_web_viewer as page
-    from test.harness.chromium import Chromium
 
-    server, url = web.serve_in_thread()
     wav = await page._speech_wav()
-    try:
-        with KvsEmulatorThread(
-            channels=[page.CHANNEL], region=page.REGION, verify_secret=page.SECRET
-        ) as kvs:
-            settings = KvsSettings(
-                channel_name=page.CHANNEL,
-                region=page.REGION,
-                endpoint_url=kvs.endpoint_url,
-                access_key_id="AKIDEXAMPLE",
-                secret_access_key=page.SECRET,
-                ice_servers_override=[],
-                abr=True,
-            )
-            master = KvsMaster(settings, on_audio=lambda _c, _p: None)
-            await master.start()
-            try:
-                async with Chromium(fake_mic=wav) as browser:
-                    await page.open_viewer(browser, url, kvs.endpoint_url, "v1", capture=True)
-                    await browser.wait_for("kvsViewer.connectionState === 'connected'", 40)
-                    emu = kvs.emulator
-                    offer = kvs.sync(lambda: emu.routed("SDP_OFFER"))[-1]
-                    assert max_ptime_ms(page._payload(offer)["sdp"]) == 120
-                    peer = master.peers["v1"]
-                    assert peer.abr.cfg.ptimes_ms[-1] == 120
-                    peer.out.set_target(6000, 10, 120)
-                    says = speech_like(3.0, 24000, seed=11, level=0.3)
-                    before = await browser.evaluate("kvsViewer.takeCapture().samples")
-                    sent_before, t0 = peer.out.sent_frames, time.monotonic()
-                    master.play(says)
-                    await browser.wait_for(
-                        f"kvsViewer.takeCapture().samples > {before} + 5 * 48000", 30, interval=0.5
-                    )
-                    assert peer.out.ptime_ms == 120
-                    rate = (peer.out.sent_frames - sent_before) / (time.monotonic() - t0)
-                    assert 7 <= rate <= 10, rate  # 8.3 packets a second, not 50
-                    cap = await browser.evaluate("kvsViewer.takeCapture()")
-                    played = np.frombuffer(base64.b64decode(cap["pcm16"]), "<i2")
-                    played24 = page._resample(played, cap["rate"], 24000)
-                    chunks = page._chunk_matches(says, played24, 24000, 0.3 * page._rms(says))
-                    nccs = np.array([ncc for _, _, ncc in chunks])
-                    assert len(chunks) >= 8 and np.median(nccs) >= 0.7, page._summary(chunks)
-                    stats = await browser.evaluate("kvsViewer.stats()")
-                    assert stats["inbound"]["packetsLost"] == 0, stats
-            finally:
-                await master.stop()
-    finally:
-        server.shutdown()
-        server.server_close()
+    async with page.robot_and_page(fake_mic=wav, capture=True, abr=True) as (kvs, master, browser):
+        emu = kvs.emulator
+        offer = kvs.sync(lambda: emu.routed("SDP_OFFER"))[-1]
+        assert max_ptime_ms(page._payload(offer)["sdp"]) == 120
+        peer = master.peers["v1"]
+        assert peer.abr.cfg.ptimes_ms[-1] == 120
+        peer.out.set_target(6000, 10, 120)
+        says = speech_like(3.0, 24000, seed=11, level=0.3)
+        before = await browser.evaluate("kvsViewer.takeCapture().samples")
+        sent_before, t0 = peer.out.sent_frames, time.monotonic()
+        master.play(says)
+        await browser.wait_for(
+            f"kvsViewer.takeCapture().samples > {before} + 5 * 48000", 30, interval=0.5
+        )
+        assert peer.out.ptime_ms == 120
+        rate = (peer.out.sent_frames - sent_before) / (time.monotonic() - t0)
+        assert 7 <= rate <= 10, rate  # 8.3 packets a second, not 50
+        cap = await browser.evaluate("kvsViewer.takeCapture()")
+        played = np.frombuffer(base64.b64decode(cap["pcm16"]), "<i2")
+        played24 = page._resample(played, cap["rate"], 24000)
+        chunks = page._chunk_matches(says, played24, 24000, 0.3 * page._rms(says))
+        nccs = np.array([ncc for _, _, ncc in chunks])
+        assert len(chunks) >= 8 and np.median(nccs) >= 0.7, page._summary(chunks)
+        stats = await browser.evaluate("kvsViewer.stats()")
+        assert stats["inbound"]["packetsLost"] == 0, stats
 
 
 @pytest.mark.timeout(120)
@@ -368,50 +339,21 @@ async def test_chromium_sends_transport_cc_about_the_robots_audio() -> None:
     on audio and asks for transport-cc feedback: Chromium then reports every packet of the
     robot's speech about every 100 ms, and the adaptive sender's controller hears it (the
     fast way down; a receiver report about audio comes only every ~5 s from a browser)."""
-    from sonic_voice import web
-    from sonic_voice.emulators.kvs import KvsEmulatorThread
     from sonic_voice.kvs import twcc
-    from sonic_voice.kvs.master import KvsMaster
-    from sonic_voice.kvs.settings import KvsSettings
 
     from test import test_web_viewer as page
-    from test.harness.chromium import Chromium
 
-    server, url = web.serve_in_thread()
     wav = await page._speech_wav()
-    try:
-        with KvsEmulatorThread(
-            channels=[page.CHANNEL], region=page.REGION, verify_secret=page.SECRET
-        ) as kvs:
-            settings = KvsSettings(
-                channel_name=page.CHANNEL,
-                region=page.REGION,
-                endpoint_url=kvs.endpoint_url,
-                access_key_id="AKIDEXAMPLE",
-                secret_access_key=page.SECRET,
-                ice_servers_override=[],
-                abr=True,
-            )
-            master = KvsMaster(settings, on_audio=lambda _c, _p: None)
-            await master.start()
-            try:
-                async with Chromium(fake_mic=wav) as browser:
-                    await page.open_viewer(browser, url, kvs.endpoint_url, "v1", capture=True)
-                    await browser.wait_for("kvsViewer.connectionState === 'connected'", 40)
-                    peer = master.peers["v1"]
-                    answer = peer.pc.localDescription.sdp.split("m=audio", 1)[1]
-                    assert twcc.URI in answer.split("m=", 1)[0]
-                    master.play(speech_like(3.0, 24000, seed=11, level=0.3))
-                    await asyncio.sleep(3.0)  # ~30 messages at Chromium's 100 ms
-                    assert peer.abr.twcc_seen >= 20, peer.abr.twcc_seen
-                    assert peer.abr.twcc_lost == 0
-                    # a clean loopback link: no transport-cc cut
-                    assert not any("(twcc)" in h[3] for h in peer.abr.history), peer.abr.history
-            finally:
-                await master.stop()
-    finally:
-        server.shutdown()
-        server.server_close()
+    async with page.robot_and_page(fake_mic=wav, capture=True, abr=True) as (_, master, _b):
+        peer = master.peers["v1"]
+        answer = peer.pc.localDescription.sdp.split("m=audio", 1)[1]
+        assert twcc.URI in answer.split("m=", 1)[0]
+        master.play(speech_like(3.0, 24000, seed=11, level=0.3))
+        await asyncio.sleep(3.0)  # ~30 messages at Chromium's 100 ms
+        assert peer.abr.twcc_seen >= 20, peer.abr.twcc_seen
+        assert peer.abr.twcc_lost == 0
+        # a clean loopback link: no transport-cc cut
+        assert not any("(twcc)" in h[3] for h in peer.abr.history), peer.abr.history
 
 
 def test_one_rtt_from_a_full_queue_is_no_floor_to_be_faster_than() -> None:

@@ -130,63 +130,34 @@ async def test_chromium_plays_both_utterances_around_a_pause() -> None:
     them (the page's capture matches piece by piece), no packet counted lost."""
     import base64
 
-    from sonic_voice import web
-    from sonic_voice.emulators.kvs import KvsEmulatorThread
-    from sonic_voice.kvs.master import KvsMaster
-    from sonic_voice.kvs.settings import KvsSettings
-
     from test import test_web_viewer as page
-    from test.harness.chromium import Chromium
 
-    server, url = web.serve_in_thread()
     wav = await page._speech_wav()
-    try:
-        with KvsEmulatorThread(
-            channels=[page.CHANNEL], region=page.REGION, verify_secret=page.SECRET
-        ) as kvs:
-            settings = KvsSettings(
-                channel_name=page.CHANNEL,
-                region=page.REGION,
-                endpoint_url=kvs.endpoint_url,
-                access_key_id="AKIDEXAMPLE",
-                secret_access_key=page.SECRET,
-                ice_servers_override=[],
-                opus_pause_in_silence=True,
-            )
-            master = KvsMaster(settings, on_audio=lambda _c, _p: None)
-            await master.start()
-            try:
-                async with Chromium(fake_mic=wav) as browser:
-                    await page.open_viewer(browser, url, kvs.endpoint_url, "v1", capture=True)
-                    await browser.wait_for("kvsViewer.connectionState === 'connected'", 40)
-                    peer = master.peers["v1"]
-                    await asyncio.sleep(1.0)  # nothing said yet: nothing sent
-                    idle_sent = peer.out.sent_frames
-                    first = speech_like(1.5, 24000, seed=11, level=0.3)
-                    second = speech_like(1.5, 24000, seed=12, level=0.3)
-                    before = await browser.evaluate("kvsViewer.takeCapture().samples")
-                    master.play(first)
-                    await asyncio.sleep(1.5 + 2.0)  # the utterance, then a 2 s pause
-                    # (a pause's slots are counted when it ends)
-                    paused = peer.out.paused_frames
-                    master.play(second)
-                    await browser.wait_for(
-                        f"kvsViewer.takeCapture().samples > {before} + 6 * 48000", 30, interval=0.5
-                    )
-                    assert idle_sent <= 10, idle_sent  # a few frames before the first pause
-                    paused = peer.out.paused_frames - paused
-                    assert paused >= 90, paused  # >= 1.8 s of the 2 s pause not sent
-                    cap = await browser.evaluate("kvsViewer.takeCapture()")
-                    played = np.frombuffer(base64.b64decode(cap["pcm16"]), "<i2")
-                    played24 = page._resample(played, cap["rate"], 24000)
-                    for says in (first, second):
-                        chunks = page._chunk_matches(says, played24, 24000, 0.3 * page._rms(says))
-                        nccs = np.array([ncc for _, _, ncc in chunks])
-                        assert len(chunks) >= 4 and np.median(nccs) >= 0.8, page._summary(chunks)
-                    stats = await browser.evaluate("kvsViewer.stats()")
-                    assert stats["inbound"]["packetsLost"] == 0, stats
-            finally:
-                await master.stop()
-    finally:
-        server.shutdown()
-        server.server_close()
+    pause = {"opus_pause_in_silence": True}
+    async with page.robot_and_page(fake_mic=wav, capture=True, **pause) as (_, master, browser):
+        peer = master.peers["v1"]
+        await asyncio.sleep(1.0)  # nothing said yet: nothing sent
+        idle_sent = peer.out.sent_frames
+        first = speech_like(1.5, 24000, seed=11, level=0.3)
+        second = speech_like(1.5, 24000, seed=12, level=0.3)
+        before = await browser.evaluate("kvsViewer.takeCapture().samples")
+        master.play(first)
+        await asyncio.sleep(1.5 + 2.0)  # the utterance, then a 2 s pause
+        # (a pause's slots are counted when it ends)
+        paused = peer.out.paused_frames
+        master.play(second)
+        await browser.wait_for(
+            f"kvsViewer.takeCapture().samples > {before} + 6 * 48000", 30, interval=0.5
+        )
+        assert idle_sent <= 10, idle_sent  # a few frames before the first pause
+        paused = peer.out.paused_frames - paused
+        assert paused >= 90, paused  # >= 1.8 s of the 2 s pause not sent
+        cap = await browser.evaluate("kvsViewer.takeCapture()")
+        played = np.frombuffer(base64.b64decode(cap["pcm16"]), "<i2")
+        played24 = page._resample(played, cap["rate"], 24000)
+        for says in (first, second):
+            chunks = page._chunk_matches(says, played24, 24000, 0.3 * page._rms(says))
+            nccs = np.array([ncc for _, _, ncc in chunks])
+            assert len(chunks) >= 4 and np.median(nccs) >= 0.8, page._summary(chunks)
+        stats = await browser.evaluate("kvsViewer.stats()")
+        assert stats["inbound"]["packetsLost"] == 0, stats

@@ -19,7 +19,9 @@ import tempfile
 import urllib.parse
 import urllib.request
 import wave
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -235,6 +237,51 @@ async def open_viewer(
     )
 
 
+@contextlib.asynccontextmanager
+async def robot_and_page(
+    client_id: str = "v1",
+    *,
+    fake_mic: Path | None = None,
+    capture: bool = False,
+    prepare: Callable[[Chromium], Awaitable[None]] | None = None,
+    master_callbacks: dict[str, Any] | None = None,
+    **settings: Any,
+) -> AsyncIterator[tuple[Any, KvsMaster, Chromium]]:
+    """The robot's KVS master (``settings``: more :class:`KvsSettings` fields;
+    ``master_callbacks``: its ``on_audio``, ``on_message``, ...) on the KVS stand-in, and
+    Chromium showing the viewer page, joined as ``client_id`` and connected: yields
+    ``(kvs, master, browser)``. ``prepare(browser)`` runs before the page loads (scripts
+    to add, CSP to bypass)."""
+    server, url = web.serve_in_thread()
+    try:
+        with KvsEmulatorThread(channels=[CHANNEL], region=REGION, verify_secret=SECRET) as kvs:
+            master = KvsMaster(
+                KvsSettings(
+                    channel_name=CHANNEL,
+                    region=REGION,
+                    endpoint_url=kvs.endpoint_url,
+                    access_key_id="AKIDEXAMPLE",
+                    secret_access_key=SECRET,
+                    ice_servers_override=[],
+                    **settings,
+                ),
+                **{"on_audio": lambda _c, _p: None, **(master_callbacks or {})},
+            )
+            await master.start()
+            try:
+                async with Chromium(fake_mic=fake_mic) as browser:
+                    if prepare is not None:
+                        await prepare(browser)
+                    await open_viewer(browser, url, kvs.endpoint_url, client_id, capture=capture)
+                    await browser.wait_for("kvsViewer.connectionState === 'connected'", 40)
+                    yield kvs, master, browser
+            finally:
+                await master.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _payload(record) -> dict:
     return json.loads(base64.b64decode(record.payload))
 
@@ -391,7 +438,7 @@ def _opus_fmtp(sdp: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(120)
-async def test_chromium_viewer_talks_with_robot_master(page_server: str) -> None:
+async def test_chromium_viewer_talks_with_robot_master() -> None:
     """Chromium's fake microphone (espeak-ng speech) reaches the robot's master as 16 kHz
     audio that matches the WAV; the robot's speech plays in the page (its capture matches
     what the robot sent); a transcript and state the robot broadcasts show in the DOM; the
@@ -421,146 +468,125 @@ async def test_chromium_viewer_talks_with_robot_master(page_server: str) -> None
         inbound.append((client_id, msg))
         loop.call_soon_threadsafe(got_message.set)
 
-    with KvsEmulatorThread(channels=[CHANNEL], region=REGION, verify_secret=SECRET) as kvs:
-        settings = KvsSettings(
-            channel_name=CHANNEL,
-            region=REGION,
-            endpoint_url=kvs.endpoint_url,
-            access_key_id="AKIDEXAMPLE",
-            secret_access_key=SECRET,
-            ice_servers_override=[],
+    async def prepare(browser: Chromium) -> None:
+        await browser.send("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_PEERS_JS})
+
+    callbacks = {"on_audio": on_audio, "on_viewers": viewers.append, "on_message": on_message}
+    robot = robot_and_page(
+        "visitor-e2e", fake_mic=wav, capture=True, prepare=prepare, master_callbacks=callbacks
+    )
+    async with robot as (kvs, master, browser):
+        await browser.wait_for("kvsViewer.dataChannelOpen", 40)
+
+        # The changed SDP: what the stand-in routed to the page, what Chromium
+        # applied, and what its Opus encoder/decoder run with.
+        emu = kvs.emulator
+        routed = kvs.sync(lambda: emu.routed("SDP_ANSWER"))
+        routed = [r for r in routed if r.recipient == "visitor-e2e"]
+        sent = _opus_fmtp(_payload(routed[-1])["sdp"])
+        assert sent["useinbandfec"] == "1" and sent["usedtx"] == "0", sent
+        nego = await browser.evaluate(NEGOTIATED_JS)
+        applied = _opus_fmtp(nego["remote"])
+        assert applied["useinbandfec"] == "1", applied
+        print(f"Chromium audio codecs: out {nego['outbound']} in {nego['inbound']}")
+        for way in ("outbound", "inbound"):
+            assert nego[way]["mimeType"].lower() == "audio/opus", nego
+            assert "useinbandfec=1" in nego[way]["fmtp"], nego
+        peer = master.peers["visitor-e2e"]
+        assert isinstance(peer.out, OpusFecTrack) and peer.rx is not None
+
+        # page -> robot: several seconds of the fake microphone, before the robot
+        # speaks (so echo cancellation has nothing to cancel).
+        await asyncio.wait_for(got_audio.wait(), 30)
+        received = np.concatenate(heard)[4000:]  # from 0.25 s: AGC settles
+        assert _rms(received) > 300, f"robot heard near silence (rms {_rms(received):.0f})"
+        looped = np.tile(speech16, 1 + len(received) // len(speech16) + 1)
+        mic = _chunk_matches(received, looped, 16000, min_rms=300)
+        print(f"page->robot chunks: {_summary(mic)}")
+        assert len(mic) >= 8, f"too little speech reached the robot: {_summary(mic)}"
+        nccs = np.array([ncc for _, _, ncc in mic])
+        # Opus + Chromium's echo cancellation, noise suppression and AGC reshape the
+        # speech; measured here: chunk NCC 0.57-0.93, median ~0.72.
+        assert np.median(nccs) >= 0.6, f"robot heard something else: {_summary(mic)}"
+        assert np.mean(nccs >= 0.45) >= 0.7, _summary(mic)
+        # ...and in order: every chunk sits at the same place of the looped WAV.
+        phase = np.array([lag % len(speech16) for _, lag, _ in mic])
+        ref_phase = np.median(phase)
+        near = np.abs((phase - ref_phase + len(speech16) / 2) % len(speech16) - len(speech16) / 2)
+        assert np.mean(near <= 0.1 * 16000) >= 0.7, _summary(mic)
+
+        # robot -> page: a known signal, captured by the page as it plays it.
+        robot_says = speech_like(3.0, 24000, seed=11, level=0.3)
+        before = await browser.evaluate("kvsViewer.takeCapture().samples")
+        master.play(robot_says)
+        master.broadcast(
+            {
+                "type": "transcript",
+                "role": "ASSISTANT",
+                "text": "Coffee is on its way.",
+                "stage": "FINAL",
+            }
         )
-        master = KvsMaster(
-            settings, on_audio=on_audio, on_viewers=viewers.append, on_message=on_message
+        master.broadcast({"type": "state", "state": "speaking"})
+        # Two messages: a poll may fall between them, so wait for both to show.
+        await browser.wait_for(
+            "document.getElementById('transcript').textContent.includes("
+            "'Coffee is on its way.') && document.getElementById('robot-state')"
+            ".textContent === 'robot: speaking'",
+            20,
         )
-        await master.start()
-        try:
-            async with Chromium(fake_mic=wav) as browser:
-                await browser.send(
-                    "Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_PEERS_JS}
-                )
-                await open_viewer(
-                    browser, page_server, kvs.endpoint_url, "visitor-e2e", capture=True
-                )
-                await browser.wait_for(
-                    "kvsViewer.connectionState === 'connected' && kvsViewer.dataChannelOpen", 40
-                )
+        # The page's capture now holds the robot's 3 s (plus 2 s for the way there).
+        await browser.wait_for(
+            f"kvsViewer.takeCapture().samples > {before} + 5 * 48000", 30, interval=0.5
+        )
+        cap = await browser.evaluate("kvsViewer.takeCapture()")
+        played = np.frombuffer(base64.b64decode(cap["pcm16"]), "<i2")
+        played24 = _resample(played, cap["rate"], 24000)
+        played_back = _chunk_matches(robot_says, played24, 24000, 0.3 * _rms(robot_says))
+        print(f"robot->page chunks: {_summary(played_back)}")
+        assert len(played_back) >= 8, _summary(played_back)
+        nccs = np.array([ncc for _, _, ncc in played_back])
+        assert np.median(nccs) >= 0.8, f"page played something else: {_summary(played_back)}"
+        assert np.mean(nccs >= 0.6) >= 0.8, _summary(played_back)
+        # In order: NetEq may stretch or a busy machine may leave a gap (up to 340 ms
+        # seen), so chunks may slide later, never earlier, and stay within 1 s.
+        lags = np.array([lag for _, lag, ncc in played_back if ncc >= 0.6])
+        assert np.all(np.diff(lags) >= -0.05 * 24000), _summary(played_back)
+        assert lags.max() - lags.min() <= 1.0 * 24000, _summary(played_back)
+        # The viewer's speech came through our jitter buffer, the robot's through
+        # the FEC sender.
+        rx = peer.rx.stats
+        print(f"robot receive path: {rx}".split(", delays_ms")[0])
+        assert rx.normal >= 5 / 0.02 and rx.plc + rx.silence <= 0.1 * rx.played, rx
+        assert peer.out.speech_frames >= 3 / 0.02, peer.out.speech_frames
+        stats = await browser.evaluate("kvsViewer.stats()")
+        assert stats["inbound"]["totalSamplesReceived"] > 3 * 48000, stats
+        assert stats["inbound"]["totalAudioEnergy"] > 0.01, stats
+        assert stats["outbound"]["packetsSent"] > 100, stats
+        local = stats["selectedPair"]["local"]
+        assert local.startswith("127."), f"Chromium used {local}"
+        for c in await browser.evaluate("kvsViewer.candidates.local"):
+            assert c.split()[4].startswith("127."), c
 
-                # The changed SDP: what the stand-in routed to the page, what Chromium
-                # applied, and what its Opus encoder/decoder run with.
-                emu = kvs.emulator
-                routed = kvs.sync(lambda: emu.routed("SDP_ANSWER"))
-                routed = [r for r in routed if r.recipient == "visitor-e2e"]
-                sent = _opus_fmtp(_payload(routed[-1])["sdp"])
-                assert sent["useinbandfec"] == "1" and sent["usedtx"] == "0", sent
-                nego = await browser.evaluate(NEGOTIATED_JS)
-                applied = _opus_fmtp(nego["remote"])
-                assert applied["useinbandfec"] == "1", applied
-                print(f"Chromium audio codecs: out {nego['outbound']} in {nego['inbound']}")
-                for way in ("outbound", "inbound"):
-                    assert nego[way]["mimeType"].lower() == "audio/opus", nego
-                    assert "useinbandfec=1" in nego[way]["fmtp"], nego
-                peer = master.peers["visitor-e2e"]
-                assert isinstance(peer.out, OpusFecTrack) and peer.rx is not None
+        # chat and mute: validated by the robot, delivered to on_message
+        await browser.evaluate("kvsViewer.sendText('Where is the kitchen?')")
+        await browser.evaluate("kvsViewer.setMuted(true)")
+        deadline = loop.time() + 10
+        while len(inbound) < 2 and loop.time() < deadline:
+            got_message.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(got_message.wait(), 1)
+        assert inbound == [
+            ("visitor-e2e", {"type": "text", "text": "Where is the kitchen?"}),
+            ("visitor-e2e", {"type": "mute"}),
+        ]
 
-                # page -> robot: several seconds of the fake microphone, before the robot
-                # speaks (so echo cancellation has nothing to cancel).
-                await asyncio.wait_for(got_audio.wait(), 30)
-                received = np.concatenate(heard)[4000:]  # from 0.25 s: AGC settles
-                assert _rms(received) > 300, f"robot heard near silence (rms {_rms(received):.0f})"
-                looped = np.tile(speech16, 1 + len(received) // len(speech16) + 1)
-                mic = _chunk_matches(received, looped, 16000, min_rms=300)
-                print(f"page->robot chunks: {_summary(mic)}")
-                assert len(mic) >= 8, f"too little speech reached the robot: {_summary(mic)}"
-                nccs = np.array([ncc for _, _, ncc in mic])
-                # Opus + Chromium's echo cancellation, noise suppression and AGC reshape the
-                # speech; measured here: chunk NCC 0.57-0.93, median ~0.72.
-                assert np.median(nccs) >= 0.6, f"robot heard something else: {_summary(mic)}"
-                assert np.mean(nccs >= 0.45) >= 0.7, _summary(mic)
-                # ...and in order: every chunk sits at the same place of the looped WAV.
-                phase = np.array([lag % len(speech16) for _, lag, _ in mic])
-                ref_phase = np.median(phase)
-                near = np.abs(
-                    (phase - ref_phase + len(speech16) / 2) % len(speech16) - len(speech16) / 2
-                )
-                assert np.mean(near <= 0.1 * 16000) >= 0.7, _summary(mic)
-
-                # robot -> page: a known signal, captured by the page as it plays it.
-                robot_says = speech_like(3.0, 24000, seed=11, level=0.3)
-                before = await browser.evaluate("kvsViewer.takeCapture().samples")
-                master.play(robot_says)
-                master.broadcast(
-                    {
-                        "type": "transcript",
-                        "role": "ASSISTANT",
-                        "text": "Coffee is on its way.",
-                        "stage": "FINAL",
-                    }
-                )
-                master.broadcast({"type": "state", "state": "speaking"})
-                # Two messages: a poll may fall between them, so wait for both to show.
-                await browser.wait_for(
-                    "document.getElementById('transcript').textContent.includes("
-                    "'Coffee is on its way.') && document.getElementById('robot-state')"
-                    ".textContent === 'robot: speaking'",
-                    20,
-                )
-                # The page's capture now holds the robot's 3 s (plus 2 s for the way there).
-                await browser.wait_for(
-                    f"kvsViewer.takeCapture().samples > {before} + 5 * 48000", 30, interval=0.5
-                )
-                cap = await browser.evaluate("kvsViewer.takeCapture()")
-                played = np.frombuffer(base64.b64decode(cap["pcm16"]), "<i2")
-                played24 = _resample(played, cap["rate"], 24000)
-                played_back = _chunk_matches(robot_says, played24, 24000, 0.3 * _rms(robot_says))
-                print(f"robot->page chunks: {_summary(played_back)}")
-                assert len(played_back) >= 8, _summary(played_back)
-                nccs = np.array([ncc for _, _, ncc in played_back])
-                assert np.median(nccs) >= 0.8, (
-                    f"page played something else: {_summary(played_back)}"
-                )
-                assert np.mean(nccs >= 0.6) >= 0.8, _summary(played_back)
-                # In order: NetEq may stretch or a busy machine may leave a gap (up to 340 ms
-                # seen), so chunks may slide later, never earlier, and stay within 1 s.
-                lags = np.array([lag for _, lag, ncc in played_back if ncc >= 0.6])
-                assert np.all(np.diff(lags) >= -0.05 * 24000), _summary(played_back)
-                assert lags.max() - lags.min() <= 1.0 * 24000, _summary(played_back)
-                # The viewer's speech came through our jitter buffer, the robot's through
-                # the FEC sender.
-                rx = peer.rx.stats
-                print(f"robot receive path: {rx}".split(", delays_ms")[0])
-                assert rx.normal >= 5 / 0.02 and rx.plc + rx.silence <= 0.1 * rx.played, rx
-                assert peer.out.speech_frames >= 3 / 0.02, peer.out.speech_frames
-                stats = await browser.evaluate("kvsViewer.stats()")
-                assert stats["inbound"]["totalSamplesReceived"] > 3 * 48000, stats
-                assert stats["inbound"]["totalAudioEnergy"] > 0.01, stats
-                assert stats["outbound"]["packetsSent"] > 100, stats
-                local = stats["selectedPair"]["local"]
-                assert local.startswith("127."), f"Chromium used {local}"
-                for c in await browser.evaluate("kvsViewer.candidates.local"):
-                    assert c.split()[4].startswith("127."), c
-
-                # chat and mute: validated by the robot, delivered to on_message
-                await browser.evaluate("kvsViewer.sendText('Where is the kitchen?')")
-                await browser.evaluate("kvsViewer.setMuted(true)")
-                deadline = loop.time() + 10
-                while len(inbound) < 2 and loop.time() < deadline:
-                    got_message.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(got_message.wait(), 1)
-                assert inbound == [
-                    ("visitor-e2e", {"type": "text", "text": "Where is the kitchen?"}),
-                    ("visitor-e2e", {"type": "mute"}),
-                ]
-
-                # GO_AWAY to the page: it re-presigns and reconnects; media stays up.
-                await asyncio.to_thread(kvs.send_go_away, "visitor-e2e")
-                assert await asyncio.to_thread(
-                    kvs.wait_until,
-                    lambda: [c for _, c, _ in emu.connections].count("visitor-e2e") == 2,
-                    15,
-                ), browser.console[-20:]
-                assert await browser.evaluate("kvsViewer.signaling.received.GO_AWAY") == 1
-                assert await browser.evaluate("kvsViewer.connectionState") == "connected"
-        finally:
-            await master.stop()
+        # GO_AWAY to the page: it re-presigns and reconnects; media stays up.
+        await asyncio.to_thread(kvs.send_go_away, "visitor-e2e")
+        assert await asyncio.to_thread(
+            kvs.wait_until,
+            lambda: [c for _, c, _ in emu.connections].count("visitor-e2e") == 2,
+            15,
+        ), browser.console[-20:]
+        assert await browser.evaluate("kvsViewer.signaling.received.GO_AWAY") == 1
+        assert await browser.evaluate("kvsViewer.connectionState") == "connected"

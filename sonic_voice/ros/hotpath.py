@@ -180,16 +180,25 @@ class HotPath:
                         value = msg if sub.raw else deserialize_message(msg, sub.msg_type)
                     else:
                         value = serialize_message(msg) if sub.raw else msg
-                    parse = sub._sv_parse
-                    if parse is not None:
-                        value = parse(value)
-                    with self._calling:
-                        self.handed += 1
-                        sub.callback(value)
+                    self._call(sub, value, handed=True)
             except InvalidHandle:
                 self._forget(sub)
-            except Exception:  # a callback's bug must not stop the publisher's thread
-                log.exception("hot path: callback of %s failed", sub.topic_name)
+
+    def _call(self, sub: Any, value: Any, handed: bool) -> None:
+        """``sub``'s callback with ``value`` (parsed if it takes a parsed message), under
+        the one lock; a callback's bug is logged and stops nothing else."""
+        try:
+            parse = sub._sv_parse
+            if parse is not None:
+                value = parse(value)
+            with self._calling:
+                if handed:
+                    self.handed += 1
+                else:
+                    self.taken += 1
+                sub.callback(value)
+        except Exception:
+            log.exception("hot path: callback of %s failed", sub.topic_name)
 
     def close(self) -> None:
         """Stop the thread (idempotent; from any thread but its own)."""
@@ -276,18 +285,7 @@ class HotPath:
             got = sub.handle.take_message(sub.msg_type, sub.raw)
             if got is None:
                 return
-            self._deliver(lambda got=got: self._take_now(sub, got[0]))
-
-    def _take_now(self, sub: Any, value: Any) -> None:
-        try:
-            parse = sub._sv_parse
-            if parse is not None:
-                value = parse(value)
-            with self._calling:
-                self.taken += 1
-                sub.callback(value)
-        except Exception:  # a callback's bug must not stop the audio of the others
-            log.exception("hot path: callback of %s failed", sub.topic_name)
+            self._deliver(lambda got=got: self._call(sub, got[0], handed=False))
 
 
 class InProcessPublisher:
