@@ -409,7 +409,9 @@ def test_leftovers_sees_a_process_of_this_run(tmp: Path) -> None:
     e = env(tmp)
     p = subprocess.Popen(["sleep", "30"], env=e)
     try:
-        assert any(f"pid {p.pid}" in x for x in leftovers(tmp))
+        # Popen returns when the exec has closed its error pipe, a moment before the
+        # kernel lays out the new environment: /proc/<pid>/environ may still read empty.
+        assert wait_for(lambda: any(f"pid {p.pid}" in x for x in leftovers(tmp)), 5)
     finally:
         p.kill()
         p.wait()
