@@ -362,3 +362,26 @@ def test_a_hot_callback_may_publish_in_process() -> None:
     finally:
         other.try_shutdown()
         ctx.try_shutdown()
+
+
+def test_a_message_the_hot_path_cannot_convert_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Bytes that are no serialized message, handed to a typed hot subscription: the
+    publisher's thread gets no exception, the failure is logged with the topic, and the
+    next good message is delivered."""
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=next_domain_id())
+    try:
+        node = Node("bad_bytes", context=ctx)
+        path = HotPath.of(ctx)
+        got: list[bytes] = []
+        path.subscribe(node, UInt8MultiArray, "audio/v", AUDIO_QOS, lambda m: got.append(m.data))
+        pub = path.publisher(node.create_publisher(UInt8MultiArray, "audio/v", AUDIO_QOS))
+        assert wait_for(lambda: pub.get_subscription_count() == 1, 10)
+        pub.publish(b"\x00\x01")  # a typed subscription: deserialized, and it cannot be
+        assert got == [] and "message for /audio/v not delivered" in caplog.text
+        pub.publish(uint8_multiarray_cdr(b"\x07"))
+        assert [bytes(d) for d in got] == [b"\x07"]
+    finally:
+        ctx.try_shutdown()

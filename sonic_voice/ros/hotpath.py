@@ -29,8 +29,9 @@ publishes through DDS again and the local subscriptions take it from there, as b
 message twice: a message goes one way or the other). Callbacks of one hot path, taken or
 handed over, never run at the same time (one lock), as when this thread alone ran them. A
 callback may itself publish in-process (on any hot topic, its own included): that message
-is delivered in the same thread right after the callback returns, in publishing order, as
-DDS would deliver it after the callback (no nested callback, no deadlock on the lock).
+is delivered in the same thread once the message being delivered has reached all its
+subscriptions, in publishing order, as DDS would deliver it later (no nested callback, no
+deadlock on the lock).
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ class HotPath:
                     self._call(sub, value, handed=True)
             except InvalidHandle:
                 self._forget(sub)
+            except Exception:  # a message it cannot convert must not stop the publisher
+                log.exception("hot path: message for %s not delivered", sub.topic_name)
 
     def _call(self, sub: Any, value: Any, handed: bool) -> None:
         """``sub``'s callback with ``value`` (parsed if it takes a parsed message), under
