@@ -16,14 +16,13 @@ check, which reads params files with rclpy's reader, takes the string ``"[]"`` o
 - the KVS signaling stand-in (``python -m sonic_voice.emulators.kvs``);
 - a private PulseAudio server (virtual microphone and speaker; ``sonic_voice.audio.virtual``)
   for audio_io, which captures and plays as on a robot;
-- the visitor speaks 2 s, waits for the robot's answer, and speaks again, on a fixed
-  schedule (``--period``, one utterance every 6.5 s: the answer's final transcript
-  comes 5.5 s after the utterance starts on a quiet machine, its tail plays 0.5 s more,
-  and 0.5 s is slack for a busy one; later only when the answer comes later, counted as
-  "late"), so a run on a busy machine does
-  the same work in the window as one on a quiet machine (before, a busy machine fitted 4-5
-  exchanges in 30 s and a quiet one 6, and read 1-2 points lower for it), for the whole
-  window: into the robot's microphone (one long-lived ``pacat``; ``input_source: local``)
+- the visitor speaks 2 s, waits for the robot's answer, and speaks again, for the whole
+  window, on a fixed schedule: one utterance every 6.5 s (``--period``; the answer's final
+  transcript comes 5.5 s after the utterance starts, its tail plays 0.5 s more, 0.5 s is
+  slack), later only when the answer comes later (counted as "late"). So a busy machine
+  does the same work in the window as a quiet one (when the next utterance followed each
+  answer, a busy machine fitted fewer exchanges and read 1-2 points lower for it). It
+  speaks into the robot's microphone (one long-lived ``pacat``; ``input_source: local``)
   while the viewer, aiortc in this process (``test/harness/viewer.py``, the browser's
   part), is connected, hears the answers and sends its microphone track (silence); or,
   with ``--visitor viewer``, the viewer speaks (``input_source: auto``). Both cost the
