@@ -404,6 +404,54 @@ def test_demo_refuses_a_graph_where_another_base_answers(tmp: Path) -> None:
     assert leftovers(tmp) == []
 
 
+@pytest.mark.timeout(120)
+def test_demo_stops_when_a_base_joins_its_graph_later(tmp: Path) -> None:
+    """The check at start is not the end of it: in a shared domain, a navigation server
+    that comes up (or is discovered) while the demo drives its base stops the demo within
+    a few seconds, exit 2 with one line naming it; the demo's own goal is cancelled and
+    the newcomer gets no goal."""
+    from test.harness.servers import navigate_server
+
+    domain = _domain()
+    proc = subprocess.Popen(
+        [*RUNNER, "--offline"],
+        env=env(tmp, domain=domain, SONIC_VOICE_DEMO_NETNS="0"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out: list[str] = []
+    graph = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            if "goal accepted" in line:
+                break
+        else:
+            pytest.fail("the demo never sent a goal:\n" + "".join(out)[-3000:])
+        graph = RosGraph(domain_id=domain)
+        server = navigate_server(graph.node("late_robot"))
+        t0 = time.monotonic()
+        rest, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if graph is not None:
+            graph.close()
+    text = "".join(out) + rest
+    assert proc.returncode == 2, (proc.returncode, text[-3000:])
+    assert "another node joined the demo's graph" in text and "/late_robot" in text, text[-2000:]
+    assert took <= 10, f"{took:.1f} s"
+    assert "goal canceled" in text, text[-3000:]  # the demo's own base saw the cancel
+    assert server.goals == []
+    assert "Traceback" not in text, text[-3000:]
+    assert leftovers(tmp) == []
+
+
 def test_leftovers_sees_a_process_of_this_run(tmp: Path) -> None:
     """The orphan check above can fail: a process started with this run's TMPDIR is found."""
     e = env(tmp)

@@ -17,7 +17,10 @@ Started by ``sonic-voice`` when no AWS configuration is found (or with ``--offli
 on a robot computer running Nav2 they must never reach the real base. The runner moves
 itself into a network namespace of its own when the kernel allows it (then nothing else
 can even see the graph); otherwise it picks a ROS domain id that it checks is empty. In
-either case it refuses to start if another ``navigate_to_pose`` server answers there.
+either case it refuses to start if another ``navigate_to_pose`` server answers there, and
+in a shared domain it keeps watching (:class:`GraphWatch`): a node that joins later (a
+navigation stack started after the demo, or discovered late) stops the demo, its goals
+cancelled, with exit status 2.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import logging
 import os
 import random
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +159,50 @@ def check_graph(node: Any, graph: Graph, wait_s: float, settle_s: float = NAV_SE
         if time.monotonic() >= deadline:
             return
         time.sleep(0.1)
+
+
+class GraphWatch:
+    """After :func:`check_graph`, in a shared domain: keep looking for nodes that are not
+    the demo's own for the whole demo (a navigation stack started after the check, or
+    discovered late), every ``period_s``. The first one sets ``stop`` (the demo ends and
+    its goals are cancelled, as on Ctrl-C) and is kept in :attr:`stranger`."""
+
+    def __init__(
+        self, node: Any, graph: Graph, ours: Any, stop: threading.Event, period_s: float = 0.25
+    ) -> None:
+        self.node, self.graph, self.ours, self.stop = node, graph, ours, stop
+        self.period_s = period_s
+        self.stranger = ""
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-graph-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.period_s):
+            try:
+                seen = {
+                    f"{ns.rstrip('/')}/{n}" for n, ns in self.node.get_node_names_and_namespaces()
+                }
+                ours = set(self.ours())
+            except Exception:  # noqa: BLE001 - the node is going away with the demo
+                return
+            strangers = sorted(seen - ours)
+            if strangers:
+                self.stranger = strangers[0]
+                log.error("%s", self.message())
+                self.stop.set()
+                return
+
+    def message(self) -> str:
+        return (
+            f"another node joined the demo's graph ({self.graph.how}): {self.stranger}; the "
+            "demo stopped and cancelled its goals, which could move a real robot there (set "
+            "ROS_DOMAIN_ID to an unused domain)"
+        )
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(1.0)
 
 
 # --------------------------------------------------------------------------- visitor
@@ -290,11 +338,19 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
         stack = Stack(args.params_file, domain_id=graph.domain_id)
         stack.runtime.stop_requested = stop
         ok = False
+        watch: GraphWatch | None = None
         try:
             monitor = stack.add(make_monitor(run, stack.context))
             # Discovery usually takes 0.25 s and sometimes 3 s: in a shared domain, look that
             # long before trusting that nobody else serves navigation there.
             check_graph(monitor, graph, 3.0 if graph.domain_id is not None else 0.3)
+            if graph.domain_id is not None:  # a network namespace: nobody can join
+                watch = GraphWatch(
+                    monitor,
+                    graph,
+                    lambda: [n.get_fully_qualified_name() for n in list(stack.runtime.nodes)],
+                    stack.runtime.stop_requested,
+                )
             log.info("  Bedrock stand-in at %s", off.emu.endpoint_uri)
             session_params: dict[str, Any] = dict(
                 endpoint_uri=off.emu.endpoint_uri,
@@ -358,8 +414,12 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
                 _stand_in_report(off)
             _summary(run, base, ok, session)
         finally:
+            if watch is not None:
+                watch.close()
             took = stack.close()
             log.debug("nodes stopped in %.2f s", took)
+    if watch is not None and watch.stranger:
+        raise StartupError(watch.message())
     if stack.runtime.stop_requested.is_set() and not ok:
         return 130
     return 0 if ok else 1
