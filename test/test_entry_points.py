@@ -398,7 +398,12 @@ def test_demo_refuses_a_graph_where_another_base_answers(tmp: Path) -> None:
     finally:
         graph.close()
     assert code == 2, (code, out[-3000:])
-    assert "another navigate_to_pose server answers" in out, out[-2000:]
+    # The start check names the server; were it discovered after the check (once in a
+    # fresh-clone CI run), the graph watch stops the demo instead: a refusal either way.
+    assert (
+        "another navigate_to_pose server answers" in out
+        or "another node joined the demo's graph" in out
+    ), out[-2000:]
     assert server.goals == []
     assert took <= CONFIG_EXIT_S
     assert leftovers(tmp) == []
