@@ -344,13 +344,6 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
             # Discovery usually takes 0.25 s and sometimes 3 s: in a shared domain, look that
             # long before trusting that nobody else serves navigation there.
             check_graph(monitor, graph, 3.0 if graph.domain_id is not None else 0.3)
-            if graph.domain_id is not None:  # a network namespace: nobody can join
-                watch = GraphWatch(
-                    monitor,
-                    graph,
-                    lambda: [n.get_fully_qualified_name() for n in list(stack.runtime.nodes)],
-                    stack.runtime.stop_requested,
-                )
             log.info("  Bedrock stand-in at %s", off.emu.endpoint_uri)
             session_params: dict[str, Any] = dict(
                 endpoint_uri=off.emu.endpoint_uri,
@@ -403,6 +396,11 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
                 )
                 log.info("  %s (any access key and secret)", off.viewer_url)
             stack.start()
+            if graph.domain_id is not None:  # a network namespace: nobody can join
+                # From here on the demo has all its nodes (a node shows in the graph before
+                # the stack lists it); whoever joined since check_graph is still seen.
+                ours = {n.get_fully_qualified_name() for n in stack.runtime.nodes}
+                watch = GraphWatch(monitor, graph, lambda: ours, stack.runtime.stop_requested)
             if kvs is not None:
                 print_invite(kvs)
             ok = _converse(run, off, stack, base, lines, args, session)
