@@ -18,8 +18,8 @@ on a robot computer running Nav2 they must never reach the real base. The runner
 itself into a network namespace of its own when the kernel allows it (then nothing else
 can even see the graph); otherwise it picks a ROS domain id that it checks is empty. In
 either case it refuses to start if another ``navigate_to_pose`` server answers there, and
-in a shared domain it keeps watching (:class:`GraphWatch`): a node that joins later (a
-navigation stack started after the demo, or discovered late) stops the demo, its goals
+in a shared domain it keeps watching (:class:`GraphWatch`): such a server that comes later
+(a navigation stack started after the demo, or discovered late) stops the demo, its goals
 cancelled, with exit status 2.
 """
 
@@ -162,10 +162,12 @@ def check_graph(node: Any, graph: Graph, wait_s: float, settle_s: float = NAV_SE
 
 
 class GraphWatch:
-    """After :func:`check_graph`, in a shared domain: keep looking for nodes that are not
-    the demo's own for the whole demo (a navigation stack started after the check, or
-    discovered late), every ``period_s``. The first one sets ``stop`` (the demo ends and
-    its goals are cancelled, as on Ctrl-C) and is kept in :attr:`stranger`."""
+    """After :func:`check_graph`, in a shared domain: keep looking, for the whole demo, for
+    a ``navigate_to_pose`` server that is not the demo's own (a navigation stack started
+    after the check, or discovered late), every ``period_s``. The first one sets ``stop``
+    (the demo ends and its goals are cancelled, as on Ctrl-C) and is kept in
+    :attr:`stranger`. Other newcomers (``ros2 topic echo``, rqt) are only logged: they
+    cannot take the demo's goals."""
 
     def __init__(
         self, node: Any, graph: Graph, ours: Any, stop: threading.Event, period_s: float = 0.25
@@ -173,31 +175,39 @@ class GraphWatch:
         self.node, self.graph, self.ours, self.stop = node, graph, ours, stop
         self.period_s = period_s
         self.stranger = ""
+        self._noted: set[str] = set()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="demo-graph-watch", daemon=True)
         self._thread.start()
 
+    def _serves_navigation(self, name: str, namespace: str) -> bool:
+        services = self.node.get_service_names_and_types_by_node(name, namespace)
+        return any(s.endswith(f"{NAV_ACTION}/_action/send_goal") for s, _ in services)
+
     def _run(self) -> None:
         while not self._done.wait(self.period_s):
             try:
-                seen = {
-                    f"{ns.rstrip('/')}/{n}" for n, ns in self.node.get_node_names_and_namespaces()
-                }
                 ours = set(self.ours())
+                for n, ns in self.node.get_node_names_and_namespaces():
+                    full = f"{ns.rstrip('/')}/{n}"
+                    if full in ours:
+                        continue
+                    if self._serves_navigation(n, ns):
+                        self.stranger = full
+                        log.error("%s", self.message())
+                        self.stop.set()
+                        return
+                    if full not in self._noted:
+                        self._noted.add(full)
+                        log.info("  another node in the demo's graph: %s", full)
             except Exception:  # noqa: BLE001 - the node is going away with the demo
-                return
-            strangers = sorted(seen - ours)
-            if strangers:
-                self.stranger = strangers[0]
-                log.error("%s", self.message())
-                self.stop.set()
                 return
 
     def message(self) -> str:
         return (
-            f"another node joined the demo's graph ({self.graph.how}): {self.stranger}; the "
-            "demo stopped and cancelled its goals, which could move a real robot there (set "
-            "ROS_DOMAIN_ID to an unused domain)"
+            f"another {NAV_ACTION} server joined the demo's graph ({self.graph.how}): "
+            f"{self.stranger}; the demo stopped and cancelled its goals, which could move a "
+            "real robot there (set ROS_DOMAIN_ID to an unused domain)"
         )
 
     def close(self) -> None:
