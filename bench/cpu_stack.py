@@ -284,18 +284,17 @@ def answers(viewer: Any) -> int:
     )
 
 
-ANSWER_S: list[float] = []  # utterance start -> the answer's final transcript at the viewer
-
-
 async def converse(
     say: Any, viewer: Any, speech: Any, until: float, wait_s: float = 15.0, period: float = 0.0
-) -> tuple[int, int]:
+) -> tuple[int, int, list[float]]:
     """The visitor's side: speak (``say``), wait until the viewer has the answer's
     transcript, again, until ``until`` (at least once). With ``period``, each utterance
     starts ``period`` s after the one before (a fixed schedule: the same work in the window
     on a fast and a slow machine), or 0.5 s after the answer when that comes later; else
-    0.5 s after the answer. Returns (answers heard, utterances started late)."""
+    0.5 s after the answer. Returns (answers heard, utterances started late, seconds from
+    each utterance's start to its answer's final transcript at the viewer)."""
     heard = late = 0
+    answer_s: list[float] = []
     start = time.monotonic()
     while True:
         before = answers(viewer)
@@ -306,7 +305,7 @@ async def converse(
             await asyncio.sleep(0.05)  # data-channel messages: no event per kind
         if answers(viewer) > before:
             heard += 1
-            ANSWER_S.append(time.monotonic() - said)
+            answer_s.append(time.monotonic() - said)
         ready = time.monotonic() + 0.5  # the answer's tail plays out
         if period > 0:
             start += period
@@ -315,7 +314,7 @@ async def converse(
                 start = ready
             ready = start
         if ready >= until:
-            return heard, late
+            return heard, late, answer_s
         await asyncio.sleep(ready - time.monotonic())
 
 
@@ -437,8 +436,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 f"state: {states[-1:]}; logs in {tmp})"
             )
         usage.start()
-        ANSWER_S.clear()
-        heard, late = await converse(
+        heard, late, answer_s = await converse(
             say, viewer, speech, time.monotonic() + args.window, period=args.period
         )
         talk = usage.stop()
@@ -457,7 +455,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 if args.period > 0
                 else "each 0.5 s after the answer"
             )
-            + f"; answer's final transcript {min(ANSWER_S):.2f}-{max(ANSWER_S):.2f} s after "
+            + f"; answer's final transcript {min(answer_s):.2f}-{max(answer_s):.2f} s after "
             "the utterance began). Load "
             f"average {os.getloadavg()[0]:.2f} (on a busy machine CPU time grows with cache "
             "misses and context switches, and varies run to run: rerun at a quiet moment)."

@@ -170,7 +170,12 @@ class GraphWatch:
     cannot take the demo's goals."""
 
     def __init__(
-        self, node: Any, graph: Graph, ours: Any, stop: threading.Event, period_s: float = 0.25
+        self,
+        node: Any,
+        graph: Graph,
+        ours: set[str],
+        stop: threading.Event,
+        period_s: float = 0.25,
     ) -> None:
         self.node, self.graph, self.ours, self.stop = node, graph, ours, stop
         self.period_s = period_s
@@ -187,10 +192,9 @@ class GraphWatch:
     def _run(self) -> None:
         while not self._done.wait(self.period_s):
             try:
-                ours = set(self.ours())
                 for n, ns in self.node.get_node_names_and_namespaces():
                     full = f"{ns.rstrip('/')}/{n}"
-                    if full in ours:
+                    if full in self.ours:
                         continue
                     if self._serves_navigation(n, ns):
                         self.stranger = full
@@ -410,7 +414,7 @@ def run_offline(args: argparse.Namespace, graph: Graph, stop: Any) -> int:
                 # From here on the demo has all its nodes (a node shows in the graph before
                 # the stack lists it); whoever joined since check_graph is still seen.
                 ours = {n.get_fully_qualified_name() for n in stack.runtime.nodes}
-                watch = GraphWatch(monitor, graph, lambda: ours, stack.runtime.stop_requested)
+                watch = GraphWatch(monitor, graph, ours, stack.runtime.stop_requested)
             if kvs is not None:
                 print_invite(kvs)
             ok = _converse(run, off, stack, base, lines, args, session)

@@ -159,15 +159,15 @@ class HotPath:
         if pending is not None:
             pending.append((subs, msg))
             return
-        self._deliver(lambda: self._hand_now(subs, msg))
+        self._deliver(self._hand_now, subs, msg)
 
-    def _deliver(self, first: Callable[[], None]) -> None:
-        """Run ``first`` (callbacks, each under the one lock), then, in order, what they
-        published in-process meanwhile (and what those callbacks published, and so on)."""
+    def _deliver(self, first: Callable[..., None], *args: Any) -> None:
+        """Run ``first(*args)`` (callbacks, each under the one lock), then, in order, what
+        they published in-process meanwhile (and what those callbacks published, and so on)."""
         tls = self._tls
         tls.pending = pending = deque()
         try:
-            first()
+            first(*args)
             while pending:
                 self._hand_now(*pending.popleft())
         finally:
@@ -288,7 +288,7 @@ class HotPath:
             got = sub.handle.take_message(sub.msg_type, sub.raw)
             if got is None:
                 return
-            self._deliver(lambda got=got: self._call(sub, got[0], handed=False))
+            self._deliver(self._call, sub, got[0], False)
 
 
 class InProcessPublisher:
